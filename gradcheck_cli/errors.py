@@ -1,0 +1,43 @@
+"""Exception classes and exit codes: the one place where failures map to what the shell sees."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Documented exit codes of every gradclip command."""
+
+    OK = 0
+    INSTABILITY = 1  # a run went non-finite or diverged and the user asked to fail on it
+    USAGE = 2  # bad option, bad script path, bad recipe: the user's input
+    USER_CODE = 3  # the user's script raised
+    INTERNAL = 4  # a bug in gradclip
+    INTERRUPTED = 130  # Ctrl-C; finished runs are kept
+
+
+class GradclipError(Exception):
+    """A known failure: printed as one line plus a hint, never as a traceback."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(GradclipError):
+    """Bad input from the user: options, paths, recipes, a script that breaks the contract."""
+
+    exit_code = ExitCode.USAGE
+
+
+class UserCodeError(GradclipError):
+    """The user's script raised; ``user_traceback`` holds the trimmed traceback to show."""
+
+    exit_code = ExitCode.USER_CODE
+
+    def __init__(self, message: str, hint: str | None = None, user_traceback: str = "") -> None:
+        super().__init__(message, hint)
+        self.user_traceback = user_traceback

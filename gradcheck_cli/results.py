@@ -1,0 +1,207 @@
+"""The one schema of a sweep's results, and its pandas frames.
+
+Everything downstream (terminal tables, CSV files, JSON, JUnit, resume) reads these records;
+nothing else defines a column name. Missing values are ``None``/NaN and reach CSV as blanks;
+status words are never the bare word ``nan``, so pandas never reads a status as missing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+STABLE = "stable"
+NON_FINITE = "non_finite"
+DIVERGED = "diverged"
+ERROR = "error"
+STATUSES = (STABLE, NON_FINITE, DIVERGED, ERROR)
+
+# Where a non-finite value first appeared: the loss itself (forward) or the gradients (backward).
+SOURCE_FORWARD = "forward"
+SOURCE_BACKWARD = "backward"
+
+CONTROL_RUN = "unclipped"
+
+SUMMARY_COLUMNS = [
+    "run",
+    "max_norm",
+    "norm_type",
+    "status",
+    "nan_step",
+    "nan_source",
+    "nan_param",
+    "diverged_step",
+    "final_loss",
+    "min_loss",
+    "grad_norm_p50",
+    "grad_norm_p95",
+    "grad_norm_max",
+    "clipped_frac",
+    "steps",
+    "seconds",
+    "error",
+]
+STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef"]
+HISTOGRAM_COLUMNS = ["run", "bin_left", "bin_right", "count"]
+
+
+def format_norm_type(norm_type: float) -> str:
+    """``2.0 -> '2'``, ``inf -> 'inf'``: the spelling used in run names, tables and CSV."""
+    return f"{norm_type:g}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run's clipping configuration. ``max_norm is None`` is the unclipped control run."""
+
+    max_norm: float | None
+    norm_type: float = 2.0
+
+    @property
+    def run(self) -> str:
+        """Stable, human-readable run id: ``unclipped`` or ``clip_<max_norm>_<norm_type>``."""
+        if self.max_norm is None:
+            return CONTROL_RUN
+        return f"clip_{self.max_norm:g}_{format_norm_type(self.norm_type)}"
+
+    @property
+    def clipped(self) -> bool:
+        return self.max_norm is not None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step. ``grad_norm``/``clip_coef`` are NaN when the step never got there
+    (the loss itself was non-finite or diverged, so no backward pass was judged)."""
+
+    step: int  # numbered from 1
+    loss: float
+    grad_norm: float = math.nan  # pre-clip total norm in the run's norm type
+    clip_coef: float = math.nan  # coefficient applied; 1.0 when nothing was clipped
+
+
+@dataclass
+class RunResult:
+    """What one training burst produced, with its verdict."""
+
+    cell: Cell
+    status: str
+    steps: list[StepRecord] = field(default_factory=list)
+    nan_step: int | None = None
+    nan_source: str | None = None  # SOURCE_FORWARD or SOURCE_BACKWARD
+    nan_param: str | None = None  # first parameter (named_parameters order) with a non-finite grad
+    diverged_step: int | None = None
+    seconds: float = 0.0
+    error: str | None = None  # "ExceptionType: message" when status == ERROR
+    error_traceback: str | None = None  # trimmed to the user's frames; terminal only, not CSV
+
+    @property
+    def run(self) -> str:
+        return self.cell.run
+
+    def finite_norms(self) -> list[float]:
+        return [s.grad_norm for s in self.steps if math.isfinite(s.grad_norm)]
+
+    def summary_row(self) -> dict:
+        """One row of ``summary.csv``; keys are exactly ``SUMMARY_COLUMNS``."""
+        norms = sorted(self.finite_norms())
+        finite_losses = [s.loss for s in self.steps if math.isfinite(s.loss)]
+        coefs = [s.clip_coef for s in self.steps if not math.isnan(s.clip_coef)]
+        return {
+            "run": self.run,
+            "max_norm": self.cell.max_norm,
+            "norm_type": format_norm_type(self.cell.norm_type),
+            "status": self.status,
+            "nan_step": self.nan_step,
+            "nan_source": self.nan_source,
+            "nan_param": self.nan_param,
+            "diverged_step": self.diverged_step,
+            "final_loss": self.steps[-1].loss if self.steps else None,
+            "min_loss": min(finite_losses) if finite_losses else None,
+            "grad_norm_p50": percentile(norms, 50),
+            "grad_norm_p95": percentile(norms, 95),
+            "grad_norm_max": norms[-1] if norms else None,
+            "clipped_frac": (sum(c < 1.0 for c in coefs) / len(coefs)) if coefs else None,
+            "steps": len(self.steps),
+            "seconds": round(self.seconds, 4),
+            "error": self.error,
+        }
+
+    def step_rows(self) -> list[dict]:
+        return [
+            {"run": self.run, "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "clip_coef": s.clip_coef}
+            for s in self.steps
+        ]
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolation percentile (numpy's default) of already sorted values."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def shared_log_bins(results: list[RunResult], n_bins: int = 8) -> list[float]:
+    """Log-spaced bin edges shared by every run, spanning all finite norms of the sweep.
+
+    Norms of exactly 0 cannot sit on a log axis: when any run has one, the first edge is 0 so
+    that every finite norm falls in some bin. Returns ``[]`` when no run has a finite norm.
+    """
+    norms = [n for r in results for n in r.finite_norms()]
+    if not norms:
+        return []
+    positive = [n for n in norms if n > 0]
+    if not positive:
+        return [0.0, 1.0]
+    lo, hi = math.log10(min(positive)), math.log10(max(positive))
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = [10 ** (lo + (hi - lo) * i / n_bins) for i in range(n_bins + 1)]
+    edges[0], edges[-1] = min(positive), max(positive)  # exact ends: no value falls outside by rounding
+    if any(n == 0 for n in norms):
+        edges[0] = 0.0
+    return edges
+
+
+def histogram_counts(result: RunResult, edges: list[float]) -> list[int]:
+    """Counts of the run's finite norms per bin; bins are [left, right), the last one closed."""
+    counts = [0] * max(len(edges) - 1, 0)
+    if not counts:
+        return counts
+    for n in result.finite_norms():
+        i = _bin_index(n, edges)
+        counts[i] += 1
+    return counts
+
+
+def _bin_index(value: float, edges: list[float]) -> int:
+    import bisect
+
+    i = bisect.bisect_right(edges, value) - 1
+    return min(max(i, 0), len(edges) - 2)
+
+
+def summary_frame(results: list[RunResult]):
+    import pandas as pd
+
+    return pd.DataFrame([r.summary_row() for r in results], columns=SUMMARY_COLUMNS)
+
+
+def steps_frame(results: list[RunResult]):
+    import pandas as pd
+
+    return pd.DataFrame([row for r in results for row in r.step_rows()], columns=STEP_COLUMNS)
+
+
+def histogram_frame(results: list[RunResult], edges: list[float]):
+    import pandas as pd
+
+    rows = [
+        {"run": r.run, "bin_left": edges[i], "bin_right": edges[i + 1], "count": c}
+        for r in results
+        for i, c in enumerate(histogram_counts(r, edges))
+    ]
+    return pd.DataFrame(rows, columns=HISTOGRAM_COLUMNS)
