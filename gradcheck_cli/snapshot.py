@@ -1,0 +1,165 @@
+"""Capture and restore everything that decides a run's numbers, so every run starts identical.
+
+A sweep trains the same model many times. Each run must start from the same weights, the same
+optimizer state and the same random-number state (which also fixes the batch order when
+``batches()`` shuffles), so that the first step's loss is identical across the sweep and a
+repeated sweep gives bit-identical numbers on CPU.
+
+Everything captured is a deep copy: ``state_dict()`` returns references to the live tensors,
+and ``Optimizer.load_state_dict`` may keep the tensors it is given (when dtype and device already
+match), so both capturing and restoring copy; otherwise a run would train the snapshot itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def _numpy_random():
+    """``numpy.random`` when numpy is importable, else ``None`` (numpy is optional)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy.random
+
+
+def _uses_cuda(device: str | torch.device | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------
+# Random-number state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RngState:
+    """Torch CPU, CUDA (all devices, when used), Python ``random`` and numpy generator states."""
+
+    torch_cpu: torch.Tensor
+    torch_cuda: tuple[torch.Tensor, ...] | None
+    python: Any
+    numpy: Any | None
+
+
+def seed_everything(seed: int, device: str | torch.device | None = "cpu") -> None:
+    """Seed torch (CPU, and every CUDA device when ``device`` is CUDA), ``random`` and numpy."""
+    seed = int(seed)
+    torch.manual_seed(seed)  # also seeds CUDA lazily
+    if _uses_cuda(device):
+        torch.cuda.manual_seed_all(seed)
+    random.seed(seed)
+    np_random = _numpy_random()
+    if np_random is not None:
+        np_random.seed(seed % 2**32)
+
+
+def capture_rng(device: str | torch.device | None = "cpu") -> RngState:
+    np_random = _numpy_random()
+    return RngState(
+        torch_cpu=torch.get_rng_state().clone(),
+        torch_cuda=tuple(s.clone() for s in torch.cuda.get_rng_state_all()) if _uses_cuda(device) else None,
+        python=random.getstate(),
+        numpy=np_random.get_state() if np_random is not None else None,
+    )
+
+
+def restore_rng(state: RngState) -> None:
+    torch.set_rng_state(state.torch_cpu)
+    if state.torch_cuda is not None:
+        torch.cuda.set_rng_state_all(list(state.torch_cuda))
+    random.setstate(state.python)
+    if state.numpy is not None:
+        np_random = _numpy_random()
+        if np_random is not None:
+            np_random.set_state(state.numpy)
+
+
+# --------------------------------------------------------------------------------------------
+# Model and optimizer state
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_state(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return copy.deepcopy(value)
+
+
+def capture_model(model: torch.nn.Module) -> dict[str, Any]:
+    """A deep copy of ``model.state_dict()`` (parameters and buffers, plus any extra state)."""
+    return {k: _copy_state(v) for k, v in model.state_dict().items()}
+
+
+def restore_model(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Copy ``state`` into ``model`` in place and drop any gradients.
+
+    ``load_state_dict`` copies into the existing parameter tensors, so an optimizer that holds
+    them keeps working. Gradients are set to ``None`` so nothing leaks from the previous run.
+    """
+    model.load_state_dict(state, strict=True)
+    for p in model.parameters():
+        p.grad = None
+
+
+def capture_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A deep copy of ``optimizer.state_dict()`` (per-parameter state and param groups)."""
+    return copy.deepcopy(optimizer.state_dict())
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a *copy* of ``state``: ``load_state_dict`` may keep the tensors it is given, and the
+    next ``step()`` would then update the snapshot in place."""
+    optimizer.load_state_dict(copy.deepcopy(state))
+
+
+# --------------------------------------------------------------------------------------------
+# All of it together
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Starting state of every run: model weights and buffers, optimizer state, RNG state."""
+
+    model_state: dict[str, Any]
+    optimizer_state: dict[str, Any] | None
+    rng: RngState
+
+    @classmethod
+    def capture(
+        cls,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        device: str | torch.device | None = "cpu",
+    ) -> "Snapshot":
+        """Deep-copy the state of ``model``, ``optimizer`` (if given) and the RNGs now."""
+        return cls(
+            model_state=capture_model(model),
+            optimizer_state=capture_optimizer(optimizer) if optimizer is not None else None,
+            rng=capture_rng(device),
+        )
+
+    def restore_model(self, model: torch.nn.Module) -> None:
+        restore_model(model, self.model_state)
+
+    def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Load the captured optimizer state; does nothing when none was captured."""
+        if self.optimizer_state is not None:
+            restore_optimizer(optimizer, self.optimizer_state)
+
+    def restore_rng(self) -> None:
+        restore_rng(self.rng)
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore model, optimizer (when given and captured) and RNG state."""
+        self.restore_model(model)
+        if optimizer is not None:
+            self.restore_optimizer(optimizer)
+        self.restore_rng()

@@ -1,0 +1,5 @@
+def load_config():
+    raise ValueError("config file is missing")
+
+
+CONFIG = load_config()
