@@ -225,6 +225,7 @@ def run_cell(
     config: SweepConfig,
     *,
     snapshot: Snapshot | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Train ``model`` for ``config.steps`` steps under ``cell``'s clipping and judge the run.
 
@@ -235,6 +236,8 @@ def run_cell(
     The optimizer is built per run (``make_optimizer``): a fresh object carries no hidden
     attributes over from an earlier run, and loading the snapshot's state makes its starting
     state identical even if ``build_optimizer`` is itself stateful.
+
+    ``on_step(step)`` is called after each completed step (progress bars).
 
     Returns a ``RunResult`` with status ``stable``, ``non_finite``, ``diverged`` or ``error``;
     never raises for the user's errors. ``KeyboardInterrupt`` propagates.
@@ -322,6 +325,8 @@ def run_cell(
                 coef = 1.0  # the control run only measures; it never clips
             call_user(experiment, optimizer.step)
             records.append(StepRecord(step, loss_f, norm_f, coef))
+            if on_step is not None:
+                on_step(step)
 
         return finish(STABLE)
     except UserFailure as failure:

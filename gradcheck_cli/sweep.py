@@ -54,6 +54,7 @@ def run_sweep(
     on_run_start: OnRunStart | None = None,
     on_run_done: OnRunDone | None = None,
     cells: list[Cell] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[RunResult]:
     """Run every cell of ``config.cells()`` (or of ``cells``, e.g. ``gradclip check``'s single
     cell) in order and return one ``RunResult`` per cell.
@@ -64,7 +65,8 @@ def run_sweep(
 
     ``on_run_start(index, total, cell)`` is called before and ``on_run_done(index, total,
     result)`` after each run actually executed (not for skipped ones); ``index`` counts from 1
-    over all cells of the sweep, skipped ones included, and ``total`` is the number of cells.
+    over all cells of the sweep, skipped ones included, and ``total`` is the number of cells;
+    ``on_step(step)`` after every completed training step of a run.
 
     Raises ``UserCodeError`` when ``build_model()`` raises and ``UsageError`` when it returns no
     usable module or the device is unavailable. When ``build_optimizer`` raises, every run gets
@@ -103,7 +105,7 @@ def run_sweep(
         if optimizer_failure is not None:
             result = error_result(cell, optimizer_failure)
         else:
-            result = run_cell(experiment, model, cell, config, snapshot=snapshot)
+            result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
         results.append(result)
         if on_run_done is not None:
             on_run_done(index, total, result)

@@ -1,0 +1,455 @@
+"""The command line end to end: CliRunner for exit codes and files, subprocesses for the real
+entry point, signals and ``kill -9``. Exact checks on the CSV files against the sample models'
+documented behaviour."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from gradcheck_cli import __version__
+from gradcheck_cli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+runner = CliRunner()
+
+
+def invoke(*args: str, env: dict | None = None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def gradclip(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+    """The real entry point in a fresh interpreter."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout,
+    )
+
+
+# --- help and version --------------------------------------------------------------------------
+
+
+def test_version_and_help_do_not_import_torch():
+    code = (
+        "import sys; from typer.testing import CliRunner; from gradcheck_cli.cli import app; "
+        "r = CliRunner().invoke(app, ['--version']); assert r.exit_code == 0, r.output; print(r.output); "
+        "r = CliRunner().invoke(app, ['sweep', '--help']); assert r.exit_code == 0, r.output; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"gradclip {__version__}"
+
+
+def test_help_lists_commands_and_exit_codes():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for word in ("sweep", "check", "recipes", "Exit codes"):
+        assert word in result.output
+
+
+# --- sweep on the bundled NaN sample: exact onset --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nan") / "report"
+    result = invoke("sweep", SAMPLES / "nan_at_step.py", "--steps", 8, "--max-norm", "0.5,5",
+                    "--norm-type", "2,inf", "--out", out, "--json")
+    return result, out
+
+
+def test_sweep_nan_at_step_pins_onset_step_and_parameter(nan_sweep):
+    result, out = nan_sweep
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["run"]) == ["unclipped", "clip_0.5_2", "clip_0.5_inf", "clip_5_2", "clip_5_inf"]
+    assert (summary["status"] == "non_finite").all()
+    assert (summary["nan_step"] == 5).all()
+    assert (summary["nan_source"] == "backward").all()
+    assert (summary["nan_param"] == "head.weight").all()
+    assert summary["diverged_step"].isna().all()
+    assert (summary["steps"] == 5).all()
+    assert summary.loc[0, "max_norm"] != summary.loc[0, "max_norm"]  # blank -> NaN for the control
+    assert summary["norm_type"].tolist() == [2.0, 2.0, math.inf, 2.0, math.inf]  # numeric in pandas
+
+
+def test_sweep_json_matches_summary_csv(nan_sweep):
+    result, out = nan_sweep
+    records = json.loads(result.stdout)
+    summary = pd.read_csv(out / "summary.csv")
+    assert [r["run"] for r in records] == list(summary["run"])
+    assert [r["nan_step"] for r in records] == list(summary["nan_step"])
+    assert [r["nan_param"] for r in records] == list(summary["nan_param"])
+
+
+def test_sweep_steps_csv_is_exact(nan_sweep):
+    _, out = nan_sweep
+    steps = pd.read_csv(out / "steps.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    # Fairness: step 1 is identical across every run of the sweep.
+    first = steps[steps["step"] == 1]
+    assert first["loss"].nunique() == 1
+    assert len(first) == len(summary)
+    for run, rows in steps.groupby("run", sort=False):
+        assert list(rows["step"]) == list(range(1, len(rows) + 1))
+        healthy = rows[rows["step"] < 5]
+        onset = rows[rows["step"] == 5].iloc[0]
+        assert math.isfinite(onset["loss"]) and math.isnan(onset["grad_norm"]) and math.isnan(onset["clip_coef"])
+        cell = summary[summary["run"] == run].iloc[0]
+        if run == "unclipped":
+            assert (healthy["clip_coef"] == 1.0).all()
+        else:
+            expected = (cell["max_norm"] / (healthy["grad_norm"] + 1e-6)).clip(upper=1.0)
+            assert healthy["clip_coef"].tolist() == pytest.approx(expected.tolist(), rel=1e-12)
+        # Summary statistics agree with the per-step rows.
+        assert cell["grad_norm_max"] == healthy["grad_norm"].max()
+        assert cell["min_loss"] == rows["loss"].min()
+        assert cell["clipped_frac"] == pytest.approx((healthy["clip_coef"] < 1).mean())
+
+
+def test_sweep_histograms_count_every_finite_norm(nan_sweep):
+    _, out = nan_sweep
+    hist = pd.read_csv(out / "histograms.csv")
+    steps = pd.read_csv(out / "steps.csv")
+    edges = sorted(set(hist["bin_left"]) | set(hist["bin_right"]))
+    for run, rows in hist.groupby("run"):
+        assert rows["count"].sum() == steps[(steps["run"] == run)]["grad_norm"].notna().sum()
+        assert list(rows["bin_left"]) == edges[:-1] and list(rows["bin_right"]) == edges[1:]
+    ratios = [b / a for a, b in zip(edges[:-1], edges[1:]) if a > 0]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # log-spaced
+
+
+def test_sweep_fail_on_nan_exits_1(tmp_path):
+    result = invoke("sweep", SAMPLES / "nan_at_step.py", "--steps", 6, "--max-norm", "1", "--norm-type", "2",
+                    "--out", tmp_path / "r", "--fail-on-nan")
+    assert result.exit_code == 1, result.output
+    assert "head.weight" in result.stdout
+
+
+def test_sweep_fail_on_divergence_and_table(tmp_path):
+    result = invoke("sweep", SAMPLES / "exploding_rnn.py", "--steps", 10, "--max-norm", "1", "--norm-type", "2",
+                    "--out", tmp_path / "r", "--fail-on-divergence")
+    assert result.exit_code == 1, result.output
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert dict(zip(summary["run"], summary["status"])) == {"unclipped": "diverged", "clip_1_2": "stable"}
+    assert summary.loc[0, "diverged_step"] == 2
+    assert "unclipped" in result.stdout and "clip_1_2" in result.stdout
+    assert "best: max_norm=1 norm_type=2" in result.stdout.replace("\n", " ")
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+
+def test_check_reports_step_and_parameter_and_exits_1(tmp_path):
+    junit = tmp_path / "check.xml"
+    result = invoke("check", SAMPLES / "nan_at_step.py", "--steps", 10, "--junit", junit)
+    assert result.exit_code == 1, result.output
+    assert "step 5" in result.stdout and "head.weight" in result.stdout
+    from junitparser import Failure, JUnitXml
+
+    suite = next(iter(JUnitXml.fromfile(str(junit))))
+    assert suite.tests == 1 and suite.failures == 1
+    case = next(iter(suite))
+    assert case.name == "unclipped"
+    assert isinstance(case.result[0], Failure) and "head.weight" in case.result[0].message
+
+
+def test_check_stable_exits_0(tmp_path):
+    result = invoke("check", SCRIPTS / "stable_linear.py", "--steps", 20, "--max-norm", "1", "--norm-type", "inf")
+    assert result.exit_code == 0, result.output
+    assert "stable" in result.stdout
+
+
+def test_check_diverged_exits_1():
+    result = invoke("check", SAMPLES / "exploding_rnn.py", "--steps", 5)
+    assert result.exit_code == 1
+    assert "diverged" in result.stdout and "step 2" in result.stdout
+
+
+# --- JUnit ----------------------------------------------------------------------------------------
+
+
+def test_junit_report_reads_with_a_junit_parser(tmp_path):
+    from junitparser import Error, Failure, JUnitXml
+
+    junit = tmp_path / "sweep.xml"
+    result = invoke("sweep", SCRIPTS / "raises_in_loss.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2",
+                    "--out", tmp_path / "a", "--junit", junit)
+    assert result.exit_code == 0, result.output  # 3 steps never reach the failing step 4
+    suite = next(iter(JUnitXml.fromfile(str(junit))))
+    assert (suite.tests, suite.failures, suite.errors) == (2, 0, 0)
+
+    result = invoke("sweep", SAMPLES / "nan_at_step.py", "--steps", 6, "--max-norm", "1", "--norm-type", "2",
+                    "--out", tmp_path / "b", "--junit", junit)
+    suite = next(iter(JUnitXml.fromfile(str(junit))))
+    assert (suite.tests, suite.failures, suite.errors) == (2, 2, 0)
+    messages = [case.result[0].message for case in suite]
+    assert all("step 5" in m and "head.weight" in m for m in messages)
+
+    result = invoke("sweep", SCRIPTS / "raises_in_loss.py", "--steps", 6, "--max-norm", "1", "--norm-type", "2",
+                    "--out", tmp_path / "c", "--junit", junit)
+    assert result.exit_code == 3
+    suite = next(iter(JUnitXml.fromfile(str(junit))))
+    assert (suite.tests, suite.failures, suite.errors) == (2, 0, 2)
+    assert all(isinstance(case.result[0], Error) and "bad batch 4" in case.result[0].message for case in suite)
+
+
+# --- failing user code --------------------------------------------------------------------------
+
+
+def test_user_error_in_a_run_keeps_going_and_exits_3(tmp_path):
+    out = tmp_path / "r"
+    result = invoke("sweep", SCRIPTS / "raises_in_loss.py", "--steps", 6, "--max-norm", "1,2", "--norm-type", "2",
+                    "--out", out)
+    assert result.exit_code == 3, result.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 3  # every run ran
+    assert (summary["status"] == "error").all()
+    assert (summary["error"] == "RuntimeError: bad batch 4").all()
+    assert (summary["steps"] == 3).all()
+    assert "raises_in_loss.py" in result.stderr  # trimmed traceback points into the user's file
+    assert "gradcheck_cli" not in result.stderr.split("error")[0]
+
+
+def test_non_scalar_loss_is_explained(tmp_path):
+    result = invoke("sweep", SCRIPTS / "non_scalar_loss.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2",
+                    "--out", tmp_path / "r")
+    assert result.exit_code == 3
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert summary["error"].str.contains("loss_fn must return a scalar tensor").all()
+
+
+@pytest.mark.parametrize("script, needle", [("raises_in_build_model.py", "build_model"), ("raises_at_import.py", "raises_at_import.py")])
+def test_build_model_or_import_failure_exits_3_with_user_traceback(tmp_path, script, needle):
+    proc = gradclip("sweep", SCRIPTS / script, "--steps", 2, "--out", tmp_path / "r")
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" in proc.stderr and needle in proc.stderr
+    assert "gradcheck_cli" not in proc.stderr  # trimmed to the user's frames
+    assert not (tmp_path / "r" / "summary.csv").exists()
+
+
+# --- bad input: exit 2, one clear line, no traceback -----------------------------------------------
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+BAD_INPUTS = {
+    "missing script": (["sweep", "no/such/script.py"], "does not exist"),
+    "syntax error": (["sweep", SCRIPTS / "syntax_error.py"], "syntax_error.py"),
+    "missing functions": (["sweep", SCRIPTS / "missing_functions.py"], "batches"),
+    "negative max-norm": (["sweep", SCRIPTS / "stable_linear.py", "--max-norm", "-1"], "'-1'"),
+    "zero max-norm": (["sweep", SCRIPTS / "stable_linear.py", "--max-norm", "0,1"], "'0'"),
+    "max-norm not a number": (["sweep", SCRIPTS / "stable_linear.py", "--max-norm", "big"], "'big'"),
+    "norm-type not a number": (["sweep", SCRIPTS / "stable_linear.py", "--norm-type", "l2"], "'l2'"),
+    "steps below 1": (["sweep", SCRIPTS / "stable_linear.py", "--steps", "0"], "--steps"),
+    "check steps below 1": (["check", SCRIPTS / "stable_linear.py", "--steps", "0"], "--steps"),
+    "check bad norm-type": (["check", SCRIPTS / "stable_linear.py", "--norm-type", "x"], "'x'"),
+    "check negative max-norm": (["check", SCRIPTS / "stable_linear.py", "--max-norm", "-2"], "-2"),
+    "missing recipe": (["sweep", "--recipe", "no/such/recipe.toml"], "recipe.toml"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_no_traceback(case, tmp_path):
+    args, needle = BAD_INPUTS[case]
+    result = invoke(*args, "--out", tmp_path / "r") if args[0] == "sweep" else invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert needle in result.output
+    assert "error" in result.output.lower()
+
+
+def test_bad_out_dirs_exit_2(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    for out in (a_file, a_file / "sub"):
+        result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 1, "--out", out)
+        assert result.exit_code == 2, result.output
+        assert str(a_file) in result.output and "Traceback" not in result.output
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("steps = [", "not valid TOML"),
+        ('script = "x.py"\nmax_nrom = [1]\n', "max_nrom"),
+        ("steps = \"many\"\n", "steps"),
+        ("max_norm = [-1]\n", "max_norm"),
+    ],
+)
+def test_bad_recipes_exit_2(tmp_path, text, needle):
+    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--recipe", _recipe(tmp_path, text), "--out", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def test_debug_env_shows_the_traceback(tmp_path):
+    proc = gradclip("sweep", SCRIPTS / "stable_linear.py", "--max-norm", "-1", env={"GRADCLIP_DEBUG": "1"})
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+    proc = gradclip("sweep", SCRIPTS / "stable_linear.py", "--max-norm", "-1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1
+
+
+# --- recipes -------------------------------------------------------------------------------------
+
+
+def test_recipes_command_lists_bundled_recipes():
+    result = invoke("recipes")
+    assert result.exit_code == 0
+    for name in ("exploding_rnn", "nan_at_step", "tiny_lm"):
+        assert name in result.stdout
+
+
+def test_command_line_overrides_recipe(tmp_path):
+    recipe = _recipe(tmp_path, f'script = "{SAMPLES / "nan_at_step.py"}"\nmax_norm = [1, 2]\nnorm_type = [2]\nsteps = 3\n')
+    result = invoke("sweep", "--recipe", recipe, "--max-norm", "7", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert list(summary["run"]) == ["unclipped", "clip_7_2"]
+    assert (summary["steps"] == 3).all()
+
+
+def test_recipe_fail_flags_apply(tmp_path):
+    recipe = _recipe(tmp_path, 'script = "../../sample_models/nan_at_step.py"\nsteps = 6\nmax_norm = [1]\nnorm_type = [2]\nfail_on_nan = true\n')
+    # the script path resolves relative to the recipe file, not to the working directory
+    recipe = recipe.rename(ROOT / "tests" / "scripts" / "_tmp_recipe.toml") if False else recipe
+    nested = ROOT / "tests" / "scripts"
+    path = nested / "tmp_fail_recipe.toml"
+    path.write_text(recipe.read_text())
+    try:
+        result = invoke("sweep", "--recipe", path, "--out", tmp_path / "r")
+    finally:
+        path.unlink()
+    assert result.exit_code == 1, result.output
+
+
+# --- determinism, interruption, resume ------------------------------------------------------------
+
+SLOW_ARGS = ["sweep", SCRIPTS / "slow_linear.py", "--steps", 40, "--max-norm", "0.5,1", "--norm-type", "2,inf"]
+
+
+def _frames(out: Path) -> dict[str, pd.DataFrame]:
+    frames = {name: pd.read_csv(out / name) for name in ("summary.csv", "steps.csv", "histograms.csv")}
+    frames["summary.csv"] = frames["summary.csv"].drop(columns=["seconds"])
+    return frames
+
+
+def _assert_same_reports(a: Path, b: Path) -> None:
+    fa, fb = _frames(a), _frames(b)
+    for name in fa:
+        pd.testing.assert_frame_equal(fa[name], fb[name], check_exact=True)
+    for name in ("steps.csv", "histograms.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "r"
+    result = invoke(*SLOW_ARGS, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_two_identical_sweeps_give_identical_numbers(uninterrupted, tmp_path):
+    result = invoke(*SLOW_ARGS, "--out", tmp_path / "again")
+    assert result.exit_code == 0
+    _assert_same_reports(uninterrupted, tmp_path / "again")
+
+
+def _start_and_signal(out: Path, sig: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Start a real sweep, wait until its first run is on disk, then send ``sig``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradcheck_cli", *map(str, SLOW_ARGS), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    summary = out / "summary.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if summary.exists() and len(pd.read_csv(summary)) >= 1:
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the sweep never finished its first run")
+    time.sleep(0.3)  # now inside the second run
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_ctrl_c_keeps_finished_runs_and_resume_completes(uninterrupted, tmp_path):
+    out = tmp_path / "r"
+    proc = _start_and_signal(out, signal.SIGINT, tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    assert "--resume" in proc.stderr and "Traceback" not in proc.stderr
+    partial = pd.read_csv(out / "summary.csv")
+    assert 1 <= len(partial) < 5
+    assert (partial["status"] == "stable").all()
+
+    resumed = invoke(*SLOW_ARGS, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.stderr
+    _assert_same_reports(uninterrupted, out)
+
+
+def test_kill_9_leaves_parseable_files_and_resume_completes(uninterrupted, tmp_path):
+    out = tmp_path / "r"
+    proc = _start_and_signal(out, signal.SIGKILL, tmp_path)
+    assert proc.returncode == -signal.SIGKILL
+    for name in ("summary.csv", "steps.csv", "histograms.csv"):
+        frame = pd.read_csv(out / name)
+        assert len(frame) >= 1
+    finished = pd.read_csv(out / "summary.csv")
+    steps = pd.read_csv(out / "steps.csv")
+    assert set(steps["run"]) == set(finished["run"])  # every finished run, whole
+
+    resumed = invoke(*SLOW_ARGS, "--out", out, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    _assert_same_reports(uninterrupted, out)
+    assert not [p for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_resume_with_different_options_is_refused(uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "r"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "summary.csv").read_bytes()
+    result = invoke(*SLOW_ARGS[:-4], "--max-norm", "3", "--norm-type", "2", "--out", out, "--resume")
+    assert result.exit_code == 2, result.output
+    assert "--max-norm" in result.output
+    assert (out / "summary.csv").read_bytes() == before
+
+
+# --- the installed console script on the samples -----------------------------------------------
+
+
+def test_console_script_runs_a_bundled_recipe(tmp_path):
+    proc = gradclip("sweep", "--recipe", "nan_at_step", "--steps", 6, "--out", tmp_path / "r", "--fail-on-nan",
+                    cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert (summary["nan_step"] == 5).all() and (summary["nan_param"] == "head.weight").all()
+    assert "head.weight" in proc.stdout
