@@ -8,6 +8,7 @@ status words are never the bare word ``nan``, so pandas never reads a status as 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 STABLE = "stable"
@@ -158,9 +159,12 @@ def shared_log_bins(results: list[RunResult], n_bins: int = 8) -> list[float]:
         return [0.0, 1.0]
     lo, hi = math.log10(min(positive)), math.log10(max(positive))
     if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = [10 ** (lo + (hi - lo) * i / n_bins) for i in range(n_bins + 1)]
-    edges[0], edges[-1] = min(positive), max(positive)  # exact ends: no value falls outside by rounding
+        # One distinct value: a decade centred on it (capped at the largest float, no overflow).
+        v = min(positive)
+        edges = [min(v * 10 ** (i / n_bins - 0.5), sys.float_info.max) for i in range(n_bins + 1)]
+    else:
+        # Exact ends, so no value falls outside by rounding; inner edges lie strictly between.
+        edges = [min(positive)] + [10 ** (lo + (hi - lo) * i / n_bins) for i in range(1, n_bins)] + [max(positive)]
     if any(n == 0 for n in norms):
         edges[0] = 0.0
     return edges

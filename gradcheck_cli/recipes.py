@@ -1,0 +1,228 @@
+"""Recipes: sweep presets as TOML data.
+
+A recipe is a TOML file (read with ``tomllib``; reading it never executes code) that names a
+script and the sweep's options. Every key is optional except that a sweep needs a script from
+somewhere (the recipe or the command line); options given on the command line override the
+recipe's.
+
+=======================  ======================================  ==================================
+key                      type                                    sweep option
+=======================  ======================================  ==================================
+``description``          string                                  shown by ``gradclip recipes``
+``script``               string: a path, relative to the recipe  the script argument
+``max_norm``             list of numbers, or ``"0.1,1,10"``      ``--max-norm``
+``norm_type``            list of numbers/``inf``/``"inf"``,      ``--norm-type``
+                         or ``"2,inf"``
+``steps``                integer                                 ``--steps``
+``seed``                 integer                                 ``--seed``
+``lr``                   number                                  ``--lr``
+``divergence_factor``    number                                  ``--divergence-factor``
+``device``               string                                  ``--device``
+``fail_on_nan``          boolean                                 ``--fail-on-nan``
+``fail_on_divergence``   boolean                                 ``--fail-on-divergence``
+=======================  ======================================  ==================================
+
+Bundled recipes live in the repository's top-level ``recipes/`` folder; an installed wheel
+carries them as ``gradcheck_cli/recipes/`` with the sample models beside them as
+``gradcheck_cli/sample_models/`` (see ``pyproject.toml``), so a recipe's
+``script = "../sample_models/x.py"`` resolves in both layouts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+from gradcheck_cli import config as cfg
+from gradcheck_cli.errors import UsageError
+
+RECIPE_SUFFIX = ".toml"
+
+# TOML key -> (key in the returned dict, expected type in words)
+RECIPE_KEYS = {
+    "description": ("description", "a string"),
+    "script": ("script", "a string (a path relative to the recipe file)"),
+    "max_norm": ("max_norms", 'a list of numbers or a comma-separated string, e.g. [0.1, 1, 10] or "0.1,1,10"'),
+    "norm_type": ("norm_types", 'a list of numbers or "inf", or a comma-separated string, e.g. [2, "inf"] or "2,inf"'),
+    "steps": ("steps", "an integer"),
+    "seed": ("seed", "an integer"),
+    "lr": ("lr", "a number"),
+    "divergence_factor": ("divergence_factor", "a number"),
+    "device": ("device", 'a string, "cpu" or "cuda"'),
+    "fail_on_nan": ("fail_on_nan", "a boolean (true or false)"),
+    "fail_on_divergence": ("fail_on_divergence", "a boolean (true or false)"),
+}
+
+
+def bundled_recipes_dir() -> Path:
+    """Where the bundled recipes are: ``gradcheck_cli/recipes`` in an installed wheel, else the
+    repository's top-level ``recipes/``."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipes"
+    if installed.is_dir():
+        return installed
+    return here.parent / "recipes"
+
+
+def _bundled_paths() -> list[Path]:
+    directory = bundled_recipes_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f"*{RECIPE_SUFFIX}") if p.is_file())
+
+
+def list_bundled_recipes() -> list[tuple[str, str, Path]]:
+    """``(name, description, path)`` of every bundled recipe, sorted by name. A recipe that
+    cannot be read shows why in place of its description."""
+    out = []
+    for path in _bundled_paths():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            description = data.get("description", "")
+            if not isinstance(description, str):
+                description = ""
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            description = f"(unreadable: {exc})"
+        out.append((path.stem, description, path))
+    return out
+
+
+def _bundled_names() -> str:
+    names = [p.stem for p in _bundled_paths()]
+    return ", ".join(names) if names else "(none found)"
+
+
+def find_recipe(value: str | os.PathLike) -> Path:
+    """The recipe file for ``value``: an existing file path, else a bundled recipe's name
+    (``exploding_rnn`` or ``exploding_rnn.toml``). Raises ``UsageError`` when neither exists."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise UsageError(f"recipe {str(path)!r} is not a file", "give a recipe .toml file or a bundled recipe name (gradclip recipes lists them)")
+    text = str(value)
+    if os.sep not in text and "/" not in text and text not in ("", ".", ".."):
+        name = text if text.endswith(RECIPE_SUFFIX) else text + RECIPE_SUFFIX
+        bundled = bundled_recipes_dir() / name
+        if bundled.is_file():
+            return bundled
+    raise UsageError(
+        f"recipe {text!r} does not exist: it is neither a file nor a bundled recipe",
+        f"give a path to a recipe .toml file, or one of the bundled recipes: {_bundled_names()}",
+    )
+
+
+def _type_error(file: Path, key: str, value) -> UsageError:
+    got = type(value).__name__
+    if isinstance(value, list):
+        got = "a list (" + ", ".join(type(v).__name__ for v in value) + ")" if value else "an empty list"
+    return UsageError(
+        f"recipe {file}: {key!r} must be {RECIPE_KEYS[key][1]}, got {got} {value!r}",
+        f"fix {key!r} in {file}",
+    )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _reraise(file: Path, key: str, err: UsageError, example: str) -> UsageError:
+    return UsageError(f"recipe {file}: {err.message}", f"fix {key!r} in {file}, e.g. {example}")
+
+
+def load_recipe(value: str | os.PathLike) -> dict:
+    """Read and validate a recipe, given a path or a bundled recipe's name.
+
+    Returns the values present, under ``SweepConfig``'s field names: ``script`` (a ``Path``
+    resolved relative to the recipe file), ``max_norms`` and ``norm_types`` (tuples of
+    floats), ``steps``, ``seed``, ``lr``, ``divergence_factor``, ``device``, plus
+    ``fail_on_nan`` and ``fail_on_divergence``; ``description`` is checked but not returned.
+
+    Raises ``UsageError`` naming the file and the problem when the file does not exist, is not
+    valid TOML (with the line), has unknown keys (listing them and the allowed ones), or has a
+    value of the wrong type or out of range.
+    """
+    file = find_recipe(value)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe {file} is not UTF-8 text", "save the recipe as a UTF-8 TOML file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {file}: {exc.strerror or exc}", "check the file's permissions") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # The message carries the position: "Invalid value (at line 3, column 7)".
+        raise UsageError(f"recipe {file} is not valid TOML: {exc}", "fix the TOML syntax at that line (strings need quotes, lists use [a, b])") from None
+
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise UsageError(
+            f"recipe {file} has unknown key{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+            f"allowed keys: {', '.join(RECIPE_KEYS)}",
+        )
+
+    out: dict = {}
+    for key, raw in data.items():
+        field = RECIPE_KEYS[key][0]
+        if key in ("description", "device"):
+            if not isinstance(raw, str):
+                raise _type_error(file, key, raw)
+            if key == "device":
+                try:
+                    out[field] = cfg.check_device(raw, option="device")
+                except UsageError as err:
+                    raise _reraise(file, key, err, 'device = "cpu"') from None
+        elif key == "script":
+            if not isinstance(raw, str):
+                raise _type_error(file, key, raw)
+            if not raw.strip():
+                raise UsageError(f"recipe {file}: 'script' is empty", f"fix 'script' in {file}: a path relative to the recipe file, e.g. script = \"model.py\"")
+            script = (file.resolve().parent / raw).resolve()
+            if not script.is_file():
+                raise UsageError(
+                    f"recipe {file}: script {raw!r} does not exist (looked for {script})",
+                    f"fix 'script' in {file}: it is a path relative to the recipe file",
+                )
+            out[field] = script
+        elif key == "max_norm":
+            if not (isinstance(raw, str) or (isinstance(raw, list) and all(_is_number(v) for v in raw))):
+                raise _type_error(file, key, raw)
+            try:
+                out[field] = cfg.parse_max_norms(raw, option="max_norm")
+            except UsageError as err:
+                raise _reraise(file, key, err, "max_norm = [0.1, 1, 10]") from None
+        elif key == "norm_type":
+            if not (isinstance(raw, str) or (isinstance(raw, list) and all(_is_number(v) or isinstance(v, str) for v in raw))):
+                raise _type_error(file, key, raw)
+            try:
+                out[field] = cfg.parse_norm_types(raw, option="norm_type")
+            except UsageError as err:
+                raise _reraise(file, key, err, 'norm_type = [2, "inf"]') from None
+        elif key in ("steps", "seed"):
+            if not _is_int(raw):
+                raise _type_error(file, key, raw)
+            if key == "steps":
+                try:
+                    out[field] = cfg.check_steps(raw, option="steps")
+                except UsageError as err:
+                    raise _reraise(file, key, err, "steps = 100") from None
+            else:
+                out[field] = raw
+        elif key in ("lr", "divergence_factor"):
+            if not _is_number(raw):
+                raise _type_error(file, key, raw)
+            try:
+                out[field] = cfg.check_positive(raw, key)
+            except UsageError as err:
+                raise _reraise(file, key, err, f"{key} = {0.01 if key == 'lr' else 10.0}") from None
+        else:  # fail_on_nan, fail_on_divergence
+            if not isinstance(raw, bool):
+                raise _type_error(file, key, raw)
+            out[field] = raw
+    return out

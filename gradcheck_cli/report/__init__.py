@@ -1,0 +1,92 @@
+"""Output formats of a sweep: one module per format, each reading ``results.RunResult`` only.
+
+=============  =============================================================================
+module         output
+=============  =============================================================================
+``terminal``   rich renderables (summary table, error panels) and one-line verdicts; never
+               prints
+``files``      ``summary.csv``, ``steps.csv``, ``histograms.csv`` and the resume manifest in
+               the output directory, each written atomically
+``junit``      a JUnit XML report, one test case per run
+``jsonout``    the summary rows as strict JSON, for ``--json`` on stdout
+=============  =============================================================================
+
+The modules report; they never decide. Statuses, onset steps and parameters come from the
+runner; the helpers below only put them into words, the same words in every format.
+Importing this package is cheap (stdlib only); each format imports rich or pandas itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, SOURCE_BACKWARD, SOURCE_FORWARD, STABLE, RunResult
+
+
+def format_number(x: float | int | None) -> str:
+    """Compact number for humans: 4 significant digits with a short exponent (``3.457e7``,
+    ``1.2e-5``), ``nan``/``inf``/``-inf`` spelled out, ``—`` when there is no value."""
+    if x is None:
+        return "—"
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    text = f"{x:.4g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def onset_step(result: RunResult) -> int | None:
+    """The step where the run went wrong: the non-finite onset, else the divergence step."""
+    return result.nan_step if result.nan_step is not None else result.diverged_step
+
+
+def describe_result(result: RunResult) -> str:
+    """One phrase for a run's outcome, shared by the verdict line, ``check`` and JUnit.
+
+    * ``stable, final loss 0.0619``
+    * ``non_finite at step 37 (backward): first non-finite gradient in rnn.weight_hh_l0``
+    * ``non_finite at step 3 (forward): the loss is nan``
+    * ``diverged at step 2: loss 3.457e+07 vs 1.789 at step 1``
+    * ``error: ValueError: shapes do not match``
+    """
+    status = result.status
+    steps = result.steps
+    if status == STABLE:
+        final = steps[-1].loss if steps else None
+        return f"stable, final loss {format_number(final)}"
+    if status == NON_FINITE:
+        where = f" at step {result.nan_step}" if result.nan_step is not None else ""
+        source = f" ({result.nan_source})" if result.nan_source else ""
+        text = f"non_finite{where}{source}"
+        if result.nan_source == SOURCE_FORWARD:
+            loss = _loss_at(result, result.nan_step)
+            return text + (f": the loss is {format_number(loss)}" if loss is not None else ": the loss is not finite")
+        if result.nan_param:
+            return text + f": first non-finite gradient in {result.nan_param}"
+        if result.nan_source == SOURCE_BACKWARD:
+            return text + ": the gradient norm is not finite"
+        return text
+    if status == DIVERGED:
+        where = f" at step {result.diverged_step}" if result.diverged_step is not None else ""
+        text = f"diverged{where}"
+        loss = _loss_at(result, result.diverged_step)
+        if loss is not None and steps:
+            text += f": loss {format_number(loss)} vs {format_number(steps[0].loss)} at step {steps[0].step}"
+        return text
+    if status == ERROR:
+        return f"error: {result.error}" if result.error else "error"
+    return status
+
+
+def _loss_at(result: RunResult, step: int | None) -> float | None:
+    if step is None:
+        return None
+    for record in reversed(result.steps):
+        if record.step == step:
+            return record.loss
+    return None

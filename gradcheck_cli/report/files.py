@@ -1,0 +1,324 @@
+"""CSV reports and the resume manifest in the output directory.
+
+Files (all in ``out_dir``; nothing is ever written anywhere else):
+
+=========================  =====================================================================
+``summary.csv``            one row per finished run (``results.SUMMARY_COLUMNS``)
+``steps.csv``              one row per optimizer step of every run (``results.STEP_COLUMNS``)
+``histograms.csv``         each run's pre-clip norm counts on the sweep's shared log-spaced bins
+                           (``results.HISTOGRAM_COLUMNS``)
+``gradclip-sweep.json``    the resume manifest: the sweep's fingerprint and its finished runs
+=========================  =====================================================================
+
+Every file is replaced atomically: written to a temporary file in the same directory, flushed
+and fsynced, then ``os.replace``-d over the old one. A sweep killed at any moment (even with
+``kill -9``) leaves each file either in its previous complete state or in its new one, never
+half written. The CLI rewrites all of them after every finished run, reports first and the
+manifest last, so the manifest never names a run the CSV files lack.
+
+CSV conventions: one tidy row per record; blank for "no value" (``None`` and NaN); ``inf`` and
+``-inf`` spelled out; integer columns without a trailing ``.0``; floats in Python's shortest
+round-trip form (pandas' default ``repr`` formatting), so reading a value back with ``float()``
+gives the identical double. Status words are never the bare word ``nan``.
+
+Resume: ``load_finished`` rebuilds the finished ``RunResult``s exactly from ``summary.csv`` and
+``steps.csv``, so rewriting the reports after a resumed sweep gives files byte-identical to an
+uninterrupted sweep's (only the ``seconds`` timings differ, and only for the runs that re-ran).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+
+from gradcheck_cli.errors import UsageError
+from gradcheck_cli.results import (
+    Cell,
+    RunResult,
+    StepRecord,
+    histogram_frame,
+    steps_frame,
+    summary_frame,
+)
+
+SUMMARY_FILE = "summary.csv"
+STEPS_FILE = "steps.csv"
+HISTOGRAMS_FILE = "histograms.csv"
+MANIFEST_FILE = "gradclip-sweep.json"
+MANIFEST_FORMAT = 1
+
+# Columns holding whole numbers; pandas would write them as floats (``37.0``) once a blank
+# appears, so they are written through the nullable ``Int64`` dtype.
+_INT_COLUMNS = {"nan_step", "diverged_step", "steps", "step", "count"}
+
+# How each fingerprint key is spelled on the command line, for the "options differ" message.
+_OPTION_NAMES = {
+    "script": "script",
+    "max_norms": "--max-norm",
+    "norm_types": "--norm-type",
+    "steps": "--steps",
+    "seed": "--seed",
+    "lr": "--lr",
+    "divergence_factor": "--divergence-factor",
+    "device": "--device",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The output directory and atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_out_dir(path: str | os.PathLike) -> Path:
+    """Create the output directory if missing, remove temp files a killed sweep left in it,
+    and return it.
+
+    Raises ``UsageError`` (exit 2) naming the path and the fix when it exists but is not a
+    directory, cannot be created (permission denied, a parent is a file, ...) or is not
+    writable.
+    """
+    out = Path(path)
+    fix = "choose another --out directory"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory", f"{fix}, or move that file away")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"cannot create --out directory {str(out)!r}: a file is in the way", f"{fix}, or move that file away") from None
+    except NotADirectoryError:
+        raise UsageError(f"cannot create --out directory {str(out)!r}: part of the path is a file, not a directory", fix) from None
+    except PermissionError:
+        raise UsageError(f"cannot create --out directory {str(out)!r}: permission denied", f"{fix} in a place you can write to") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create --out directory {str(out)!r}: {exc.strerror or exc}", fix) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out directory {str(out)!r} is not writable: permission denied", f"{fix} in a place you can write to")
+    _remove_stale_temp_files(out)
+    return out
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``); only ours."""
+    for name in (SUMMARY_FILE, STEPS_FILE, HISTOGRAMS_FILE, MANIFEST_FILE):
+        for stale in out.glob(f".{name}.*.tmp"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file in the same directory, flush, fsync,
+    ``os.replace``. The temp file is removed if anything fails before the replace.
+
+    The temp file is created with mode ``0o666`` minus the umask, like any file ``open()``
+    creates (``tempfile.mkstemp`` would make it private, ``0o600``)."""
+    path = Path(path)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _csv_bytes(frame) -> bytes:
+    frame = frame.copy()
+    for column in frame.columns:
+        if column in _INT_COLUMNS:
+            frame[column] = frame[column].astype("float64").astype("Int64")
+    # Default float formatting is Python's repr: the shortest string that reads back exactly.
+    return frame.to_csv(index=False, lineterminator="\n", na_rep="").encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges: list[float]) -> None:
+    """Write ``summary.csv``, ``steps.csv`` and ``histograms.csv`` for ``results`` (all runs
+    finished so far, in sweep order), each atomically. ``edges`` are the shared histogram bins
+    (``results.shared_log_bins(results)``)."""
+    out = Path(out_dir)
+    atomic_write_bytes(out / SUMMARY_FILE, _csv_bytes(summary_frame(results)))
+    atomic_write_bytes(out / STEPS_FILE, _csv_bytes(steps_frame(results)))
+    atomic_write_bytes(out / HISTOGRAMS_FILE, _csv_bytes(histogram_frame(results, edges)))
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+def _json_normal(value):
+    """``value`` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def write_manifest(out_dir: str | os.PathLike, fingerprint: dict, finished_runs: list[str]) -> None:
+    """Record, atomically, which runs of the sweep described by ``fingerprint``
+    (``SweepConfig.fingerprint()``) have finished. Write it after ``write_reports``."""
+    from gradcheck_cli import __version__
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "gradclip_version": __version__,
+        "fingerprint": fingerprint,
+        "finished_runs": list(finished_runs),
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(out_dir) / MANIFEST_FILE, text.encode("utf-8"))
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ",".join(_show(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _fingerprint_differences(saved: dict, now: dict) -> list[str]:
+    diffs = []
+    keys = [k for k in _OPTION_NAMES if k in saved or k in now]
+    keys += sorted((set(saved) | set(now)) - set(keys))
+    for key in keys:
+        a, b = saved.get(key), now.get(key)
+        if a != b:
+            name = _OPTION_NAMES.get(key, key)
+            diffs.append(f"{name} {_show(a)} (saved) vs {_show(b)} (now)")
+    return diffs
+
+
+_RESUME_HINT = (
+    "to resume, rerun with the same options; or use a new --out directory; or drop --resume "
+    "to start over (the reports in this directory will be overwritten)"
+)
+
+
+def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, RunResult]:
+    """The runs already finished in ``out_dir`` by a sweep with this ``fingerprint``, keyed by
+    run name in sweep order, rebuilt from ``summary.csv`` and ``steps.csv``.
+
+    Returns ``{}`` when there is no manifest. Raises ``UsageError`` when the manifest belongs
+    to a sweep with different options (naming each option that differs), or when the manifest
+    or the reports it refers to are missing or unreadable.
+
+    Rebuilt exactly: floats are parsed with ``float()`` from their round-trip text, blanks
+    become ``None`` (summary fields) or NaN (step numbers). ``error_traceback`` is not kept in
+    the CSV files and comes back as ``None``.
+    """
+    out = Path(out_dir)
+    manifest_path = out / MANIFEST_FILE
+    if not manifest_path.exists():
+        return {}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        saved = manifest["fingerprint"]
+        finished = [str(r) for r in manifest["finished_runs"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"cannot resume from {manifest_path}: the manifest is unreadable ({type(exc).__name__}: {exc})",
+            "drop --resume to start over, or use a new --out directory",
+        ) from None
+    diffs = _fingerprint_differences(saved, _json_normal(fingerprint))
+    if diffs:
+        raise UsageError(f"cannot resume in {str(out)!r}: the options differ from the saved sweep: " + "; ".join(diffs), _RESUME_HINT)
+    if not finished:
+        return {}
+    summary_rows = _read_csv_rows(out / SUMMARY_FILE)
+    step_rows = _read_csv_rows(out / STEPS_FILE)
+    steps_by_run: dict[str, list[StepRecord]] = {}
+    for row in step_rows:
+        steps_by_run.setdefault(row["run"], []).append(
+            StepRecord(
+                step=int(row["step"]),
+                loss=_float_or_nan(row["loss"]),
+                grad_norm=_float_or_nan(row["grad_norm"]),
+                clip_coef=_float_or_nan(row["clip_coef"]),
+            )
+        )
+    by_run = {row["run"]: row for row in summary_rows}
+    loaded: dict[str, RunResult] = {}
+    for run in finished:
+        row = by_run.get(run)
+        if row is None:  # not in the reports: it simply runs again
+            continue
+        cell = Cell(_float_or_none(row["max_norm"]), float(row["norm_type"]))
+        loaded[run] = RunResult(
+            cell=cell,
+            status=row["status"],
+            steps=steps_by_run.get(run, []),
+            nan_step=_int_or_none(row["nan_step"]),
+            nan_source=row["nan_source"] or None,
+            nan_param=row["nan_param"] or None,
+            diverged_step=_int_or_none(row["diverged_step"]),
+            seconds=_float_or_none(row["seconds"]) or 0.0,
+            error=row["error"] or None,
+        )
+    return loaded
+
+
+def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """Every cell as the exact text written (no type inference, no NA guessing)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except FileNotFoundError:
+        raise UsageError(
+            f"cannot resume: {path} is missing although the manifest lists finished runs",
+            "drop --resume to start over, or use a new --out directory",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot resume: {path} is unreadable ({exc})", "drop --resume to start over, or use a new --out directory") from None
+    return frame.to_dict("records")
+
+
+def _float_or_none(text: str) -> float | None:
+    return float(text) if text != "" else None
+
+
+def _float_or_nan(text: str) -> float:
+    return float(text) if text != "" else math.nan
+
+
+def _int_or_none(text: str) -> int | None:
+    return int(text) if text != "" else None
