@@ -302,6 +302,9 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     script_dir = str(script.parent)
     sys.modules[mod_name] = module  # dataclasses, pickling and typing look modules up here
     sys.path.insert(0, script_dir)
+    # Nothing is written outside --out: no __pycache__ beside the user's modules either.
+    write_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
     try:
         exec(code, module.__dict__)
     except SyntaxError as exc:  # a module the script imports has a syntax error
@@ -318,6 +321,7 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         sys.modules.pop(mod_name, None)
         raise
     finally:
+        sys.dont_write_bytecode = write_bytecode
         try:
             sys.path.remove(script_dir)
         except ValueError:  # the script removed it itself

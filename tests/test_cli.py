@@ -453,3 +453,22 @@ def test_console_script_runs_a_bundled_recipe(tmp_path):
     summary = pd.read_csv(tmp_path / "r" / "summary.csv")
     assert (summary["nan_step"] == 5).all() and (summary["nan_param"] == "head.weight").all()
     assert "head.weight" in proc.stdout
+
+
+def test_nothing_is_written_outside_out(tmp_path):
+    """The user's folder stays as it was: no __pycache__, no stray report files."""
+    import shutil
+
+    user = tmp_path / "user"
+    user.mkdir()
+    for name in ("stable_linear.py", "data_helper.py"):
+        shutil.copy(SCRIPTS / name, user / name)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = gradclip("sweep", user / "stable_linear.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2",
+                    "--out", tmp_path / "out", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in user.iterdir()) == ["data_helper.py", "stable_linear.py"]
+    assert list(work.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gradclip-sweep.json", "histograms.csv", "steps.csv", "summary.csv"]
