@@ -465,8 +465,12 @@ def test_nothing_is_written_outside_out(tmp_path):
         shutil.copy(SCRIPTS / name, user / name)
     work = tmp_path / "work"
     work.mkdir()
-    proc = gradclip("sweep", user / "stable_linear.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2",
-                    "--out", tmp_path / "out", cwd=work)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as on a user's machine
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", "sweep", str(user / "stable_linear.py"), "--steps", "3",
+         "--max-norm", "1", "--norm-type", "2", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=work, env=env, timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in user.iterdir()) == ["data_helper.py", "stable_linear.py"]
     assert list(work.iterdir()) == []
