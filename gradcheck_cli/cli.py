@@ -40,9 +40,12 @@ def _stderr_console():
 
 
 def _stdout_console():
+    """Tables and verdicts. Piped into a file or a CI log there is no terminal width to fit, so
+    the table gets 120 columns (all of them) unless COLUMNS says otherwise."""
     from rich.console import Console
 
-    return Console(highlight=False)
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+    return Console(highlight=False, width=width)
 
 
 def _debug() -> bool:
@@ -304,13 +307,13 @@ def _print_results(results: list, json_out: bool) -> None:
         from gradcheck_cli.report.jsonout import summary_json
 
         sys.stdout.write(summary_json(results) + "\n")
-        err.print(verdict_line(results), markup=False)
+        err.print(verdict_line(results), markup=False, soft_wrap=True)
         return
     out = _stdout_console()
     for panel in error_panels(results):
         err.print(panel)
     out.print(summary_table(results, shared_log_bins(results)))
-    out.print(verdict_line(results), markup=False)
+    out.print(verdict_line(results), markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -372,7 +375,7 @@ def check(
 
         for panel in error_panels(results):
             _stderr_console().print(panel)
-        _stdout_console().print(check_line(result), markup=False)
+        _stdout_console().print(check_line(result), markup=False, soft_wrap=True)
     raise typer.Exit(_exit_code(results, fail_on_nan=True, fail_on_divergence=True))
 
 

@@ -160,6 +160,7 @@ def test_check_reports_step_and_parameter_and_exits_1(tmp_path):
     result = invoke("check", SAMPLES / "nan_at_step.py", "--steps", 10, "--junit", junit)
     assert result.exit_code == 1, result.output
     assert "step 5" in result.stdout and "head.weight" in result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1  # one greppable verdict line
     from junitparser import Failure, JUnitXml
 
     suite = next(iter(JUnitXml.fromfile(str(junit))))
