@@ -303,6 +303,8 @@ def _print_results(results: list, json_out: bool) -> None:
     from gradcheck_cli.results import shared_log_bins
 
     err = _stderr_console()
+    for panel in error_panels(results):
+        err.print(panel)
     if json_out:
         from gradcheck_cli.report.jsonout import summary_json
 
@@ -310,8 +312,6 @@ def _print_results(results: list, json_out: bool) -> None:
         err.print(verdict_line(results), markup=False, soft_wrap=True)
         return
     out = _stdout_console()
-    for panel in error_panels(results):
-        err.print(panel)
     out.print(summary_table(results, shared_log_bins(results)))
     out.print(verdict_line(results), markup=False, soft_wrap=True)
 

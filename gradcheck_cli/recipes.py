@@ -31,8 +31,12 @@ carries them as ``gradcheck_cli/recipes/`` with the sample models beside them as
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, packaged
+    import tomli as tomllib
 
 from gradcheck_cli import config as cfg
 from gradcheck_cli.errors import UsageError

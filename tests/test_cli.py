@@ -477,3 +477,16 @@ def test_nothing_is_written_outside_out(tmp_path):
     assert list(work.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "gradclip-sweep.json", "histograms.csv", "steps.csv", "summary.csv"]
+
+
+def test_a_bug_in_gradclip_exits_4_without_traceback(tmp_path, monkeypatch):
+    import gradcheck_cli.sweep
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(gradcheck_cli.sweep, "run_sweep", broken)
+    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 1, "--out", tmp_path / "r")
+    assert result.exit_code == 4
+    assert "internal error: ZeroDivisionError: a bug" in result.output
+    assert "Traceback" not in result.output and "GRADCLIP_DEBUG" in result.output
