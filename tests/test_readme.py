@@ -37,3 +37,18 @@ def test_bundled_recipe_named_in_quick_start_exists():
     main_job, _ = quick_start_commands()
     name = re.search(r"--recipe (\S+)", main_job).group(1)
     assert (ROOT / "recipes" / f"{name}.toml").is_file()
+
+
+def test_readme_example_script_runs(tmp_path):
+    """The contract example in the README is a working script, as copied."""
+    from typer.testing import CliRunner
+
+    from gradcheck_cli.cli import app
+
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(# my_model\.py\n.*?)\n```", readme, flags=re.S).group(1)
+    script = tmp_path / "my_model.py"
+    script.write_text(example)
+    result = CliRunner().invoke(app, ["check", str(script), "--steps", "5", "--max-norm", "1"])
+    assert result.exit_code == 0, result.output
+    assert "stable" in result.stdout
