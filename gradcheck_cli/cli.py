@@ -172,6 +172,13 @@ def _run_progress():
     )
 
 
+def _user_output_to_stderr(active: bool):
+    """With --json, stdout carries only the JSON: whatever the user's script prints goes to stderr."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr) if active else contextlib.nullcontext()
+
+
 def _exit_code(results, fail_on_nan: bool, fail_on_divergence: bool) -> int:
     from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE
 
@@ -240,7 +247,8 @@ def sweep(
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.sweep import run_sweep
 
-    experiment = load_experiment(config.script)
+    with _user_output_to_stderr(json_out):
+        experiment = load_experiment(config.script)
     cells = config.cells()
     err = _stderr_console()
     if finished:
@@ -263,9 +271,10 @@ def sweep(
             progress.advance(runs_task)
 
         try:
-            results = run_sweep(
-                config, experiment, skip=finished, on_run_start=on_run_start, on_run_done=on_run_done, on_step=on_step
-            )
+            with _user_output_to_stderr(json_out):
+                results = run_sweep(
+                    config, experiment, skip=finished, on_run_start=on_run_start, on_run_done=on_run_done, on_step=on_step
+                )
         except KeyboardInterrupt:
             progress.stop()
             err.print(
@@ -352,8 +361,9 @@ def check(
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.sweep import run_sweep
 
-    experiment = load_experiment(config.script)
-    with _run_progress() as progress:
+    with _user_output_to_stderr(json_out):
+        experiment = load_experiment(config.script)
+    with _run_progress() as progress, _user_output_to_stderr(json_out):
         task = progress.add_task(cell.run, total=config.steps)
         results = run_sweep(
             config, experiment, cells=[cell], on_step=lambda step: progress.update(task, completed=step)

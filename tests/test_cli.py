@@ -490,3 +490,15 @@ def test_a_bug_in_gradclip_exits_4_without_traceback(tmp_path, monkeypatch):
     assert result.exit_code == 4
     assert "internal error: ZeroDivisionError: a bug" in result.output
     assert "Traceback" not in result.output and "GRADCLIP_DEBUG" in result.output
+
+
+@pytest.mark.parametrize("command", ["sweep", "check"])
+def test_json_stdout_stays_json_when_the_script_prints(tmp_path, command):
+    args = [command, SCRIPTS / "chatty.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2", "--json"]
+    if command == "sweep":
+        args += ["--out", tmp_path / "r"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [r["status"] for r in records] == ["stable"] * len(records)
+    assert "loading data..." in result.stderr and "step" in result.stderr
