@@ -7,7 +7,7 @@ and the fix, so the CLI and the recipe loader reject bad input with the same wor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gradcheck_cli.errors import UsageError

@@ -589,7 +589,6 @@ def _norms(
     """(total norm, per-tensor norms or None), both in the result dtype."""
     if not grads:
         return torch.tensor(0.0), (torch.zeros(0) if per_tensor else None)
-    device = grads[0].device
     dtypes = {t.dtype for t in grads}
     out_dtype = _result_dtype(dtypes)
     if _cpu_fast(grads, dtypes):

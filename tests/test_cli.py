@@ -186,7 +186,7 @@ def test_check_diverged_exits_1():
 
 
 def test_junit_report_reads_with_a_junit_parser(tmp_path):
-    from junitparser import Error, Failure, JUnitXml
+    from junitparser import Error, JUnitXml
 
     junit = tmp_path / "sweep.xml"
     result = invoke("sweep", SCRIPTS / "raises_in_loss.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2",

@@ -1,10 +1,8 @@
 import math
-import random
 import textwrap
 from collections import namedtuple
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,6 +20,8 @@ from gradcheck_cli.results import (
 )
 from gradcheck_cli.runner import run_cell, to_device
 from gradcheck_cli.snapshot import seed_everything
+
+from reference_loop import reference_training
 
 SCRIPTS = Path(__file__).parent / "scripts"
 CONTROL = Cell(None, 2.0)
@@ -49,32 +49,10 @@ def run(script: Path | str, cell: Cell = CONTROL, seed: int = 0, **config):
 
 
 def bare_loop(name: str, steps: int, lr: float = 0.01, max_norm=None, norm_type=2.0, seed=0):
-    """The reference: a plain training loop with torch's own clip_grad_norm_."""
-    exp = load_experiment(script_path(name))
-    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
-    model = exp.build_model_fn()
-    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
-    opt = exp.build_optimizer_fn(model) if exp.build_optimizer_fn else torch.optim.SGD(model.parameters(), lr=lr)
-    model.train()
-    losses, norms = [], []
-    it = iter(exp.batches_fn())
-    for _ in range(steps):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(exp.batches_fn())
-            batch = next(it)
-        opt.zero_grad()
-        loss = exp.loss_fn(model, batch)
-        loss.backward()
-        if max_norm is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], 2.0)
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
-        opt.step()
-        losses.append(loss.item())
-        norms.append(norm.item())
-    return losses, norms
+    """The reference loop's losses and pre-clip norms for a test script."""
+    history = reference_training(load_experiment(script_path(name)), steps, lr=lr, max_norm=max_norm,
+                                 norm_type=norm_type, seed=seed)
+    return [h.loss for h in history], [h.norm for h in history]
 
 
 # --- healthy runs ------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from gradcheck_cli.recipes import load_recipe
 from gradcheck_cli.results import DIVERGED, NON_FINITE, SOURCE_BACKWARD, STABLE
 from gradcheck_cli.sweep import run_sweep
 
+from reference_loop import reference_training
+
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 NAMES = ["exploding_rnn", "nan_at_step", "tiny_lm"]
 SWEEP_FIELDS = {"script", "max_norms", "norm_types", "steps", "seed", "lr", "divergence_factor", "device"}
@@ -35,33 +37,11 @@ def experiment(name):
 
 
 def train(name, steps=100, lr=0.01, max_norm=None, norm_type=2.0, seed=0):
-    """A bare loop: seed, build, SGD (or the script's optimizer), optional clip_grad_norm_.
-
-    Returns per step: (loss, pre-clip L2 norm, names of parameters with non-finite gradients).
-    """
-    exp = experiment(name)
-    torch.manual_seed(seed)
-    model = exp.build_model_fn()
-    opt = exp.build_optimizer_fn(model) if exp.build_optimizer_fn else torch.optim.SGD(model.parameters(), lr=lr)
-    it = iter(exp.batches_fn())
-    history = []
-    for _ in range(steps):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(exp.batches_fn())
-            batch = next(it)
-        opt.zero_grad()
-        loss = exp.loss_fn(model, batch)
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, 2.0).item()
-        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        history.append((loss.item(), norm, bad))
-        if max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type)
-        opt.step()
-    return history
+    """The reference loop (plain torch): per step (loss, pre-clip L2 norm, names of parameters
+    with non-finite gradients)."""
+    history = reference_training(experiment(name), steps, lr=lr, max_norm=max_norm, norm_type=norm_type,
+                                 seed=seed, track_non_finite=True)
+    return [tuple(h) for h in history]
 
 
 def recipe_config(name, **overrides) -> SweepConfig:
