@@ -149,15 +149,6 @@ def _resolve_config(
     return cfg.SweepConfig(**fields), fail_on_nan, fail_on_divergence
 
 
-def _check_device_available(device: str) -> None:
-    import torch
-
-    from gradcheck_cli.errors import UsageError
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device} was asked for but torch sees no CUDA device", "use --device cpu, or install a CUDA build of torch")
-
-
 def _run_progress():
     """Rich progress bars on stderr: one for the runs, one for the steps of the current run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -243,7 +234,6 @@ def sweep(
     fingerprint = config.fingerprint()
     finished = files.load_finished(out_dir, fingerprint) if resume else {}
 
-    _check_device_available(config.device)
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.sweep import run_sweep
 
@@ -357,7 +347,6 @@ def check(
     )
     cell = Cell(max_norms[0], norm_types[0]) if max_norm is not None else Cell(None, 2.0)
 
-    _check_device_available(config.device)
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.sweep import run_sweep
 

@@ -502,3 +502,12 @@ def test_json_stdout_stays_json_when_the_script_prints(tmp_path, command):
     records = json.loads(result.stdout)
     assert [r["status"] for r in records] == ["stable"] * len(records)
     assert "loading data..." in result.stderr and "step" in result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["sweep", "check"])
+def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, command):
+    args = [command, SCRIPTS / "stable_linear.py", "--device", "cuda"]
+    result = invoke(*args, *(["--out", tmp_path / "r"] if command == "sweep" else []))
+    assert result.exit_code == 2, result.output
+    assert "CUDA is not available" in result.output and "--device cpu" in result.output
