@@ -122,31 +122,16 @@ def _resolve_config(
     overrides: dict,
 ):
     """Merge defaults < recipe < command line into a validated ``SweepConfig`` plus fail flags."""
-    from gradcheck_cli import config as cfg
-    from gradcheck_cli.errors import UsageError
+    from gradcheck_cli.config import SweepConfig
     from gradcheck_cli.recipes import load_recipe
 
     values: dict = load_recipe(recipe) if recipe else {}
-    for key, value in overrides.items():
-        if value is not None:
-            values[key] = value
+    values.update({key: value for key, value in overrides.items() if value is not None})
     if script is not None:
         values["script"] = script
-    if "script" not in values:
-        raise UsageError("no script given", "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE")
     fail_on_nan = bool(values.pop("fail_on_nan", False))
     fail_on_divergence = bool(values.pop("fail_on_divergence", False))
-    fields = dict(
-        script=cfg.check_script(values["script"]),
-        max_norms=cfg.parse_max_norms(values.get("max_norms", cfg.DEFAULT_MAX_NORMS)),
-        norm_types=cfg.parse_norm_types(values.get("norm_types", cfg.DEFAULT_NORM_TYPES)),
-        steps=cfg.check_steps(values.get("steps", 100)),
-        seed=int(values.get("seed", 0)),
-        lr=cfg.check_positive(values.get("lr", 0.01), "--lr"),
-        divergence_factor=cfg.check_positive(values.get("divergence_factor", 10.0), "--divergence-factor"),
-        device=cfg.check_device(values.get("device", "cpu")),
-    )
-    return cfg.SweepConfig(**fields), fail_on_nan, fail_on_divergence
+    return SweepConfig.from_values(values), fail_on_nan, fail_on_divergence
 
 
 def _run_progress():

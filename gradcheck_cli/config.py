@@ -31,6 +31,28 @@ class SweepConfig:
     divergence_factor: float = 10.0
     device: str = "cpu"
 
+    @classmethod
+    def from_values(cls, values: dict) -> "SweepConfig":
+        """A validated config from raw values (a recipe's, overridden by the command line's);
+        missing keys take the defaults above. Raises ``UsageError`` naming the bad value."""
+        if "script" not in values:
+            raise UsageError(
+                "no script given", "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE"
+            )
+        d = cls.__dataclass_fields__
+        return cls(
+            script=check_script(values["script"]),
+            max_norms=parse_max_norms(values.get("max_norms", d["max_norms"].default)),
+            norm_types=parse_norm_types(values.get("norm_types", d["norm_types"].default)),
+            steps=check_steps(values.get("steps", d["steps"].default)),
+            seed=check_seed(values.get("seed", d["seed"].default)),
+            lr=check_positive(values.get("lr", d["lr"].default), "--lr"),
+            divergence_factor=check_positive(
+                values.get("divergence_factor", d["divergence_factor"].default), "--divergence-factor"
+            ),
+            device=check_device(values.get("device", d["device"].default)),
+        )
+
     def cells(self) -> list[Cell]:
         """The unclipped control run first (it measures the L2 norm), then the grid, max_norm major."""
         grid = [Cell(m, p) for m in self.max_norms for p in self.norm_types]
@@ -93,6 +115,12 @@ def check_steps(steps: int, option: str = "--steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"{option} {steps!r} must be a whole number of at least 1", f"e.g. {option} 100")
     return steps
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
+        raise UsageError(f"{option} {seed!r} must be a whole number from 0 to 2**63-1", f"e.g. {option} 0")
+    return seed
 
 
 def check_positive(value: float, option: str) -> float:

@@ -89,3 +89,16 @@ def test_fingerprint_is_json_and_tells_configs_apart(tmp_path):
     assert a.fingerprint() == SweepConfig(script=tmp_path / "m.py").fingerprint()
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint()["norm_types"] == ["2", "inf"]
+
+
+def test_from_values_applies_defaults_and_validates(tmp_path):
+    script = tmp_path / "m.py"
+    script.write_text("")
+    config = SweepConfig.from_values({"script": script, "steps": 5, "norm_types": "inf"})
+    assert config == SweepConfig(script=script, steps=5, norm_types=(math.inf,))
+    with pytest.raises(UsageError, match="no script"):
+        SweepConfig.from_values({})
+    with pytest.raises(UsageError, match="--seed"):
+        SweepConfig.from_values({"script": script, "seed": -1})
+    with pytest.raises(UsageError, match="--divergence-factor"):
+        SweepConfig.from_values({"script": script, "divergence_factor": 0})
