@@ -167,8 +167,10 @@ def _exit_code(results, fail_on_nan: bool, fail_on_divergence: bool) -> int:
 
 
 def _resume_command(argv: list[str]) -> str:
+    import shlex
+
     args = [a for a in argv if a != "--resume"]
-    return "gradclip " + " ".join(args + ["--resume"])
+    return shlex.join(["gradclip", *args, "--resume"])
 
 
 @app.command()
