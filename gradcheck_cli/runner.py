@@ -194,6 +194,8 @@ class BatchStream:
 def _check_loss(experiment: Experiment, loss: Any) -> torch.Tensor:
     """The loss as a 0-dim tensor; ``UserFailure`` when it is not a one-element tensor that can
     be differentiated."""
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad:
+        return loss.reshape(())  # the healthy path: no message to build
     site = definition_site(experiment.loss_fn, "loss_fn")
     if not isinstance(loss, torch.Tensor):
         raise UserFailure(f"loss_fn must return a scalar tensor, got {type_name(loss)}", site)
@@ -271,6 +273,10 @@ def run_cell(
                 ) from exc
 
         params = list(model.parameters())
+        # Gradients of parameters the optimizer does not hold must not pile up across steps
+        # (they would inflate the measured norm); zero them too, but only when there are any.
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        zero_model_too = any(id(p) not in held for p in params)
         stream = BatchStream(experiment)
         first_loss: float | None = None
 
@@ -279,7 +285,8 @@ def run_cell(
             if not on_cpu:
                 batch = to_device(batch, device)
             call_user(experiment, optimizer.zero_grad)
-            model.zero_grad(set_to_none=True)
+            if zero_model_too:
+                model.zero_grad(set_to_none=True)
 
             loss = _check_loss(experiment, call_user(experiment, experiment.loss_fn, model, batch))
             backward_error: UserFailure | None = None

@@ -468,3 +468,26 @@ def test_to_device_moves_tensors_inside_containers():
     assert moved["list"][1][0] == "text" and moved["list"][1][1].device.type == "meta"
     assert moved["n"] == 5
     assert batch["x"].device.type == "cpu"  # the original is untouched
+
+
+def test_gradients_of_parameters_outside_the_optimizer_do_not_pile_up(tmp_path):
+    script = write(tmp_path, "partial_optimizer.py", """
+        import torch
+
+        def build_model():
+            return torch.nn.Linear(2, 1)
+
+        def batches():
+            return [torch.ones(4, 2)]
+
+        def loss_fn(model, batch):
+            return model(batch).pow(2).mean()
+
+        def build_optimizer(model):
+            return torch.optim.SGD([model.weight], lr=0.0)  # bias is not held; nothing moves
+    """)
+    result, _ = run(script, steps=4)
+    assert result.status == STABLE
+    # lr 0: every step sees the same fresh gradient, so the same norm, unless the bias's
+    # gradient accumulated across steps
+    assert len({s.grad_norm for s in result.steps}) == 1
