@@ -173,7 +173,7 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join(["gradclip", *args, "--resume"])
 
 
-@app.command()
+@app.command(short_help="Sweep max_norm x norm_type against an unclipped run; report what is stable.")
 @_exit_on_errors
 def sweep(
     script: Optional[Path] = typer.Argument(
@@ -302,7 +302,7 @@ def _print_results(results: list, json_out: bool) -> None:
     out.print(verdict_line(results), markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(short_help="CI gate: one run; exit 1 on NaN/inf or divergence.")
 @_exit_on_errors
 def check(
     script: Path = typer.Argument(..., help="Your model script.", show_default=False),
@@ -365,7 +365,7 @@ def check(
     raise typer.Exit(_exit_code(results, fail_on_nan=True, fail_on_divergence=True))
 
 
-@app.command("recipes")
+@app.command("recipes", short_help="List the bundled sweep recipes.")
 @_exit_on_errors
 def recipes_command() -> None:
     """List the bundled sweep recipes (use one with: gradclip sweep --recipe NAME)."""
