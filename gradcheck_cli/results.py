@@ -43,6 +43,9 @@ SUMMARY_COLUMNS = [
     "error",
 ]
 STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef"]
+# One row per (run, step, layer group): the group's pre-clip gradient norm in the run's norm type
+# (``layers.py`` says how parameters are grouped). ``param`` is a parameter or group name.
+LAYER_COLUMNS = ["run", "step", "param", "grad_norm"]
 HISTOGRAM_COLUMNS = ["run", "bin_left", "bin_right", "count"]
 
 
@@ -79,6 +82,9 @@ class StepRecord:
     loss: float
     grad_norm: float = math.nan  # pre-clip total norm in the run's norm type
     clip_coef: float = math.nan  # coefficient applied; 1.0 when nothing was clipped
+    # (layer group, pre-clip norm) pairs from the same measuring pass as ``grad_norm``;
+    # empty when per-layer norms were not recorded for this step.
+    layers: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -127,6 +133,14 @@ class RunResult:
             "seconds": round(self.seconds, 4),
             "error": self.error,
         }
+
+    def layer_rows(self) -> list[dict]:
+        """Rows of ``layers.csv``: one per (step, layer group), in step then group order."""
+        return [
+            {"run": self.run, "step": s.step, "param": name, "grad_norm": norm}
+            for s in self.steps
+            for name, norm in s.layers
+        ]
 
     def step_rows(self) -> list[dict]:
         return [
@@ -198,6 +212,12 @@ def steps_frame(results: list[RunResult]):
     import pandas as pd
 
     return pd.DataFrame([row for r in results for row in r.step_rows()], columns=STEP_COLUMNS)
+
+
+def layers_frame(results: list[RunResult]):
+    import pandas as pd
+
+    return pd.DataFrame([row for r in results for row in r.layer_rows()], columns=LAYER_COLUMNS)
 
 
 def histogram_frame(results: list[RunResult], edges: list[float]):

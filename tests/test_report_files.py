@@ -36,7 +36,7 @@ from gradcheck_cli.results import (
 
 NAN = math.nan
 REPO = Path(__file__).resolve().parent.parent
-REPORTS = (files.SUMMARY_FILE, files.STEPS_FILE, files.HISTOGRAMS_FILE)
+REPORTS = (files.SUMMARY_FILE, files.STEPS_FILE, files.LAYERS_FILE, files.HISTOGRAMS_FILE)
 
 
 def sample_results() -> list[RunResult]:
@@ -45,7 +45,10 @@ def sample_results() -> list[RunResult]:
         RunResult(
             Cell(None, 2.0),
             NON_FINITE,
-            [StepRecord(1, 1.7889255285263062, 65.70680236816406, 1.0), StepRecord(2, 0.1 + 0.2, math.inf, NAN)],
+            [
+                StepRecord(1, 1.7889255285263062, 65.70680236816406, 1.0, layers=(("rnn.weight_hh_l0", 65.1), ("head", 0.1 + 0.2))),
+                StepRecord(2, 0.1 + 0.2, math.inf, NAN, layers=(("rnn.weight_hh_l0", math.inf), ("head", NAN))),
+            ],
             nan_step=2,
             nan_source=SOURCE_BACKWARD,
             nan_param="rnn.weight_hh_l0",
@@ -81,7 +84,10 @@ def _bits(v):
 
 def same_result(a: RunResult, b: RunResult) -> bool:
     def key(r):
-        steps = [tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef)) for s in r.steps]
+        steps = [
+            (tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef)), tuple((n, _bits(v)) for n, v in s.layers))
+            for s in r.steps
+        ]
         return (r.cell, r.status, steps, r.nan_step, r.nan_source, r.nan_param, r.diverged_step, round(r.seconds, 4), r.error)
 
     return key(a) == key(b)
@@ -265,7 +271,7 @@ def test_kill_9_at_any_moment_leaves_parseable_reports(tmp_path):
         present = [n for n in REPORTS if (out / n).exists()]
         for name in present:
             frame = pd.read_csv(out / name)
-            assert len(frame.columns) == {files.SUMMARY_FILE: len(SUMMARY_COLUMNS), files.STEPS_FILE: 5, files.HISTOGRAMS_FILE: 4}[name]
+            assert len(frame.columns) == {files.SUMMARY_FILE: len(SUMMARY_COLUMNS), files.STEPS_FILE: 5, files.LAYERS_FILE: 4, files.HISTOGRAMS_FILE: 4}[name]
             assert not frame.isna().all(axis=1).any()  # no half-written row
         if (out / files.MANIFEST_FILE).exists():
             manifest = json.loads((out / files.MANIFEST_FILE).read_text())

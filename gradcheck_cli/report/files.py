@@ -5,6 +5,8 @@ Files (all in ``out_dir``; nothing is ever written anywhere else):
 =========================  =====================================================================
 ``summary.csv``            one row per finished run (``results.SUMMARY_COLUMNS``)
 ``steps.csv``              one row per optimizer step of every run (``results.STEP_COLUMNS``)
+``layers.csv``             one row per (run, step, layer group): pre-clip per-layer norms
+                           (``results.LAYER_COLUMNS``)
 ``histograms.csv``         each run's pre-clip norm counts on the sweep's shared log-spaced bins
                            (``results.HISTOGRAM_COLUMNS``)
 ``gradclip-sweep.json``    the resume manifest: the sweep's fingerprint and its finished runs
@@ -40,12 +42,14 @@ from gradcheck_cli.results import (
     RunResult,
     StepRecord,
     histogram_frame,
+    layers_frame,
     steps_frame,
     summary_frame,
 )
 
 SUMMARY_FILE = "summary.csv"
 STEPS_FILE = "steps.csv"
+LAYERS_FILE = "layers.csv"
 HISTOGRAMS_FILE = "histograms.csv"
 MANIFEST_FILE = "gradclip-sweep.json"
 MANIFEST_FORMAT = 1
@@ -102,7 +106,7 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 
 def _remove_stale_temp_files(out: Path) -> None:
     """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``); only ours."""
-    for name in (SUMMARY_FILE, STEPS_FILE, HISTOGRAMS_FILE, MANIFEST_FILE):
+    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, HISTOGRAMS_FILE, MANIFEST_FILE):
         for stale in out.glob(f".{name}.*.tmp"):
             try:
                 stale.unlink()
@@ -173,12 +177,13 @@ def _csv_bytes(frame) -> bytes:
 
 
 def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges: list[float]) -> None:
-    """Write ``summary.csv``, ``steps.csv`` and ``histograms.csv`` for ``results`` (all runs
+    """Write ``summary.csv``, ``steps.csv``, ``layers.csv`` and ``histograms.csv`` for ``results`` (all runs
     finished so far, in sweep order), each atomically. ``edges`` are the shared histogram bins
     (``results.shared_log_bins(results)``)."""
     out = Path(out_dir)
     atomic_write_bytes(out / SUMMARY_FILE, _csv_bytes(summary_frame(results)))
     atomic_write_bytes(out / STEPS_FILE, _csv_bytes(steps_frame(results)))
+    atomic_write_bytes(out / LAYERS_FILE, _csv_bytes(layers_frame(results)))
     atomic_write_bytes(out / HISTOGRAMS_FILE, _csv_bytes(histogram_frame(results, edges)))
 
 
@@ -265,6 +270,12 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
         return {}
     summary_rows = _read_csv_rows(out / SUMMARY_FILE)
     step_rows = _read_csv_rows(out / STEPS_FILE)
+    layers_by_step: dict[tuple[str, int], list[tuple[str, float]]] = {}
+    if (out / LAYERS_FILE).exists():  # reports of gradclip 0.1 have none
+        for row in _read_csv_rows(out / LAYERS_FILE):
+            layers_by_step.setdefault((row["run"], int(row["step"])), []).append(
+                (row["param"], _float_or_nan(row["grad_norm"]))
+            )
     steps_by_run: dict[str, list[StepRecord]] = {}
     for row in step_rows:
         steps_by_run.setdefault(row["run"], []).append(
@@ -273,6 +284,7 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
                 loss=_float_or_nan(row["loss"]),
                 grad_norm=_float_or_nan(row["grad_norm"]),
                 clip_coef=_float_or_nan(row["clip_coef"]),
+                layers=tuple(layers_by_step.get((row["run"], int(row["step"])), ())),
             )
         )
     by_run = {row["run"]: row for row in summary_rows}

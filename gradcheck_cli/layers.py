@@ -1,0 +1,140 @@
+"""Per-layer gradient norms: parameters grouped by module-name prefix, their norms combined exactly.
+
+A model with thousands of parameter tensors would make a per-parameter table unreadable and
+``layers.csv`` huge, so parameters are grouped by the leading components of their names.
+
+Depth counts module levels, and a numeric component (the index of a ``ModuleList`` or
+``Sequential`` child) belongs to the level before it, so ``transformer.h.3.attn.c_attn.weight``
+is ``transformer`` at depth 1, ``transformer.h.3`` at depth 2 and ``transformer.h.3.attn`` at
+depth 3. A depth at or beyond a name's own length leaves the name whole (the parameter itself).
+
+The default, ``"auto"``, keeps one group per parameter when the model has at most
+``DEFAULT_MAX_GROUPS`` parameter tensors, and otherwise the deepest depth that gives at most that
+many groups (never shallower than depth 1), so ``layers.csv`` stays bounded.
+
+Groups are combined from the per-tensor norms of the same measuring pass that gives the total
+(``engine.measure_grad_norms``), on the gradients' device and without a host sync: the p-norm of
+a group is the p-norm of its members' norms (the max for ``inf``, the min for ``-inf``, the count
+of nonzero members for ``p = 0``), scaled by the group's largest member so it cannot overflow. The
+p-norm of the groups' norms is therefore the total again, up to float rounding (for ``p = 0``,
+torch's count of tensors with a nonzero gradient, the groups' counts add up to the total).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+DEFAULT_MAX_GROUPS = 64
+AUTO = "auto"
+
+
+def _levels(name: str) -> list[str]:
+    """The name's module levels: numeric components joined to the level before them."""
+    levels: list[str] = []
+    for part in name.split("."):
+        if part.isdigit() and levels:
+            levels[-1] = f"{levels[-1]}.{part}"
+        else:
+            levels.append(part)
+    return levels
+
+
+def group_name(name: str, depth: int | None) -> str:
+    """The group of parameter ``name`` at ``depth`` levels; ``None`` keeps the name whole."""
+    if depth is None:
+        return name
+    return ".".join(_levels(name)[:depth])
+
+
+def choose_depth(names: Sequence[str], max_groups: int = DEFAULT_MAX_GROUPS) -> int | None:
+    """The ``"auto"`` rule: ``None`` (per parameter) when there are at most ``max_groups``
+    names, else the deepest depth with at most ``max_groups`` groups, at least 1."""
+    if len(set(names)) <= max_groups:
+        return None
+    deepest = max((len(_levels(n)) for n in names), default=1)
+    for depth in range(deepest, 0, -1):
+        if len({group_name(n, depth) for n in names}) <= max_groups:
+            return depth
+    return 1
+
+
+def parse_depth(value: str | int | None) -> int | str | None:
+    """``"auto"``, ``"param"``/``"all"`` (one group per parameter, ``None``) or a depth >= 1.
+    Raises ``ValueError`` with the accepted forms."""
+    if value is None or value == AUTO:
+        return AUTO
+    if value in ("param", "all"):
+        return None
+    try:
+        depth = int(value)
+    except (TypeError, ValueError):
+        depth = 0
+    if isinstance(value, bool) or depth < 1 or str(depth) != str(value).strip():
+        raise ValueError(f"{value!r} is not a layer depth: use auto, param or a whole number from 1")
+    return depth
+
+
+class LayerGrouping:
+    """Maps parameter names to groups; cached per distinct name list, so the per-step cost is
+    one index lookup and a few scatter kernels."""
+
+    def __init__(self, depth: int | str | None = AUTO, max_groups: int = DEFAULT_MAX_GROUPS) -> None:
+        self.depth = depth
+        self.max_groups = max_groups
+        self._cache: dict[tuple[tuple[str, ...], torch.device], tuple[tuple[str, ...], Tensor]] = {}
+
+    def resolve_depth(self, names: Sequence[str]) -> int | None:
+        if self.depth == AUTO:
+            return choose_depth(names, self.max_groups)
+        return self.depth  # type: ignore[return-value]
+
+    def groups(self, names: tuple[str, ...], device: torch.device) -> tuple[tuple[str, ...], Tensor]:
+        """(group names in first-appearance order, index of each name's group on ``device``)."""
+        key = (names, device)
+        hit = self._cache.get(key)
+        if hit is None:
+            depth = self.resolve_depth(names)
+            order: dict[str, int] = {}
+            index = [order.setdefault(group_name(n, depth), len(order)) for n in names]
+            hit = (tuple(order), torch.tensor(index, dtype=torch.long, device=device))
+            self._cache[key] = hit
+        return hit
+
+    def combine(self, names: tuple[str, ...], norms: Tensor, norm_type: float) -> tuple[tuple[str, ...], Tensor]:
+        """(group names, group norms in float64) from per-tensor ``norms`` named ``names``."""
+        groups, index = self.groups(names, norms.device)
+        return groups, combine_grouped(norms, index, len(groups), norm_type)
+
+
+def combine_grouped(norms: Tensor, index: Tensor, n_groups: int, p: float) -> Tensor:
+    """The ``p``-norm of each group's member norms (``index[i]`` is member i's group), in float64.
+
+    Same arithmetic as the engine's combination of per-tensor norms into the total, group by
+    group: scaled by the group's largest member (smallest for ``p < 0``) so that it cannot
+    overflow; NaN and inf propagate into their group. No host sync."""
+    norms = norms.to(torch.float64)
+    out = torch.zeros(n_groups, dtype=torch.float64, device=norms.device)
+    if norms.numel() == 0:
+        return out
+    if p == math.inf or p == -math.inf or p == 0:
+        if p == 0:
+            return out.scatter_add_(0, index, (norms != 0).to(torch.float64))
+        reduce = "amax" if p > 0 else "amin"
+        # include_self=False: the zeros in ``out`` are not members; NaN propagates through amax.
+        out = out.scatter_reduce(0, index, norms, reduce=reduce, include_self=False)
+        return _propagate_nan(out, norms, index)
+    scale = out.scatter_reduce(0, index, norms, reduce="amax" if p > 0 else "amin", include_self=False)
+    ok = (scale > 0) & torch.isfinite(scale)
+    scale = torch.where(ok, scale, torch.ones_like(scale))
+    sums = torch.zeros_like(out).scatter_add_(0, index, (norms / scale[index]) ** p)
+    return scale * sums ** (1.0 / p)
+
+
+def _propagate_nan(out: Tensor, norms: Tensor, index: Tensor) -> Tensor:
+    """``scatter_reduce`` amax/amin may drop NaN on some builds: a group with a NaN member is NaN."""
+    nan_members = torch.zeros_like(out).scatter_add_(0, index, torch.isnan(norms).to(torch.float64))
+    return torch.where(nan_members > 0, torch.full_like(out, math.nan), out)
