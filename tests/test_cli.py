@@ -476,7 +476,7 @@ def test_nothing_is_written_outside_out(tmp_path):
     assert sorted(p.name for p in user.iterdir()) == ["data_helper.py", "stable_linear.py"]
     assert list(work.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "gradclip-sweep.json", "histograms.csv", "steps.csv", "summary.csv"]
+        "gradclip-sweep.json", "histograms.csv", "layers.csv", "steps.csv", "summary.csv"]
 
 
 def test_a_bug_in_gradclip_exits_4_without_traceback(tmp_path, monkeypatch):
