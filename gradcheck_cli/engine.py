@@ -855,3 +855,18 @@ def measure_grad_norms(
     if norms is None:  # pragma: no cover - _norms always returns them when asked
         raise AssertionError("per-tensor norms missing")
     return GradNorms(total, norms, tuple(names) if names is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# the adaptive clipping rules live in rules.py, which builds on this module; they are re-exported
+# here lazily (PEP 562), so that importing either module first never meets a half-built other
+
+_RULES = frozenset({"AGC", "AutoClip", "ClipStep", "ZClip", "adaptive_clip_grad_"})
+
+
+def __getattr__(name: str):
+    if name in _RULES:
+        from gradcheck_cli import rules
+
+        return getattr(rules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
