@@ -75,7 +75,8 @@ def ref_norm(grads) -> float:
 
 def assert_grads(params, expected, rtol=1e-12) -> None:
     for p, e in zip(params, expected):
-        torch.testing.assert_close(p.grad, e.to(p.grad.dtype), rtol=rtol, atol=1e-300, equal_nan=True)
+        expected_grad = e.to(p.grad.dtype)
+        torch.testing.assert_close(p.grad, expected_grad, rtol=rtol, atol=1e-300, equal_nan=True)
 
 
 # ------------------------------------------------------------------------------------------
