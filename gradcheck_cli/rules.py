@@ -342,7 +342,8 @@ class AGC:
     paper tunes ``lambda`` per batch size). Every parameter takes part (NFNets exclude the final
     classifier: pass the parameters without it).
 
-    Norms are L2, accumulated in float32 for fp16/bf16. Departures from timm: a unit whose
+    Norms are L2, accumulated in float32 for fp16/bf16. DTensor (FSDP2) parameters work: the
+    unit norms follow the sharding, the total norm is the global one. Departures from timm: a unit whose
     float32 squares overflow (elements above about 1e19) gets its norm recomputed in float64
     with scaling (CPU only; timm gives it an inf norm and zeroes it); a NaN or inf gradient
     anywhere makes the total norm non-finite, and then, as with every rule here, nothing is
@@ -377,11 +378,13 @@ class AGC:
             g = p.grad
             if g.numel() == 0:
                 continue
-            limit = _unit_norms(p.detach()).clamp_(min=self.eps).mul_(self.clip_factor)
+            limit = _unit_norms(p.detach()).clamp(min=self.eps) * self.clip_factor
             norms = _unit_norms(g)
             over = norms > limit  # False for NaN
             units += over.numel()
-            counts.append(over.sum().to(total.device))
+            # a DTensor (FSDP2) counts every unit once, wherever it lives
+            whole = over.full_tensor() if hasattr(over, "full_tensor") else over
+            counts.append(whole.sum().to(total.device))
             if g.is_cpu and not counts[-1]:  # reading a CPU tensor is no device sync
                 continue
             coef = torch.where(over, limit / norms.clamp(min=1e-6), torch.ones_like(norms))

@@ -178,6 +178,47 @@ def dtensor_cases(world: int) -> dict:
         "grads": [p.grad.full_tensor() for p in params],
         "single": [p.grad for p in single],
     }
+    out["rules"] = rule_cases(mesh, placements)
+    return out
+
+
+def rule_cases(mesh, placements) -> dict:
+    """The adaptive rules on DTensor parameters and on the same parameters in one process:
+    (total norm, threshold, coef, clipped_frac) per step and the final gradients, both ways."""
+    from torch.distributed.tensor import distribute_tensor
+
+    from gradcheck_cli.rules import AGC, AutoClip, ZClip
+
+    out = {}
+    shapes = [(7, 5), (1, 4), (9,), (3, 2)]
+    weights = gen_tensors(14, shapes)
+    for name, make in (
+        ("autoclip", lambda: AutoClip(30)),
+        ("zclip", lambda: ZClip(warmup_steps=2, max_grad_norm=20.0)),
+        ("agc", lambda: AGC(0.05)),
+    ):
+        sharded = [
+            torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl))
+            for w, pl in zip(weights, placements)
+        ]
+        single = [torch.nn.Parameter(w.clone()) for w in weights]
+        rule_d, rule_s = make(), make()
+        steps = {"dtensor": [], "single": []}
+        for step, scale in enumerate([1.0, 1.2, 0.9, 30.0, 1.1]):
+            grads = gen_tensors(100 + step, shapes, scale=scale)
+            for prm, g, pl in zip(sharded, grads, placements):
+                prm.grad = distribute_tensor(g.clone(), mesh, pl)
+            for prm, g in zip(single, grads):
+                prm.grad = g.clone()
+            for key, rule, prms in (("dtensor", rule_d, sharded), ("single", rule_s, single)):
+                total = rule.clip(prms)
+                last = rule.last
+                steps[key].append((total.item(), last.threshold, last.coef, last.clipped_frac))
+        out[name] = {
+            "steps": steps,
+            "grads": [p.grad.full_tensor() for p in sharded],
+            "single_grads": [p.grad for p in single],
+        }
     return out
 
 

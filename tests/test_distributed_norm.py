@@ -203,3 +203,21 @@ def test_single_process_path_is_untouched_without_group(monkeypatch):
     prm.grad = torch.tensor([3.0, 4.0])
     assert engine.clip_grad_norm_([prm], 1.0).item() == 5.0
     assert engine.get_total_norm([prm]).item() == 0.0  # a Parameter (a subclass) is not a DTensor
+
+
+@pytest.mark.parametrize("rule", ["autoclip", "zclip", "agc"])
+def test_adaptive_rules_on_dtensors_equal_the_single_process_rules(ranks, rule):
+    for r in range(2):
+        res = ranks[r]["rules"][rule]
+        dt, single = res["steps"]["dtensor"], res["steps"]["single"]
+        assert len(dt) == len(single) == 5
+        for a, b in zip(dt, single):
+            for x, y in zip(a, b):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    assert x == pytest.approx(y, rel=4e-6)
+        for a, b in zip(res["grads"], res["single_grads"]):
+            torch.testing.assert_close(a, b, rtol=4e-6, atol=1e-12)
+    # the spike at step 4 is clipped by every rule
+    single = ranks[0]["rules"][rule]["steps"]["single"]
+    assert single[3][2] is None or single[3][2] < 0.5
