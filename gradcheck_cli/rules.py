@@ -188,7 +188,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 class ZClip(_TotalNormRule):
-    r"""ZClip (Kumar, Owen, Ashkboos, Kaddour, "ZClip: Adaptive Spike Mitigation for LLM
+    r"""ZClip (Kumar, Owen, Roy Chowdhury, Güra, "ZClip: Adaptive Spike Mitigation for LLM
     Pre-Training", 2025; reference implementation github.com/bluorion-com/ZClip), z-score mode
     with adaptive scaling.
 

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,10 @@ def ranks(tmp_path_factory):
         for r in range(2)
     ]
     logs = []
+    deadline = time.monotonic() + TIMEOUT_S  # one bound for the whole group
     try:
         for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             logs.append(out)
     finally:
         for proc in procs:
