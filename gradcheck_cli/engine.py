@@ -81,6 +81,7 @@ import types
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -616,6 +617,8 @@ def get_total_norm(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    group: Any = None,
 ) -> Tensor:
     r"""Norm of ``tensors`` viewed as one vector.
 
@@ -630,6 +633,9 @@ def get_total_norm(
             Default: False.
         foreach: accepted for compatibility with torch; ``True`` raises on devices without
             foreach kernels. Default: None.
+        group: a ``torch.distributed`` process group: the norm of every rank's ``tensors``
+            together (see :mod:`gradcheck_cli.distributed_norm`). DTensor gradients (FSDP2) need
+            no ``group``: their device mesh gives it. Default: None (this process only).
 
     Returns:
         The total norm, a 0-dim tensor of dtype ``promote(gradient dtypes, float32)`` on the
@@ -639,13 +645,23 @@ def get_total_norm(
     accumulated and returned in float32, accurate for very long tensors, zero-element tensors
     accepted for every ``norm_type``.
     """
-    return _total_norm(_as_list(tensors), norm_type, error_if_nonfinite, foreach)
+    return _total_norm(_as_list(tensors), norm_type, error_if_nonfinite, foreach, group)
 
 
 def _total_norm(
-    tensors: list[Tensor], norm_type: float | str, error_if_nonfinite: bool, foreach: bool | None
+    tensors: list[Tensor],
+    norm_type: float | str,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    group: Any = None,
 ) -> Tensor:
     p = float(norm_type)
+    if group is not None or not set(map(type, tensors)) <= {Tensor}:
+        # a process group or tensor subclasses (DTensor?): the global norm, in its own module
+        from gradcheck_cli import distributed_norm
+
+        if group is not None or distributed_norm.any_dtensor(tensors):
+            return distributed_norm.total_norm(tensors, p, error_if_nonfinite, foreach, group)
     _check_foreach(foreach, tensors)
     total, _ = _norms(tensors, p, False, foreach)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
@@ -725,6 +741,8 @@ def clip_grad_norm_(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    group: Any = None,
 ) -> Tensor:
     r"""Clip the total gradient norm of ``parameters`` in place.
 
@@ -739,6 +757,8 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError`` (before touching any gradient) if the total
             norm is NaN or +-inf. Default: False.
         foreach: accepted for compatibility with torch. Default: None.
+        group: a process group: clip by the norm of every rank's gradients together, as
+            :func:`get_total_norm` (DTensor gradients need none). Default: None.
 
     Returns:
         The total norm of the gradients before clipping (see :func:`get_total_norm`).
@@ -758,7 +778,7 @@ def clip_grad_norm_(
             )
     max_norm = _check_max_norm(max_norm)
     grads = [p.grad for p in parameters if p.grad is not None]
-    total = _total_norm(grads, norm_type, error_if_nonfinite, foreach)
+    total = _total_norm(grads, norm_type, error_if_nonfinite, foreach, group)
     _scale_(grads, max_norm, total, foreach)
     return total
 
@@ -855,3 +875,18 @@ def measure_grad_norms(
     if norms is None:  # pragma: no cover - _norms always returns them when asked
         raise AssertionError("per-tensor norms missing")
     return GradNorms(total, norms, tuple(names) if names is not None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# the adaptive clipping rules live in rules.py, which builds on this module; they are re-exported
+# here lazily (PEP 562), so that importing either module first never meets a half-built other
+
+_RULES = frozenset({"AGC", "AutoClip", "ClipStep", "ZClip", "adaptive_clip_grad_"})
+
+
+def __getattr__(name: str):
+    if name in _RULES:
+        from gradcheck_cli import rules
+
+        return getattr(rules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
