@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gradcheck_cli.config import SweepConfig  # noqa: E402
+from gradcheck_cli.config import DEFAULT_LR, SweepConfig  # noqa: E402
 from gradcheck_cli.loader import load_experiment  # noqa: E402
 from gradcheck_cli.sweep import run_sweep  # noqa: E402
 
@@ -69,7 +69,7 @@ def measure(sample: str, reps: int, steps: int) -> tuple[float, float]:
         sweep_times.append(time.perf_counter() - t0)
         steps_per_run = [len(r.steps) for r in results]
         t0 = time.perf_counter()
-        bare_runs(experiment, cells, steps_per_run, config.seed, config.lr)
+        bare_runs(experiment, cells, steps_per_run, config.seeds[0], DEFAULT_LR)
         bare_times.append(time.perf_counter() - t0)
     return statistics.median(sweep_times), statistics.median(bare_times)
 

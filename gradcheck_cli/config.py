@@ -15,6 +15,10 @@ from gradcheck_cli.results import Cell
 
 DEFAULT_MAX_NORMS = (0.1, 1.0, 10.0)
 DEFAULT_NORM_TYPES = (2.0, math.inf)
+DEFAULT_LR = 0.01  # the default SGD's learning rate when no lr is given
+# Kept in step with gradcheck_cli.precision (not imported: it imports torch).
+AMP_MODES = ("off", "fp16", "bf16")
+DEFAULT_AMP_INIT_SCALE = 2.0**16
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,16 @@ class SweepConfig:
     max_norms: tuple[float, ...] = DEFAULT_MAX_NORMS
     norm_types: tuple[float, ...] = DEFAULT_NORM_TYPES
     steps: int = 100
-    seed: int = 0
-    lr: float = 0.01
+    seeds: tuple[int, ...] = (0,)
+    # None: no lr given; the default SGD uses DEFAULT_LR and a script's own build_optimizer
+    # keeps its lr. Given (even one value), it is an axis: every run at each lr, overriding
+    # the lr of every param group of the script's optimizer too.
+    lrs: tuple[float, ...] | None = None
     divergence_factor: float = 10.0
     device: str = "cpu"
+    amp: str = "off"
+    accumulate: int = 1
+    amp_init_scale: float = DEFAULT_AMP_INIT_SCALE
 
     @classmethod
     def from_values(cls, values: dict) -> "SweepConfig":
@@ -40,23 +50,62 @@ class SweepConfig:
                 "no script given", "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE"
             )
         d = cls.__dataclass_fields__
-        return cls(
+        lrs = values.get("lr")
+        config = cls(
             script=check_script(values["script"]),
             max_norms=parse_max_norms(values.get("max_norms", d["max_norms"].default)),
             norm_types=parse_norm_types(values.get("norm_types", d["norm_types"].default)),
             steps=check_steps(values.get("steps", d["steps"].default)),
-            seed=check_seed(values.get("seed", d["seed"].default)),
-            lr=check_positive(values.get("lr", d["lr"].default), "--lr"),
+            seeds=resolve_seeds(values.get("seed"), values.get("seeds")),
+            lrs=parse_lrs(lrs) if lrs is not None else None,
             divergence_factor=check_positive(
                 values.get("divergence_factor", d["divergence_factor"].default), "--divergence-factor"
             ),
             device=check_device(values.get("device", d["device"].default)),
+            amp=check_amp(values.get("amp", d["amp"].default)),
+            accumulate=check_steps(values.get("accumulate", d["accumulate"].default), "--accumulate"),
+            amp_init_scale=check_positive(values.get("amp_init_scale", d["amp_init_scale"].default), "--amp-init-scale"),
         )
+        config.check_run_names()
+        return config
+
+    def lr_of(self, cell: Cell) -> float | None:
+        """The lr a run trains at when one was given (``--lr``), else ``None``."""
+        if cell.lr is not None:
+            return cell.lr
+        return self.lrs[0] if self.lrs else None
+
+    def seed_of(self, cell: Cell) -> int:
+        """The seed of a run: its own when seeds vary, else the sweep's one seed."""
+        return cell.seed if cell.seed is not None else self.seeds[0]
 
     def cells(self) -> list[Cell]:
-        """The unclipped control run first (it measures the L2 norm), then the grid, max_norm major."""
-        grid = [Cell(m, p) for m in self.max_norms for p in self.norm_types]
-        return [Cell(None, 2.0)] + grid
+        """Every run, seed-major then lr-major: per (seed, lr) the unclipped control run first
+        (it measures the L2 norm), then the grid, max_norm major.
+
+        A cell names its lr and seed only when that axis has several values (``None``
+        otherwise), so a sweep with one lr and one seed keeps the plain names ``unclipped``,
+        ``clip_1_2``. Seed-major order lets a sweep hold one starting snapshot at a time."""
+        lrs = self.lrs if self.lrs and len(self.lrs) > 1 else (None,)
+        seeds = self.seeds if len(self.seeds) > 1 else (None,)
+        cells = []
+        for seed in seeds:
+            for lr in lrs:
+                cells.append(Cell(None, 2.0, lr=lr, seed=seed))
+                cells.extend(Cell(m, p, lr=lr, seed=seed) for m in self.max_norms for p in self.norm_types)
+        return cells
+
+    def check_run_names(self) -> None:
+        """Two values that print the same (``0.1`` and ``0.10000001``) would give two runs one
+        name; refuse them rather than mix their rows."""
+        seen: dict[str, Cell] = {}
+        for cell in self.cells():
+            if cell.run in seen:
+                raise UsageError(
+                    f"two runs would both be named {cell.run!r}: some values are too close to tell apart",
+                    "use values of --max-norm and --lr that differ in their first significant digits",
+                )
+            seen[cell.run] = cell
 
     def fingerprint(self) -> dict:
         """JSON-safe description used to refuse resuming with different options."""
@@ -64,6 +113,8 @@ class SweepConfig:
         d["script"] = str(Path(self.script).resolve())
         d["max_norms"] = [float(m) for m in self.max_norms]
         d["norm_types"] = [format_float(p) for p in self.norm_types]
+        d["lrs"] = [float(x) for x in self.lrs] if self.lrs is not None else None
+        d["seeds"] = [int(s) for s in self.seeds]
         return d
 
 
@@ -109,6 +160,55 @@ def parse_norm_types(value: str | list | tuple, option: str = "--norm-type") -> 
         if p not in out:
             out.append(p)
     return tuple(out)
+
+
+def parse_lrs(value: float | str | list | tuple, option: str = "--lr") -> tuple[float, ...]:
+    """One learning rate or a comma-separated list of positive finite numbers, in order,
+    duplicates dropped."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    out: list[float] = []
+    for item in _split(value, option):
+        x = check_positive(item, option)
+        if x not in out:
+            out.append(x)
+    return tuple(out)
+
+
+def parse_seeds(value: int | str | list | tuple, option: str = "--seeds") -> tuple[int, ...]:
+    """Comma-separated whole numbers from 0 to 2**63-1, in order, duplicates dropped."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    out: list[int] = []
+    for item in _split(value, option):
+        if isinstance(item, str):
+            try:
+                item = int(item)
+            except ValueError:
+                raise UsageError(f"{option} value {item!r} is not a whole number", f"e.g. {option} 0,1,2") from None
+        seed = check_seed(item, option)
+        if seed not in out:
+            out.append(seed)
+    return tuple(out)
+
+
+def resolve_seeds(seed: int | None, seeds) -> tuple[int, ...]:
+    """``--seed N`` is the one-seed form of ``--seeds``; both given must agree."""
+    if seeds is None:
+        return (check_seed(seed),) if seed is not None else (0,)
+    parsed = parse_seeds(seeds)
+    if seed is not None and parsed != (check_seed(seed),):
+        raise UsageError(
+            f"--seed {seed} and --seeds {','.join(map(str, parsed))} disagree",
+            "give either --seed N (one seed) or --seeds LIST (several)",
+        )
+    return parsed
+
+
+def check_amp(amp: str, option: str = "--amp") -> str:
+    if amp not in AMP_MODES:
+        raise UsageError(f"{option} {amp!r} is not a precision mode", f"use {option} off, {option} fp16 or {option} bf16")
+    return amp
 
 
 def check_steps(steps: int, option: str = "--steps") -> int:

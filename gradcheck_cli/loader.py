@@ -11,6 +11,9 @@ name                   required  meaning
 ``loss_fn(model, b)``  yes       returns a scalar loss tensor
 ``build_optimizer(m)`` no        returns a ``torch.optim.Optimizer``; default: SGD with
                                  ``--lr``
+``build_scheduler(o)`` no        returns a ``torch.optim.lr_scheduler.LRScheduler`` for the
+                                 optimizer; built afresh per run, stepped after every
+                                 optimizer step taken
 =====================  ========  ==========================================================
 
 The script is imported under a unique module name, so its ``if __name__ == "__main__":`` block
@@ -43,15 +46,16 @@ from typing import Any, Callable
 from gradcheck_cli.errors import UsageError, UserCodeError
 
 REQUIRED = ("build_model", "batches", "loss_fn")
-OPTIONAL = ("build_optimizer",)
+OPTIONAL = ("build_optimizer", "build_scheduler")
 
 # How each contract function is called, for the signature check and the hint.
-_CALL_ARGS = {"build_model": 0, "batches": 0, "loss_fn": 2, "build_optimizer": 1}
+_CALL_ARGS = {"build_model": 0, "batches": 0, "loss_fn": 2, "build_optimizer": 1, "build_scheduler": 1}
 _EXAMPLES = {
     "build_model": "def build_model():\n    return torch.nn.Linear(4, 1)",
     "batches": "def batches():\n    return [(x, y)]  # any iterable of batches",
     "loss_fn": "def loss_fn(model, batch):\n    x, y = batch\n    return torch.nn.functional.mse_loss(model(x), y)",
     "build_optimizer": "def build_optimizer(model):\n    return torch.optim.SGD(model.parameters(), lr=0.01)",
+    "build_scheduler": "def build_scheduler(optimizer):\n    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=30)",
 }
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -163,9 +167,10 @@ def definition_site(fn: Callable, name: str | None = None) -> str:
 class Experiment:
     """The user's script, checked: its contract functions and where it lives.
 
-    ``build_model_fn``, ``batches_fn``, ``loss_fn`` and ``build_optimizer_fn`` are the script's
-    own callables, unwrapped (the runner calls them and records what they raise). The methods
-    below wrap them with the checks and error types that gradclip reports.
+    ``build_model_fn``, ``batches_fn``, ``loss_fn``, ``build_optimizer_fn`` and
+    ``build_scheduler_fn`` are the script's own callables, unwrapped (the runner calls them
+    and records what they raise). The methods below wrap them with the checks and error types
+    that gradclip reports.
     """
 
     path: Path
@@ -174,6 +179,7 @@ class Experiment:
     loss_fn: Callable[[Any, Any], Any]
     build_optimizer_fn: Callable[[Any], Any] | None = None
     module: ModuleType | None = field(default=None, repr=False)
+    build_scheduler_fn: Callable[[Any], Any] | None = None
 
     @property
     def name(self) -> str:
@@ -335,4 +341,5 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         loss_fn=module.loss_fn,
         build_optimizer_fn=getattr(module, "build_optimizer", None),
         module=module,
+        build_scheduler_fn=getattr(module, "build_scheduler", None),
     )

@@ -17,9 +17,11 @@ DIVERGED = "diverged"
 ERROR = "error"
 STATUSES = (STABLE, NON_FINITE, DIVERGED, ERROR)
 
-# Where a non-finite value first appeared: the loss itself (forward) or the gradients (backward).
+# Where a non-finite value first appeared: the loss itself (forward) or the gradients (backward);
+# ``amp``: the fp16 gradient scaler skipped step after step (its scale collapsed).
 SOURCE_FORWARD = "forward"
 SOURCE_BACKWARD = "backward"
+SOURCE_AMP = "amp"
 
 CONTROL_RUN = "unclipped"
 
@@ -27,11 +29,16 @@ SUMMARY_COLUMNS = [
     "run",
     "max_norm",
     "norm_type",
+    "lr",
+    "seed",
     "status",
     "nan_step",
     "nan_source",
     "nan_param",
+    "nan_micro_batch",
     "diverged_step",
+    "skipped_steps",
+    "first_skip",
     "final_loss",
     "min_loss",
     "grad_norm_p50",
@@ -42,7 +49,7 @@ SUMMARY_COLUMNS = [
     "seconds",
     "error",
 ]
-STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef"]
+STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
 # One row per (run, step, layer group): the group's pre-clip gradient norm in the run's norm type
 # (``layers.py`` says how parameters are grouped). ``param`` is a parameter or group name.
 LAYER_COLUMNS = ["run", "step", "param", "grad_norm"]
@@ -54,29 +61,61 @@ def format_norm_type(norm_type: float) -> str:
     return f"{norm_type:g}"
 
 
+def format_name_number(x: float) -> str:
+    """How a number is spelled inside a run name (``0.1``, ``10``, ``1e-05``): the one place."""
+    return f"{x:g}"
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One run's clipping configuration. ``max_norm is None`` is the unclipped control run."""
+    """One run's configuration. ``max_norm is None`` is the unclipped control run.
+
+    ``lr`` and ``seed`` are set only when the sweep varies them (several values); ``None``
+    means the sweep's single value, which the run name leaves out."""
 
     max_norm: float | None
     norm_type: float = 2.0
+    lr: float | None = None
+    seed: int | None = None
 
     @property
     def run(self) -> str:
-        """Stable, human-readable run id: ``unclipped`` or ``clip_<max_norm>_<norm_type>``."""
-        if self.max_norm is None:
-            return CONTROL_RUN
-        return f"clip_{self.max_norm:g}_{format_norm_type(self.norm_type)}"
+        """Stable, human-readable run id (see ``run_name``)."""
+        return run_name(self)
 
     @property
     def clipped(self) -> bool:
         return self.max_norm is not None
 
+    @property
+    def setting(self) -> "Cell":
+        """The same cell without its seed: what a multi-seed sweep aggregates over."""
+        return Cell(self.max_norm, self.norm_type, lr=self.lr)
+
+
+def run_name(cell: Cell) -> str:
+    """``unclipped`` or ``clip_<max_norm>_<norm_type>``, then ``@`` and the axes that vary,
+    e.g. ``clip_1_2@lr=0.1,seed=1``. Every part of a name is built here."""
+    if cell.max_norm is None:
+        base = CONTROL_RUN
+    else:
+        base = f"clip_{format_name_number(cell.max_norm)}_{format_norm_type(cell.norm_type)}"
+    axes = []
+    if cell.lr is not None:
+        axes.append(f"lr={format_name_number(cell.lr)}")
+    if cell.seed is not None:
+        axes.append(f"seed={cell.seed}")
+    return f"{base}@{','.join(axes)}" if axes else base
+
 
 @dataclass(frozen=True)
 class StepRecord:
     """One optimizer step. ``grad_norm``/``clip_coef`` are NaN when the step never got there
-    (the loss itself was non-finite or diverged, so no backward pass was judged)."""
+    (the loss itself was non-finite or diverged, so no backward pass was judged).
+
+    With gradient accumulation ``loss`` is the mean of the micro-batches' losses. A step the
+    fp16 gradient scaler skipped has ``skipped=True``, its measured (non-finite) norm and a
+    NaN ``clip_coef``; it counts in no norm statistic."""
 
     step: int  # numbered from 1
     loss: float
@@ -85,6 +124,8 @@ class StepRecord:
     # (layer group, pre-clip norm) pairs from the same measuring pass as ``grad_norm``;
     # empty when per-layer norms were not recorded for this step.
     layers: tuple[tuple[str, float], ...] = ()
+    lr: float = math.nan  # learning rate of the first param group at this step
+    skipped: bool = False  # the fp16 gradient scaler skipped this step
 
 
 @dataclass
@@ -95,34 +136,51 @@ class RunResult:
     status: str
     steps: list[StepRecord] = field(default_factory=list)
     nan_step: int | None = None
-    nan_source: str | None = None  # SOURCE_FORWARD or SOURCE_BACKWARD
+    nan_source: str | None = None  # SOURCE_FORWARD, SOURCE_BACKWARD or SOURCE_AMP
     nan_param: str | None = None  # first parameter (named_parameters order) with a non-finite grad
+    nan_micro_batch: int | None = None  # with --accumulate: the first micro-batch whose loss was non-finite
     diverged_step: int | None = None
     seconds: float = 0.0
     error: str | None = None  # "ExceptionType: message" when status == ERROR
     error_traceback: str | None = None  # trimmed to the user's frames; terminal only, not CSV
+    lr: float | None = None  # the lr the run started at when gradclip set it; None: the script's own
+    seed: int | None = None  # the seed the run started from
 
     @property
     def run(self) -> str:
         return self.cell.run
 
     def finite_norms(self) -> list[float]:
-        return [s.grad_norm for s in self.steps if math.isfinite(s.grad_norm)]
+        """Finite pre-clip norms of the steps that were taken (skipped steps left out)."""
+        return [s.grad_norm for s in self.steps if not s.skipped and math.isfinite(s.grad_norm)]
+
+    @property
+    def skipped_steps(self) -> int:
+        return sum(s.skipped for s in self.steps)
+
+    @property
+    def first_skip(self) -> int | None:
+        return next((s.step for s in self.steps if s.skipped), None)
 
     def summary_row(self) -> dict:
         """One row of ``summary.csv``; keys are exactly ``SUMMARY_COLUMNS``."""
         norms = sorted(self.finite_norms())
         finite_losses = [s.loss for s in self.steps if math.isfinite(s.loss)]
-        coefs = [s.clip_coef for s in self.steps if not math.isnan(s.clip_coef)]
+        coefs = [s.clip_coef for s in self.steps if not s.skipped and not math.isnan(s.clip_coef)]
         return {
             "run": self.run,
             "max_norm": self.cell.max_norm,
             "norm_type": format_norm_type(self.cell.norm_type),
+            "lr": self.lr,
+            "seed": self.seed,
             "status": self.status,
             "nan_step": self.nan_step,
             "nan_source": self.nan_source,
             "nan_param": self.nan_param,
+            "nan_micro_batch": self.nan_micro_batch,
             "diverged_step": self.diverged_step,
+            "skipped_steps": self.skipped_steps,
+            "first_skip": self.first_skip,
             "final_loss": self.steps[-1].loss if self.steps else None,
             "min_loss": min(finite_losses) if finite_losses else None,
             "grad_norm_p50": percentile(norms, 50),
@@ -144,7 +202,16 @@ class RunResult:
 
     def step_rows(self) -> list[dict]:
         return [
-            {"run": self.run, "step": s.step, "loss": s.loss, "grad_norm": s.grad_norm, "clip_coef": s.clip_coef}
+            {
+                "run": self.run,
+                "step": s.step,
+                "loss": s.loss,
+                "grad_norm": s.grad_norm,
+                "clip_coef": s.clip_coef,
+                "lr": s.lr,
+                "skipped": int(s.skipped),
+                "seed": self.seed,
+            }
             for s in self.steps
         ]
 

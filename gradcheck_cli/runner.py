@@ -1,27 +1,43 @@
 """One training burst for one cell: the training loop, top to bottom.
 
+Before the first step: the snapshot's weights, RNG state and optimizer state are restored, the
+run's lr (the ``--lr`` axis, when given) is set on every param group, a fresh learning-rate
+scheduler is built when the script defines ``build_scheduler``, and a fresh fp16 gradient
+scaler when ``--amp fp16`` (``precision.Precision``).
+
 Per step (numbered from 1, ``config.steps`` optimizer steps):
 
-1. take the next batch; ``batches()`` is called afresh for every run and again whenever it
-   runs out; tensors (also inside tuples, lists and dicts) move to ``config.device``;
-2. zero the gradients, ``loss = loss_fn(model, batch)``, check it is a scalar tensor;
-3. ``loss.backward()``, then the pre-clip total norm of the gradients in the cell's norm type
-   (``engine.get_total_norm``; the control run measures L2);
-4. **one host sync**: the loss and the norm come to the host together (``.tolist()`` once);
-5. judge, from those two numbers only:
+1. zero the gradients; then for each of the ``config.accumulate`` micro-batches: take the
+   next batch (``batches()`` is called afresh for every run and again whenever it runs out;
+   tensors, also inside tuples, lists and dicts, move to ``config.device``),
+   ``loss = loss_fn(model, batch)`` under autocast (``--amp``), check it is a scalar tensor,
+   and backward ``loss / accumulate`` (times the scale with fp16);
+2. with fp16, unscale the gradients; then the pre-clip total norm of the gradients in the
+   cell's norm type (``engine.get_total_norm``; the control run measures L2);
+3. **one host sync**: the micro-batch losses, the norm and the scaler's inf flag come to the
+   host together (``.tolist()`` once); the step's loss is the mean of the micro-batch losses;
+4. judge, from those numbers only:
 
-   * loss non-finite: status ``non_finite``, source ``forward``; stop;
+   * loss non-finite: status ``non_finite``, source ``forward`` (with accumulation,
+     ``nan_micro_batch`` says which micro-batch, from 1); stop;
    * loss above ``divergence_factor`` x the first step's loss: status ``diverged``; stop
      (judged only when the first loss is finite and positive, see
      ``detect.can_judge_divergence``);
+   * fp16 and the scaler found inf/NaN in the unscaled gradients: the step is *skipped* (no
+     clipping, no optimizer step, no scheduler step; the scale backs off) and recorded with
+     ``skipped``; ``precision.MAX_CONSECUTIVE_SKIPS`` skips in a row are status
+     ``non_finite``, source ``amp`` (the scale collapsed), with the first non-finite
+     parameter; stop;
    * norm non-finite: status ``non_finite``, source ``backward``; the first parameter (in
      ``named_parameters()`` order) whose gradient holds a non-finite element is located now,
      at the onset step only, because that elementwise scan is expensive; stop *before*
      clipping (a NaN norm would make the clip coefficient NaN and spread NaN everywhere);
 
-6. clipped cells scale the gradients by ``min(max_norm / (norm + 1e-6), 1)``
+5. clipped cells scale the gradients by ``min(max_norm / (norm + 1e-6), 1)``
    (``engine.clip_grads_with_norm_``); the control run never clips (its coefficient is 1.0);
-7. ``optimizer.step()`` and record ``StepRecord(step, loss, grad_norm, clip_coef)``.
+6. ``optimizer.step()``, the scaler's update (fp16), ``scheduler.step()``, and record
+   ``StepRecord(step, loss, grad_norm, clip_coef, lr=..., skipped=...)``; ``lr`` is the first
+   param group's learning rate used by this step.
 
 A step that stops the run is recorded too, with its loss; its ``grad_norm`` is NaN when the loss
 stopped it, and the non-finite norm when the gradients did; ``clip_coef`` is NaN in both cases.
@@ -29,10 +45,11 @@ stopped it, and the non-finite norm when the gradients did; ``clip_coef`` is NaN
 Backward runs before the loss is judged so that a step needs only one host sync; when the loss
 is non-finite or diverged the gradients are simply discarded (no clipping, no step).
 
-Anything the user's code raises (``build_optimizer``, ``batches``, ``loss_fn``, backward through
-the user's graph, ``optimizer.step``) ends the run with status ``error`` and the traceback trimmed
-to the user's file; ``KeyboardInterrupt`` always propagates. Failures inside gradclip itself
-(the engine) are not caught: they are bugs, not verdicts.
+Anything the user's code raises (``build_optimizer``, ``build_scheduler``, ``batches``,
+``loss_fn``, backward through the user's graph, ``optimizer.step``, ``scheduler.step``) ends the
+run with status ``error`` and the traceback trimmed to the user's file; ``KeyboardInterrupt``
+always propagates. Failures inside gradclip itself (the engine) are not caught: they are bugs,
+not verdicts.
 """
 
 from __future__ import annotations
@@ -45,13 +62,14 @@ from typing import Any, Callable
 import torch
 
 from gradcheck_cli import engine
-from gradcheck_cli.config import SweepConfig
-from gradcheck_cli.detect import clip_coefficient, is_diverged, is_non_finite
+from gradcheck_cli.config import DEFAULT_LR, SweepConfig
+from gradcheck_cli.detect import clip_coefficient, first_index, is_diverged, is_non_finite
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
     NON_FINITE,
+    SOURCE_AMP,
     SOURCE_BACKWARD,
     SOURCE_FORWARD,
     STABLE,
@@ -59,6 +77,7 @@ from gradcheck_cli.results import (
     RunResult,
     StepRecord,
 )
+from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
 from gradcheck_cli.snapshot import Snapshot
 
 
@@ -85,7 +104,15 @@ def call_user(experiment: Experiment, fn: Callable, *args: Any) -> Any:
         raise UserFailure(describe_exception(exc), experiment.format_traceback(exc)) from exc
 
 
-def error_result(cell: Cell, failure: UserFailure, steps: list[StepRecord] | None = None, seconds: float = 0.0) -> RunResult:
+def error_result(
+    cell: Cell,
+    failure: UserFailure,
+    steps: list[StepRecord] | None = None,
+    seconds: float = 0.0,
+    *,
+    lr: float | None = None,
+    seed: int | None = None,
+) -> RunResult:
     """A ``RunResult`` with status ``error`` for ``failure``."""
     return RunResult(
         cell=cell,
@@ -94,7 +121,64 @@ def error_result(cell: Cell, failure: UserFailure, steps: list[StepRecord] | Non
         seconds=seconds,
         error=failure.error,
         error_traceback=failure.user_traceback,
+        lr=lr,
+        seed=seed,
     )
+
+
+def run_lr(experiment: Experiment, config: SweepConfig, cell: Cell) -> float | None:
+    """The lr a run starts at, as reported: the lr axis value when given, else the default
+    SGD's; ``None`` when the script's own optimizer chose it."""
+    lr = config.lr_of(cell)
+    if lr is None and experiment.build_optimizer_fn is None:
+        return DEFAULT_LR
+    return lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every param group trains at ``lr`` (the lr axis replaces the script's values, it does
+    not scale them); ``initial_lr`` too where a scheduler already recorded one, so that a
+    scheduler built next starts from ``lr``."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                if isinstance(group[key], torch.Tensor):
+                    group[key].fill_(lr)
+                else:
+                    group[key] = lr
+
+
+def make_scheduler(experiment: Experiment, optimizer: torch.optim.Optimizer):
+    """The script's ``build_scheduler(optimizer)``, or ``None`` when it defines none.
+
+    Raises ``UserFailure`` when it raises or returns something that is not a scheduler of
+    ``optimizer`` stepped without arguments (``ReduceLROnPlateau`` needs a metric)."""
+    fn = experiment.build_scheduler_fn
+    if fn is None:
+        return None
+    scheduler = call_user(experiment, fn, optimizer)
+    schedulers = torch.optim.lr_scheduler
+    base = getattr(schedulers, "LRScheduler", None) or schedulers._LRScheduler
+    site = definition_site(fn, "build_scheduler")
+    if isinstance(scheduler, schedulers.ReduceLROnPlateau):
+        raise UserFailure(
+            "build_scheduler(optimizer) returned ReduceLROnPlateau, which needs a metric at every "
+            "step; gradclip steps the scheduler without arguments: use a schedule of the step count",
+            site,
+        )
+    if not isinstance(scheduler, base):
+        raise UserFailure(
+            f"build_scheduler(optimizer) must return a torch.optim.lr_scheduler.LRScheduler, got {type_name(scheduler)}",
+            site,
+        )
+    if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        raise UserFailure("build_scheduler(optimizer) returned a scheduler of another optimizer: build it on the one given", site)
+    return scheduler
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The first param group's learning rate, as a float."""
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def make_optimizer(experiment: Experiment, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -233,13 +317,14 @@ def run_cell(
 
     With ``snapshot``, the model weights and the RNG state are restored first, and the freshly
     built optimizer is loaded with the snapshot's optimizer state, so the run starts exactly
-    where every other run of the sweep starts. ``model`` must already be on ``config.device``.
+    where every other run of the sweep with the same seed starts. ``model`` must already be on
+    ``config.device``.
 
-    The optimizer is built per run (``make_optimizer``): a fresh object carries no hidden
-    attributes over from an earlier run, and loading the snapshot's state makes its starting
-    state identical even if ``build_optimizer`` is itself stateful.
+    The optimizer (and the scheduler, if any) is built per run (``make_optimizer``): a fresh
+    object carries no hidden attributes over from an earlier run, and loading the snapshot's
+    state makes its starting state identical even if ``build_optimizer`` is itself stateful.
 
-    ``on_step(step)`` is called after each completed step (progress bars).
+    ``on_step(step)`` is called after each completed step, skipped ones included (progress bars).
 
     Returns a ``RunResult`` with status ``stable``, ``non_finite``, ``diverged`` or ``error``;
     never raises for the user's errors. ``KeyboardInterrupt`` propagates.
@@ -248,18 +333,20 @@ def run_cell(
     records: list[StepRecord] = []
     device = torch.device(config.device)
     on_cpu = device.type == "cpu"
+    lr = config.lr_of(cell)
+    reported = dict(lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
 
     def finish(status: str, **kw: Any) -> RunResult:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return RunResult(cell=cell, status=status, steps=records, seconds=time.perf_counter() - start, **kw)
+        return RunResult(cell=cell, status=status, steps=records, seconds=time.perf_counter() - start, **reported, **kw)
 
     try:
         if snapshot is not None:
             snapshot.restore_model(model)
             snapshot.restore_rng()
         model.train()
-        optimizer = make_optimizer(experiment, model, config.lr)
+        optimizer = make_optimizer(experiment, model, lr if lr is not None else DEFAULT_LR)
         if snapshot is not None:
             try:
                 snapshot.restore_optimizer(optimizer)
@@ -271,6 +358,11 @@ def run_cell(
                     if experiment.build_optimizer_fn
                     else None,
                 ) from exc
+        if lr is not None:
+            set_lr(optimizer, lr)
+        scheduler = make_scheduler(experiment, optimizer)
+        precision = Precision(config.amp, device, config.amp_init_scale)
+        accumulate = config.accumulate
 
         params = list(model.parameters())
         # Gradients of parameters the optimizer does not hold must not pile up across steps
@@ -279,45 +371,88 @@ def run_cell(
         zero_model_too = any(id(p) not in held for p in params)
         stream = BatchStream(experiment)
         first_loss: float | None = None
+        skips_in_a_row = 0
 
         for step in range(1, config.steps + 1):
-            batch = stream.next()
-            if not on_cpu:
-                batch = to_device(batch, device)
             call_user(experiment, optimizer.zero_grad)
             if zero_model_too:
                 model.zero_grad(set_to_none=True)
 
-            loss = _check_loss(experiment, call_user(experiment, experiment.loss_fn, model, batch))
+            losses: list[torch.Tensor] = []
             backward_error: UserFailure | None = None
-            try:
-                call_user(experiment, loss.backward)
-            except UserFailure as failure:
-                backward_error = failure
+            for _ in range(accumulate):
+                batch = stream.next()
+                if not on_cpu:
+                    batch = to_device(batch, device)
+                with precision.autocast():
+                    loss = _check_loss(experiment, call_user(experiment, experiment.loss_fn, model, batch))
+                losses.append(loss.detach())
+                share = loss / accumulate if accumulate > 1 else loss
+                try:
+                    call_user(experiment, precision.backward_input(share).backward)
+                except UserFailure as failure:
+                    backward_error = failure
+                    break
+            step_lr = current_lr(optimizer)
 
+            found_inf = None
             if backward_error is None:
+                try:
+                    precision.unscale_(optimizer)
+                except (RuntimeError, ValueError) as exc:  # e.g. a model in half precision
+                    raise UserFailure(
+                        f"--amp fp16 cannot unscale this model's gradients ({describe_exception(exc)}); "
+                        "keep the model's parameters in float32: autocast lowers the precision of the forward itself"
+                    ) from exc
                 grads = [p.grad for p in params if p.grad is not None]
                 norm = engine.get_total_norm(grads, cell.norm_type)
-                # The one host sync of the step: loss and pre-clip norm come over together.
-                loss_f, norm_f = torch.stack(
-                    [loss.detach().to(torch.float64), norm.detach().to(loss.device, torch.float64)]
-                ).tolist()
+                found_inf = precision.found_inf(optimizer)
+                host = losses[0].device
+                parts = [*losses, norm.detach()] + ([found_inf] if found_inf is not None else [])
+                # The one host sync of the step: losses, pre-clip norm (and inf flag) together.
+                values = torch.stack([t.to(host, torch.float64) for t in parts]).tolist()
+                loss_values, norm_f = values[: len(losses)], values[len(losses)]
             else:
-                loss_f, norm_f = float(loss.detach()), math.nan
+                loss_values, norm_f = [float(x) for x in losses], math.nan
+            loss_f = loss_values[0] if len(loss_values) == 1 else sum(loss_values) / len(loss_values)
 
             # The loss is judged first: a NaN or exploding loss explains everything after it.
             if is_non_finite(loss_f):
-                records.append(StepRecord(step, loss_f))
-                return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_FORWARD)
+                records.append(StepRecord(step, loss_f, lr=step_lr))
+                micro = first_index(loss_values, is_non_finite)
+                return finish(
+                    NON_FINITE,
+                    nan_step=step,
+                    nan_source=SOURCE_FORWARD,
+                    nan_micro_batch=micro + 1 if accumulate > 1 and micro is not None else None,
+                )
             if step == 1:
                 first_loss = loss_f
             elif is_diverged(loss_f, first_loss, config.divergence_factor):
-                records.append(StepRecord(step, loss_f))
+                records.append(StepRecord(step, loss_f, lr=step_lr))
                 return finish(DIVERGED, diverged_step=step)
             if backward_error is not None:
                 raise backward_error
+
+            if found_inf is not None and values[-1] > 0:
+                # The scaler skips this step: no clipping, no optimizer or scheduler step.
+                records.append(StepRecord(step, loss_f, norm_f, lr=step_lr, skipped=True))
+                precision.update()
+                skips_in_a_row += 1
+                if skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                    return finish(
+                        NON_FINITE,
+                        nan_step=step,
+                        nan_source=SOURCE_AMP,
+                        nan_param=_first_non_finite_param(model),
+                    )
+                if on_step is not None:
+                    on_step(step)
+                continue
+            skips_in_a_row = 0
+
             if is_non_finite(norm_f):
-                records.append(StepRecord(step, loss_f, norm_f))
+                records.append(StepRecord(step, loss_f, norm_f, lr=step_lr))
                 return finish(
                     NON_FINITE,
                     nan_step=step,
@@ -331,7 +466,10 @@ def run_cell(
             else:
                 coef = 1.0  # the control run only measures; it never clips
             call_user(experiment, optimizer.step)
-            records.append(StepRecord(step, loss_f, norm_f, coef))
+            precision.update()
+            if scheduler is not None:
+                call_user(experiment, scheduler.step)
+            records.append(StepRecord(step, loss_f, norm_f, coef, lr=step_lr))
             if on_step is not None:
                 on_step(step)
 

@@ -1,21 +1,25 @@
-"""A sweep: the control run and every clipping cell, each from the same starting state.
+"""A sweep: the control run and every clipping cell, at every lr and seed, each run from the
+starting state of its seed.
 
-``run_sweep`` builds the model once and snapshots the starting state; every run restores it,
-so every run starts from the same weights, optimizer state, RNG state and batch order. Step 1's
-loss is therefore identical across the runs of a sweep, and a repeated sweep gives bit-identical
-numbers on CPU (what ``--resume`` relies on).
+``run_sweep`` builds the model and snapshots the starting state once per seed; every run of that
+seed restores it, so every run with the same (lr, seed) starts from the same weights, optimizer
+state, RNG state and batch order. Step 1's loss is therefore identical across the runs that share
+an (lr, seed), and a repeated sweep gives bit-identical numbers on CPU (what ``--resume`` relies
+on).
 
-Order of events::
+Order of events, per seed (cells come seed-major, so one snapshot is held at a time)::
 
-    seed(config.seed) -> build_model() -> model.to(device) -> build the optimizer once
-    seed(config.seed) -> snapshot(model, optimizer state, RNG)
-    for each cell: restore model + RNG -> build the optimizer afresh -> load its snapshot
-                   state -> train (runner.run_cell)
+    seed(s) -> build_model() -> model.to(device) -> build the optimizer once
+    seed(s) -> snapshot(model, optimizer state, RNG)
+    for each cell of seed s: restore model + RNG -> build the optimizer afresh -> load its
+                   snapshot state -> set the run's lr -> build the scheduler -> train
+                   (runner.run_cell)
 
 The optimizer is built once up front to capture its starting state (and to find out early
 whether ``build_optimizer`` works at all), then built afresh for every run from the restored
 model and loaded with that captured state: a new object carries nothing over from an earlier
 run, and loading the state makes its start identical even if ``build_optimizer`` is stateful.
+The lr is not part of the snapshot: each run sets its own after loading the state.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from gradcheck_cli.config import SweepConfig
+from gradcheck_cli.config import DEFAULT_LR, SweepConfig
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.loader import Experiment
 from gradcheck_cli.results import Cell, RunResult
-from gradcheck_cli.runner import UserFailure, error_result, make_optimizer, run_cell
+from gradcheck_cli.runner import UserFailure, error_result, make_optimizer, run_cell, run_lr
 from gradcheck_cli.snapshot import Snapshot, seed_everything
 
 OnRunStart = Callable[[int, int, Cell], None]
@@ -82,31 +86,43 @@ def run_sweep(
     device = torch.device(config.device)
     _check_device(device)
 
-    seed_everything(config.seed, device)
-    model = experiment.build_model()
-    model.to(device)
-    optimizer_failure: UserFailure | None = None
-    optimizer = None
-    try:
-        optimizer = make_optimizer(experiment, model, config.lr)
-    except UserFailure as failure:
-        optimizer_failure = failure
-    seed_everything(config.seed, device)
-    snapshot = Snapshot.capture(model, optimizer, device)
-    del optimizer  # every run builds its own
-
     results: list[RunResult] = []
+    prepared_seed: int | None = None
+    model = snapshot = optimizer_failure = None
     for index, cell in enumerate(cells, start=1):
         if cell.run in skip:
             results.append(skip[cell.run])
             continue
+        seed = config.seed_of(cell)
+        if model is None or seed != prepared_seed:
+            model = snapshot = None  # free the previous seed's model before building the next
+            model, snapshot, optimizer_failure = _starting_state(config, experiment, device, seed)
+            prepared_seed = seed
         if on_run_start is not None:
             on_run_start(index, total, cell)
         if optimizer_failure is not None:
-            result = error_result(cell, optimizer_failure)
+            result = error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=seed)
         else:
             result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
         results.append(result)
         if on_run_done is not None:
             on_run_done(index, total, result)
     return results
+
+
+def _starting_state(config: SweepConfig, experiment: Experiment, device: torch.device, seed: int):
+    """(model, snapshot, optimizer failure) for ``seed``: the model built and moved to the
+    device, and the snapshot every run of this seed starts from."""
+    seed_everything(seed, device)
+    model = experiment.build_model()
+    model.to(device)
+    optimizer_failure: UserFailure | None = None
+    optimizer = None
+    try:
+        optimizer = make_optimizer(experiment, model, config.lrs[0] if config.lrs else DEFAULT_LR)
+    except UserFailure as failure:
+        optimizer_failure = failure
+    seed_everything(seed, device)
+    snapshot = Snapshot.capture(model, optimizer, device)
+    del optimizer  # every run builds its own
+    return model, snapshot, optimizer_failure

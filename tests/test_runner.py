@@ -37,11 +37,11 @@ def write(tmp_path: Path, name: str, source: str) -> Path:
     return path
 
 
-def run(script: Path | str, cell: Cell = CONTROL, seed: int = 0, **config):
+def run(script: Path | str, cell: Cell = CONTROL, seed: int = 0, lr: float | None = None, **config):
     """Load, seed, build the model, re-seed, run one cell (what a sweep does for its first run)."""
     path = script if isinstance(script, Path) else script_path(script)
     exp = load_experiment(path)
-    cfg = SweepConfig(script=path, seed=seed, **config)
+    cfg = SweepConfig(script=path, seeds=(seed,), lrs=(lr,) if lr is not None else None, **config)
     seed_everything(seed)
     model = exp.build_model()
     seed_everything(seed)

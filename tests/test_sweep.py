@@ -64,13 +64,13 @@ def test_a_run_does_not_depend_on_the_runs_before_it():
 
 
 def test_seed_changes_the_numbers():
-    a = sweep("with_optimizer", seed=0, max_norms=(1.0,), norm_types=(2.0,))
-    b = sweep("with_optimizer", seed=1, max_norms=(1.0,), norm_types=(2.0,))
+    a = sweep("with_optimizer", seeds=(0,), max_norms=(1.0,), norm_types=(2.0,))
+    b = sweep("with_optimizer", seeds=(1,), max_norms=(1.0,), norm_types=(2.0,))
     assert records(a[0]) != records(b[0])
 
 
 def test_statuses_of_the_divergent_script():
-    results = {r.run: r for r in sweep("diverge", lr=1.5)}
+    results = {r.run: r for r in sweep("diverge", lrs=(1.5,))}
     assert results["unclipped"].status == DIVERGED and results["unclipped"].diverged_step == 3
     assert results["clip_10_2"].status == DIVERGED and results["clip_10_inf"].status == DIVERGED
     for run in ("clip_0.1_2", "clip_0.1_inf", "clip_1_2", "clip_1_inf"):

@@ -56,7 +56,18 @@ MANIFEST_FORMAT = 1
 
 # Columns holding whole numbers; pandas would write them as floats (``37.0``) once a blank
 # appears, so they are written through the nullable ``Int64`` dtype.
-_INT_COLUMNS = {"nan_step", "diverged_step", "steps", "step", "count"}
+_INT_COLUMNS = {
+    "nan_step",
+    "diverged_step",
+    "steps",
+    "step",
+    "count",
+    "seed",
+    "skipped",
+    "skipped_steps",
+    "first_skip",
+    "nan_micro_batch",
+}
 
 # How each fingerprint key is spelled on the command line, for the "options differ" message.
 _OPTION_NAMES = {
@@ -64,10 +75,13 @@ _OPTION_NAMES = {
     "max_norms": "--max-norm",
     "norm_types": "--norm-type",
     "steps": "--steps",
-    "seed": "--seed",
-    "lr": "--lr",
+    "seeds": "--seeds",
+    "lrs": "--lr",
     "divergence_factor": "--divergence-factor",
     "device": "--device",
+    "amp": "--amp",
+    "accumulate": "--accumulate",
+    "amp_init_scale": "--amp-init-scale",
 }
 
 
@@ -285,15 +299,27 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
                 grad_norm=_float_or_nan(row["grad_norm"]),
                 clip_coef=_float_or_nan(row["clip_coef"]),
                 layers=tuple(layers_by_step.get((row["run"], int(row["step"])), ())),
+                lr=_float_or_nan(row.get("lr", "")),
+                skipped=row.get("skipped", "") == "1",
             )
         )
     by_run = {row["run"]: row for row in summary_rows}
+    # A cell names its lr and seed only when the sweep varies them (see SweepConfig.cells).
+    lr_varies = len(saved.get("lrs") or ()) > 1
+    seed_varies = len(saved.get("seeds") or ()) > 1
     loaded: dict[str, RunResult] = {}
     for run in finished:
         row = by_run.get(run)
         if row is None:  # not in the reports: it simply runs again
             continue
-        cell = Cell(_float_or_none(row["max_norm"]), float(row["norm_type"]))
+        lr = _float_or_none(row.get("lr", ""))
+        seed = _int_or_none(row.get("seed", ""))
+        cell = Cell(
+            _float_or_none(row["max_norm"]),
+            float(row["norm_type"]),
+            lr=lr if lr_varies else None,
+            seed=seed if seed_varies else None,
+        )
         loaded[run] = RunResult(
             cell=cell,
             status=row["status"],
@@ -301,9 +327,12 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
             nan_step=_int_or_none(row["nan_step"]),
             nan_source=row["nan_source"] or None,
             nan_param=row["nan_param"] or None,
+            nan_micro_batch=_int_or_none(row.get("nan_micro_batch", "")),
             diverged_step=_int_or_none(row["diverged_step"]),
             seconds=_float_or_none(row["seconds"]) or 0.0,
             error=row["error"] or None,
+            lr=lr,
+            seed=seed,
         )
     return loaded
 
