@@ -107,7 +107,15 @@ def _root(
 
 _STEPS = typer.Option(None, "--steps", help="Optimizer steps per run (default 100).")
 _SEED = typer.Option(None, "--seed", help="Seed for weights, data order and RNG (default 0).")
-_LR = typer.Option(None, "--lr", help="SGD learning rate when the script has no build_optimizer (default 0.01).")
+_AMP = typer.Option(
+    None, "--amp", help="Mixed precision: off (default), fp16 (autocast + gradient scaler) or bf16 (autocast)."
+)
+_ACCUMULATE = typer.Option(
+    None, "--accumulate", help="Micro-batches per optimizer step (gradient accumulation, default 1)."
+)
+_AMP_INIT_SCALE = typer.Option(
+    None, "--amp-init-scale", help="Initial scale of the fp16 gradient scaler (default 65536, torch's)."
+)
 _DIVERGENCE = typer.Option(
     None, "--divergence-factor", help="A run diverged when a finite loss exceeds this x the first step's loss (default 10)."
 )
@@ -126,6 +134,10 @@ def _resolve_config(
     from gradcheck_cli.recipes import load_recipe
 
     values: dict = load_recipe(recipe) if recipe else {}
+    if overrides.get("seed") is not None or overrides.get("seeds") is not None:
+        # --seed/--seeds on the command line replace the recipe's seed and seeds alike
+        values.pop("seed", None)
+        values.pop("seeds", None)
     values.update({key: value for key, value in overrides.items() if value is not None})
     if script is not None:
         values["script"] = script
@@ -183,9 +195,22 @@ def sweep(
     norm_type: Optional[str] = typer.Option(None, "--norm-type", help="Comma-separated norm types, numbers or inf (default 2,inf)."),
     steps: Optional[int] = _STEPS,
     seed: Optional[int] = _SEED,
-    lr: Optional[float] = _LR,
+    seeds: Optional[str] = typer.Option(
+        None, "--seeds", help="Comma-separated seeds: every run repeated per seed (e.g. 0,1,2); --seed N is the one-seed form."
+    ),
+    lr: Optional[str] = typer.Option(
+        None,
+        "--lr",
+        help=(
+            "Comma-separated learning rates: every run at each lr (e.g. 0.1,1,20). Without it the default SGD uses "
+            "0.01 and a script's build_optimizer keeps its own lr; with it, every param group's lr is set to each value."
+        ),
+    ),
     divergence_factor: Optional[float] = _DIVERGENCE,
     device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
+    accumulate: Optional[int] = _ACCUMULATE,
+    amp_init_scale: Optional[float] = _AMP_INIT_SCALE,
     out: Path = typer.Option(Path("gradclip-report"), "--out", help="Directory for summary.csv, steps.csv, histograms.csv."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or bundled recipe name; options given here override it."),
     fail_on_nan: bool = typer.Option(False, "--fail-on-nan", help="Exit 1 if any run went NaN/inf."),
@@ -207,9 +232,13 @@ def sweep(
             norm_types=norm_type,
             steps=steps,
             seed=seed,
+            seeds=seeds,
             lr=lr,
             divergence_factor=divergence_factor,
             device=device,
+            amp=amp,
+            accumulate=accumulate,
+            amp_init_scale=amp_init_scale,
         ),
     )
     fail_on_nan = fail_on_nan or recipe_fail_nan
@@ -310,9 +339,14 @@ def check(
     norm_type: str = typer.Option("2", "--norm-type", help="Norm type for clipping: a number or inf (default 2)."),
     steps: Optional[int] = _STEPS,
     seed: Optional[int] = _SEED,
-    lr: Optional[float] = _LR,
+    lr: Optional[float] = typer.Option(
+        None, "--lr", help="Learning rate: of the default SGD (default 0.01), or set on every param group of the script's optimizer."
+    ),
     divergence_factor: Optional[float] = _DIVERGENCE,
     device: Optional[str] = _DEVICE,
+    amp: Optional[str] = _AMP,
+    accumulate: Optional[int] = _ACCUMULATE,
+    amp_init_scale: Optional[float] = _AMP_INIT_SCALE,
     junit: Optional[Path] = _JUNIT,
     json_out: bool = _JSON,
 ) -> None:
@@ -330,7 +364,8 @@ def check(
         script,
         None,
         dict(max_norms=max_norms, norm_types=norm_types, steps=steps, seed=seed, lr=lr,
-             divergence_factor=divergence_factor, device=device),
+             divergence_factor=divergence_factor, device=device, amp=amp, accumulate=accumulate,
+             amp_init_scale=amp_init_scale),
     )
     cell = Cell(max_norms[0], norm_types[0]) if max_norm is not None else Cell(None, 2.0)
 

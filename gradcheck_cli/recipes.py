@@ -15,9 +15,13 @@ key                      type                                    sweep option
                          or ``"2,inf"``
 ``steps``                integer                                 ``--steps``
 ``seed``                 integer                                 ``--seed``
-``lr``                   number                                  ``--lr``
+``seeds``                list of integers, or ``"0,1,2"``        ``--seeds``
+``lr``                   number, list of numbers, or ``"0.1,1"``  ``--lr``
 ``divergence_factor``    number                                  ``--divergence-factor``
 ``device``               string                                  ``--device``
+``amp``                  ``"off"``, ``"fp16"`` or ``"bf16"``     ``--amp``
+``accumulate``           integer                                 ``--accumulate``
+``amp_init_scale``       number                                  ``--amp-init-scale``
 ``fail_on_nan``          boolean                                 ``--fail-on-nan``
 ``fail_on_divergence``   boolean                                 ``--fail-on-divergence``
 =======================  ======================================  ==================================
@@ -51,9 +55,13 @@ RECIPE_KEYS = {
     "norm_type": ("norm_types", 'a list of numbers or "inf", or a comma-separated string, e.g. [2, "inf"] or "2,inf"'),
     "steps": ("steps", "an integer"),
     "seed": ("seed", "an integer"),
-    "lr": ("lr", "a number"),
+    "seeds": ("seeds", 'a list of integers or a comma-separated string, e.g. [0, 1, 2] or "0,1,2"'),
+    "lr": ("lr", 'a number, a list of numbers or a comma-separated string, e.g. 0.01 or [0.1, 1]'),
     "divergence_factor": ("divergence_factor", "a number"),
     "device": ("device", 'a string, "cpu" or "cuda"'),
+    "amp": ("amp", 'a string, "off", "fp16" or "bf16"'),
+    "accumulate": ("accumulate", "an integer"),
+    "amp_init_scale": ("amp_init_scale", "a number"),
     "fail_on_nan": ("fail_on_nan", "a boolean (true or false)"),
     "fail_on_divergence": ("fail_on_divergence", "a boolean (true or false)"),
 }
@@ -142,10 +150,11 @@ def _reraise(file: Path, key: str, err: UsageError, example: str) -> UsageError:
 def load_recipe(value: str | os.PathLike) -> dict:
     """Read and validate a recipe, given a path or a bundled recipe's name.
 
-    Returns the values present, under ``SweepConfig``'s field names: ``script`` (a ``Path``
-    resolved relative to the recipe file), ``max_norms`` and ``norm_types`` (tuples of
-    floats), ``steps``, ``seed``, ``lr``, ``divergence_factor``, ``device``, plus
-    ``fail_on_nan`` and ``fail_on_divergence``; ``description`` is checked but not returned.
+    Returns the values present, under the keys ``SweepConfig.from_values`` reads: ``script``
+    (a ``Path`` resolved relative to the recipe file), ``max_norms`` and ``norm_types``
+    (tuples of floats), ``steps``, ``seed``, ``seeds`` and ``lr`` (tuples), ``divergence_factor``,
+    ``device``, ``amp``, ``accumulate``, ``amp_init_scale``, plus ``fail_on_nan`` and
+    ``fail_on_divergence``; ``description`` is checked but not returned.
 
     Raises ``UsageError`` naming the file and the problem when the file does not exist, is not
     valid TOML (with the line), has unknown keys (listing them and the allowed ones), or has a
@@ -174,7 +183,7 @@ def load_recipe(value: str | os.PathLike) -> dict:
     out: dict = {}
     for key, raw in data.items():
         field = RECIPE_KEYS[key][0]
-        if key in ("description", "device"):
+        if key in ("description", "device", "amp"):
             if not isinstance(raw, str):
                 raise _type_error(file, key, raw)
             if key == "device":
@@ -182,6 +191,19 @@ def load_recipe(value: str | os.PathLike) -> dict:
                     out[field] = cfg.check_device(raw, option="device")
                 except UsageError as err:
                     raise _reraise(file, key, err, 'device = "cpu"') from None
+            elif key == "amp":
+                try:
+                    out[field] = cfg.check_amp(raw, option="amp")
+                except UsageError as err:
+                    raise _reraise(file, key, err, 'amp = "fp16"') from None
+        elif key in ("lr", "seeds"):
+            ok = _is_number if key == "lr" else _is_int
+            if not (isinstance(raw, str) or (key == "lr" and _is_number(raw)) or (isinstance(raw, list) and all(ok(v) for v in raw))):
+                raise _type_error(file, key, raw)
+            try:
+                out[field] = cfg.parse_lrs(raw, option="lr") if key == "lr" else cfg.parse_seeds(raw, option="seeds")
+            except UsageError as err:
+                raise _reraise(file, key, err, "lr = [0.01, 0.1]" if key == "lr" else "seeds = [0, 1, 2]") from None
         elif key == "script":
             if not isinstance(raw, str):
                 raise _type_error(file, key, raw)
@@ -208,23 +230,23 @@ def load_recipe(value: str | os.PathLike) -> dict:
                 out[field] = cfg.parse_norm_types(raw, option="norm_type")
             except UsageError as err:
                 raise _reraise(file, key, err, 'norm_type = [2, "inf"]') from None
-        elif key in ("steps", "seed"):
+        elif key in ("steps", "seed", "accumulate"):
             if not _is_int(raw):
                 raise _type_error(file, key, raw)
-            if key == "steps":
+            if key in ("steps", "accumulate"):
                 try:
-                    out[field] = cfg.check_steps(raw, option="steps")
+                    out[field] = cfg.check_steps(raw, option=key)
                 except UsageError as err:
-                    raise _reraise(file, key, err, "steps = 100") from None
+                    raise _reraise(file, key, err, f"{key} = {100 if key == 'steps' else 4}") from None
             else:
                 out[field] = raw
-        elif key in ("lr", "divergence_factor"):
+        elif key in ("divergence_factor", "amp_init_scale"):
             if not _is_number(raw):
                 raise _type_error(file, key, raw)
             try:
                 out[field] = cfg.check_positive(raw, key)
             except UsageError as err:
-                raise _reraise(file, key, err, f"{key} = {0.01 if key == 'lr' else 10.0}") from None
+                raise _reraise(file, key, err, f"{key} = {10.0 if key == 'divergence_factor' else 65536.0}") from None
         else:  # fail_on_nan, fail_on_divergence
             if not isinstance(raw, bool):
                 raise _type_error(file, key, raw)

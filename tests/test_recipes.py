@@ -12,7 +12,9 @@ from gradcheck_cli.recipes import bundled_recipes_dir, list_bundled_recipes, loa
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = ["exploding_rnn", "nan_at_step", "tiny_lm"]
-SWEEP_FIELDS = {"script", "max_norms", "norm_types", "steps", "seed", "lr", "divergence_factor", "device"}
+# The keys load_recipe returns for SweepConfig.from_values.
+RECIPE_VALUES = {"script", "max_norms", "norm_types", "steps", "seed", "seeds", "lr", "divergence_factor", "device",
+                 "amp", "accumulate", "amp_init_scale"}
 
 
 def recipe(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
@@ -38,17 +40,17 @@ def test_bundled_recipe_makes_a_valid_sweep_config(name):
     values = load_recipe(name)
     assert values["script"] == (REPO / "sample_models" / f"{name}.py").resolve()
     assert values["script"].is_file()
-    config = SweepConfig(**{k: v for k, v in values.items() if k in SWEEP_FIELDS})
+    config = SweepConfig.from_values({k: v for k, v in values.items() if k in RECIPE_VALUES})
     assert config.steps >= 1 and config.device == "cpu"
     assert isinstance(values["fail_on_nan"], bool) and isinstance(values["fail_on_divergence"], bool)
-    assert set(values) <= SWEEP_FIELDS | {"fail_on_nan", "fail_on_divergence"}
+    assert set(values) <= RECIPE_VALUES | {"fail_on_nan", "fail_on_divergence"}
 
 
 def test_exploding_rnn_recipe_values():
     values = load_recipe("exploding_rnn")
     assert values["max_norms"] == (0.1, 1.0, 10.0)
     assert values["norm_types"] == (2.0, math.inf)
-    assert (values["steps"], values["seed"], values["lr"], values["divergence_factor"]) == (100, 0, 0.01, 10.0)
+    assert (values["steps"], values["seed"], values["lr"], values["divergence_factor"]) == (100, 0, (0.01,), 10.0)
 
 
 def test_name_with_suffix_path_and_relative_path(monkeypatch):
@@ -89,7 +91,9 @@ def test_only_present_keys_and_alternative_spellings(tmp_path):
     path = recipe(tmp_path, 'script = "model.py"\nmax_norm = "0.5, 2"\nnorm_type = "1,inf"\n')
     assert load_recipe(path) == {"script": (tmp_path / "model.py").resolve(), "max_norms": (0.5, 2.0), "norm_types": (1.0, math.inf)}
     path = recipe(tmp_path, "norm_type = [2, inf, \"inf\", 1]\nmax_norm = [1, 0.25]\nlr = 1\n")
-    assert load_recipe(path) == {"norm_types": (2.0, math.inf, 1.0), "max_norms": (1.0, 0.25), "lr": 1.0}
+    assert load_recipe(path) == {"norm_types": (2.0, math.inf, 1.0), "max_norms": (1.0, 0.25), "lr": (1.0,)}
+    path = recipe(tmp_path, 'lr = "0.1, 1"\nseeds = [0, 2, 0]\namp = "fp16"\naccumulate = 4\namp_init_scale = 1024\n')
+    assert load_recipe(path) == {"lr": (0.1, 1.0), "seeds": (0, 2), "amp": "fp16", "accumulate": 4, "amp_init_scale": 1024.0}
     assert load_recipe(recipe(tmp_path, "")) == {}
 
 
@@ -155,8 +159,11 @@ def test_unknown_keys_are_listed_with_the_allowed_ones(tmp_path):
         ('steps = "10"', "steps", "an integer", "str"),
         ("steps = true", "steps", "an integer", "bool"),
         ("seed = 1.5", "seed", "an integer", "float"),
-        ('lr = "0.1"', "lr", "a number", "str"),
+        ("lr = [true]", "lr", "a number, a list of numbers", "a list (bool)"),
         ("lr = true", "lr", "a number", "bool"),
+        ("seeds = [1.5]", "seeds", "a list of integers", "a list (float)"),
+        ("amp = true", "amp", "a string", "bool"),
+        ("accumulate = 2.0", "accumulate", "an integer", "float"),
         ("divergence_factor = [10]", "divergence_factor", "a number", "a list (int)"),
         ("device = 0", "device", "a string", "int"),
         ('fail_on_nan = "yes"', "fail_on_nan", "a boolean", "str"),
@@ -184,6 +191,10 @@ def test_wrong_types_name_key_expected_and_got(tmp_path, line, key, expected, go
         ("norm_type = [nan]", "is not a valid norm type"),
         ("steps = 0", "steps 0 must be a whole number of at least 1"),
         ("lr = -0.1", "lr -0.1 must be a positive finite number"),
+        ("lr = [0.1, 0]", "lr 0 must be a positive finite number"),
+        ("seeds = [-1]", "seeds -1 must be a whole number"),
+        ('amp = "fp8"', "amp 'fp8' is not a precision mode"),
+        ("accumulate = 0", "accumulate 0 must be a whole number of at least 1"),
         ("divergence_factor = 0", "divergence_factor 0 must be a positive finite number"),
         ('device = "tpu"', "device 'tpu' is not supported"),
         ('script = "nope.py"', "script 'nope.py' does not exist"),

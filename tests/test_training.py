@@ -1,0 +1,281 @@
+"""Training as users train: mixed precision, gradient accumulation, LR schedules, and the lr and
+seed axes of the grid. Every per-step number is checked against the plain torch loop in
+``reference_loop.py``, which does AMP, accumulation and the schedule by hand."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradcheck_cli.config import SweepConfig
+from gradcheck_cli.loader import load_experiment
+from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS
+from gradcheck_cli.results import ERROR, NON_FINITE, SOURCE_AMP, SOURCE_FORWARD, STABLE, Cell, histogram_counts, shared_log_bins
+from gradcheck_cli.sweep import run_sweep
+
+from reference_loop import reference_training
+
+SCRIPTS = Path(__file__).parent / "scripts"
+AMP_SCRIPT = SCRIPTS / "amp_schedule.py"
+FORCES_SKIPS = 2.0**20  # the first few fp16 steps overflow at this scale, then it backs off enough
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write(tmp_path: Path, name: str, source: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def sweep(script: Path, **kw):
+    config = SweepConfig(script=script, **kw)
+    return run_sweep(config, load_experiment(script))
+
+
+def same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+# --- against the plain torch reference loop ------------------------------------------------------
+
+
+@pytest.mark.parametrize("amp, accumulate", [("fp16", 2), ("fp16", 1), ("bf16", 3), ("off", 2)])
+def test_control_run_matches_the_reference_loop_step_for_step(amp, accumulate):
+    steps = 10
+    [result] = sweep(AMP_SCRIPT, steps=steps, amp=amp, accumulate=accumulate, amp_init_scale=FORCES_SKIPS,
+                     max_norms=(1.0,), norm_types=(2.0,))[:1]
+    ref = reference_training(load_experiment(AMP_SCRIPT), steps, amp=amp, accumulate=accumulate, init_scale=FORCES_SKIPS)
+    assert result.status == STABLE and len(result.steps) == steps
+    assert [s.loss for s in result.steps] == [r.loss for r in ref]  # bit for bit
+    assert [s.skipped for s in result.steps] == [r.skipped for r in ref]
+    assert [s.lr for s in result.steps] == [r.lr for r in ref]
+    for got, want in zip(result.steps, ref):
+        assert same(got.clip_coef, want.coef)
+        if want.skipped:
+            assert not math.isfinite(got.grad_norm) and not math.isfinite(want.norm)
+        else:
+            assert got.grad_norm == pytest.approx(want.norm, rel=1e-6)
+    if amp == "fp16":
+        assert 1 <= result.skipped_steps < steps  # the scale forced skips, then training resumed
+        assert result.first_skip == 1
+    else:
+        assert result.skipped_steps == 0 and result.first_skip is None
+
+
+def test_clipped_run_with_amp_accumulation_and_schedule_matches_the_reference():
+    steps = 10
+    results = sweep(AMP_SCRIPT, steps=steps, amp="fp16", accumulate=2, amp_init_scale=FORCES_SKIPS,
+                    max_norms=(0.05,), norm_types=(2.0,))
+    clipped = results[1]
+    ref = reference_training(load_experiment(AMP_SCRIPT), steps, amp="fp16", accumulate=2, init_scale=FORCES_SKIPS,
+                             max_norm=0.05)
+    assert clipped.run == "clip_0.05_2" and clipped.status == STABLE
+    assert [s.skipped for s in clipped.steps] == [r.skipped for r in ref]
+    assert [s.lr for s in clipped.steps] == [r.lr for r in ref]
+    taken = [(s, r) for s, r in zip(clipped.steps, ref) if not r.skipped]
+    assert any(s.clip_coef < 1 for s, _ in taken)  # it really clips
+    for got, want in taken:
+        # the engine's norm differs from torch's in the last bits, and clipping feeds that back
+        assert got.loss == pytest.approx(want.loss, rel=1e-5)
+        assert got.grad_norm == pytest.approx(want.norm, rel=1e-5)
+        assert got.clip_coef == pytest.approx(want.coef, rel=1e-5)
+
+
+def test_scheduler_steps_only_after_steps_taken():
+    # StepLR(step_size=2, gamma=0.5) from lr 0.2: the lr halves after every two *taken* steps
+    [control] = sweep(AMP_SCRIPT, steps=12, amp="fp16", amp_init_scale=FORCES_SKIPS, max_norms=(1.0,),
+                      norm_types=(2.0,))[:1]
+    taken = 0
+    for s in control.steps:
+        assert s.lr == 0.2 * 0.5 ** (taken // 2)
+        taken += not s.skipped
+    assert control.skipped_steps >= 1
+
+
+def test_skipped_steps_stay_out_of_norm_statistics_histograms_and_clip_rate():
+    results = sweep(AMP_SCRIPT, steps=10, amp="fp16", amp_init_scale=FORCES_SKIPS, max_norms=(1e-3,), norm_types=(2.0,))
+    clipped = results[1]
+    taken = [s for s in clipped.steps if not s.skipped]
+    skipped = [s for s in clipped.steps if s.skipped]
+    assert skipped and taken and clipped.status == STABLE
+    assert all(math.isnan(s.clip_coef) for s in skipped)
+    row = clipped.summary_row()
+    assert row["skipped_steps"] == len(skipped) and row["first_skip"] == skipped[0].step
+    assert row["grad_norm_max"] == max(s.grad_norm for s in taken)
+    assert row["clipped_frac"] == 1.0  # every taken step clipped at 1e-3; skipped ones do not count
+    assert row["nan_step"] is None and row["nan_source"] is None and row["diverged_step"] is None
+    assert sum(histogram_counts(clipped, shared_log_bins(results))) == len(taken)
+
+
+ALWAYS_NAN_GRAD = """
+import torch
+
+class NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(2, 2)
+        self.head = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return (self.body(x).float() * NanGrad.apply(self.head)).sum()
+
+def build_model():
+    return Net()
+
+def batches():
+    return [torch.ones(3, 2)]
+
+def loss_fn(model, batch):
+    return model(batch) ** 2
+"""
+
+
+def test_a_collapsing_scale_is_an_amp_instability(tmp_path):
+    script = write(tmp_path, "always_nan.py", ALWAYS_NAN_GRAD)
+    results = sweep(script, steps=MAX_CONSECUTIVE_SKIPS + 5, amp="fp16", max_norms=(1.0,), norm_types=(2.0,))
+    for r in results:
+        assert r.status == NON_FINITE and r.nan_source == SOURCE_AMP
+        assert r.nan_step == MAX_CONSECUTIVE_SKIPS and len(r.steps) == MAX_CONSECUTIVE_SKIPS
+        assert all(s.skipped for s in r.steps) and r.first_skip == 1
+        assert r.nan_param == "head"  # body's gradients stay finite: NaN enters at head's backward
+    # without a scaler the same NaN is a backward onset at once
+    [off] = sweep(script, steps=5, max_norms=(1.0,), norm_types=(2.0,))[:1]
+    assert off.status == NON_FINITE and off.nan_source == "backward" and off.nan_step == 1 and off.nan_param == "head"
+
+
+# --- gradient accumulation ---------------------------------------------------------------------------
+
+
+def test_accumulation_consumes_n_batches_per_optimizer_step(tmp_path):
+    script = write(tmp_path, "counted.py", """
+        import torch
+        SEEN = []
+        def build_model():
+            return torch.nn.Linear(1, 1)
+        def batches():
+            for i in range(5):
+                SEEN.append(i)
+                yield torch.full((1, 1), float(i))
+        def loss_fn(model, batch):
+            return model(batch).pow(2).sum()
+        """)
+    exp = load_experiment(script)
+    config = SweepConfig(script=script, steps=4, accumulate=3, max_norms=(1.0,), norm_types=(2.0,))
+    results = run_sweep(config, exp, cells=[Cell(None)])
+    assert len(results[0].steps) == 4  # steps counts optimizer steps
+    assert len(exp.module.SEEN) == 12
+
+
+def test_a_non_finite_micro_batch_is_located(tmp_path):
+    script = write(tmp_path, "nan_micro.py", """
+        import torch
+        def build_model():
+            return torch.nn.Linear(2, 1)
+        def batches():
+            for i in range(1, 9):
+                yield torch.full((2, 2), float("nan") if i == 6 else 0.1 * i)
+        def loss_fn(model, batch):
+            return model(batch).pow(2).mean()
+        """)
+    # batch 6 is the 2nd micro-batch of step 3 with 2 per step, the 3rd of step 2 with 3
+    for accumulate, step, micro in [(2, 3, 2), (3, 2, 3)]:
+        [r] = sweep(script, steps=6, accumulate=accumulate, max_norms=(1.0,), norm_types=(2.0,))[:1]
+        assert (r.status, r.nan_source, r.nan_step, r.nan_micro_batch) == (NON_FINITE, SOURCE_FORWARD, step, micro)
+        assert r.summary_row()["nan_micro_batch"] == micro
+    [r] = sweep(script, steps=6, max_norms=(1.0,), norm_types=(2.0,))[:1]
+    assert r.nan_step == 6 and r.nan_micro_batch is None  # not accumulating: the step says it all
+
+
+# --- build_scheduler ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("return 5", "build_scheduler(optimizer) must return a torch.optim.lr_scheduler.LRScheduler, got int"),
+        ("return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)", "ReduceLROnPlateau, which needs a metric"),
+        ("raise RuntimeError('no schedule')", "RuntimeError: no schedule"),
+    ],
+)
+def test_bad_schedulers_are_error_runs(tmp_path, body, expected):
+    script = write(tmp_path, "bad_sched.py", "import torch\n"
+                   "def build_model():\n    return torch.nn.Linear(2, 1)\n"
+                   f"def build_scheduler(optimizer):\n    {body}\n"
+                   "def batches():\n    return [torch.ones(1, 2)]\n"
+                   "def loss_fn(model, batch):\n    return model(batch).sum()\n")
+    results = sweep(script, steps=2, max_norms=(1.0,), norm_types=(2.0,))
+    assert {r.status for r in results} == {ERROR}
+    assert all(expected in r.error for r in results)
+    assert all("bad_sched.py" in r.error_traceback for r in results)
+
+
+# --- lr and seed axes ------------------------------------------------------------------------------
+
+
+def test_lr_axis_overrides_the_scripts_optimizer_and_names_the_runs():
+    results = sweep(SCRIPTS / "with_optimizer.py", steps=4, lrs=(0.001, 0.1), max_norms=(1.0,), norm_types=(2.0,))
+    assert [r.run for r in results] == [
+        "unclipped@lr=0.001", "clip_1_2@lr=0.001", "unclipped@lr=0.1", "clip_1_2@lr=0.1"]
+    for r in results:
+        assert r.lr == r.cell.lr and all(s.lr == r.cell.lr for s in r.steps)
+        assert r.summary_row()["lr"] == r.cell.lr
+    ref = reference_training(load_experiment(SCRIPTS / "with_optimizer.py"), 4, lr=0.1)
+    assert [s.loss for s in results[2].steps] == [h.loss for h in ref]
+
+
+def test_without_lr_the_scripts_optimizer_keeps_its_own():
+    [r] = sweep(SCRIPTS / "with_optimizer.py", steps=2, max_norms=(1.0,), norm_types=(2.0,))[:1]
+    assert r.lr is None and r.summary_row()["lr"] is None
+    assert [s.lr for s in r.steps] == [0.05, 0.05]  # Adam(lr=0.05) in the script
+    [r] = sweep(SCRIPTS / "stable_linear.py", steps=2, max_norms=(1.0,), norm_types=(2.0,))[:1]
+    assert r.lr == 0.01 and [s.lr for s in r.steps] == [0.01, 0.01]  # the default SGD
+
+
+def test_lr_axis_sets_initial_lr_for_a_scheduler():
+    results = sweep(AMP_SCRIPT, steps=5, lrs=(0.4, 0.04), max_norms=(1.0,), norm_types=(2.0,))
+    for r in results:
+        assert [s.lr for s in r.steps] == [r.cell.lr * 0.5 ** (i // 2) for i in range(5)]
+
+
+def test_seed_grid_names_are_unique_and_fair_per_lr_and_seed():
+    seeds, lrs = (0, 1, 2), (0.01, 0.05)
+    results = sweep(SCRIPTS / "with_optimizer.py", steps=3, seeds=seeds, lrs=lrs, max_norms=(0.1, 1.0),
+                    norm_types=(2.0,))
+    names = [r.run for r in results]
+    assert len(names) == len(set(names)) == len(seeds) * len(lrs) * 3
+    assert "clip_1_2@lr=0.05,seed=1" in names and "unclipped@lr=0.01,seed=2" in names
+    first = {}
+    for r in results:
+        assert (r.lr, r.seed) == (r.cell.lr, r.cell.seed)
+        first.setdefault((r.lr, r.seed), set()).add(r.steps[0].loss)
+    assert all(len(losses) == 1 for losses in first.values())  # fairness per (lr, seed)
+    assert len({next(iter(first[(0.01, s)])) for s in seeds}) == 3  # seeds really differ
+
+
+def test_a_seed_of_a_multi_seed_sweep_equals_a_single_seed_sweep():
+    grid = sweep(SCRIPTS / "with_optimizer.py", steps=4, seeds=(0, 1), max_norms=(1.0,), norm_types=(2.0,))
+    alone = sweep(SCRIPTS / "with_optimizer.py", steps=4, seeds=(1,), max_norms=(1.0,), norm_types=(2.0,))
+    by_name = {r.run: r for r in grid}
+    for r in alone:
+        twin = by_name[f"{r.run}@seed=1"]
+        assert [(s.loss, s.grad_norm, s.clip_coef) for s in twin.steps] == [(s.loss, s.grad_norm, s.clip_coef) for s in r.steps]
