@@ -314,7 +314,7 @@ def _save(out_dir: Path, fingerprint: dict, results: list) -> None:
 
 
 def _print_results(results: list, json_out: bool) -> None:
-    from gradcheck_cli.report.terminal import error_panels, summary_table, verdict_line
+    from gradcheck_cli.report.terminal import error_panels, stability_map, summary_table, verdict_line
     from gradcheck_cli.results import shared_log_bins
 
     err = _stderr_console()
@@ -328,6 +328,9 @@ def _print_results(results: list, json_out: bool) -> None:
         return
     out = _stdout_console()
     out.print(summary_table(results, shared_log_bins(results)))
+    grid = stability_map(results)
+    if grid is not None:
+        out.print(grid)
     out.print(verdict_line(results), markup=False, soft_wrap=True)
 
 

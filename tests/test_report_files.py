@@ -170,7 +170,7 @@ def test_csv_conventions_blanks_integers_and_inf(tmp_path):
     assert row["norm_type"] == "2"
     steps_text = (tmp_path / files.STEPS_FILE).read_text()
     assert "unclipped,2,0.30000000000000004,inf,,,0,\n" in steps_text  # inf spelled out, NaN blank
-    assert "clip_1_inf,1,2.0,5e-324,1.0\n" in steps_text
+    assert "clip_1_inf,1,2.0,5e-324,1.0,,0,\n" in steps_text
     assert ",nan," not in steps_text and "<NA>" not in steps_text
     assert "\r" not in steps_text
 
@@ -271,7 +271,7 @@ def test_kill_9_at_any_moment_leaves_parseable_reports(tmp_path):
         present = [n for n in REPORTS if (out / n).exists()]
         for name in present:
             frame = pd.read_csv(out / name)
-            assert len(frame.columns) == {files.SUMMARY_FILE: len(SUMMARY_COLUMNS), files.STEPS_FILE: 5, files.LAYERS_FILE: 4, files.HISTOGRAMS_FILE: 4}[name]
+            assert len(frame.columns) == {files.SUMMARY_FILE: len(SUMMARY_COLUMNS), files.STEPS_FILE: len(STEP_COLUMNS), files.LAYERS_FILE: 4, files.HISTOGRAMS_FILE: 4}[name]
             assert not frame.isna().all(axis=1).any()  # no half-written row
         if (out / files.MANIFEST_FILE).exists():
             manifest = json.loads((out / files.MANIFEST_FILE).read_text())
@@ -384,6 +384,38 @@ def test_different_options_refuse_to_resume(tmp_path):
     assert "--max-norm 0.1,1,10 (saved) vs 1 (now)" in message
     assert "--seed" not in message  # only what differs
     assert "same options" in hint and "--out" in hint and "--resume" in hint
+
+
+def test_resume_rebuilds_lr_seed_and_amp_columns_exactly(tmp_path):
+    config = SweepConfig(script=Path("model.py"), steps=3, lrs=(0.1, 1.0), seeds=(0, 7), max_norms=(1.0,),
+                         norm_types=(2.0,), amp="fp16", accumulate=2)
+    results = []
+    for cell in config.cells():
+        steps = [StepRecord(1, 2.0, math.inf, NAN, lr=config.lr_of(cell), skipped=True),
+                 StepRecord(2, 1.5, 0.5, 1.0, lr=config.lr_of(cell) / 2)]
+        results.append(RunResult(cell, STABLE, steps, lr=config.lr_of(cell), seed=config.seed_of(cell), seconds=0.5))
+    results[-1] = RunResult(results[-1].cell, NON_FINITE, [StepRecord(1, NAN, lr=1.0)], nan_step=1,
+                            nan_source=SOURCE_FORWARD, nan_micro_batch=2, lr=1.0, seed=7)
+    write(tmp_path, results)
+    files.write_manifest(tmp_path, config.fingerprint(), [r.run for r in results])
+    first = read_bytes(tmp_path)
+    summary = pd.read_csv(tmp_path / files.SUMMARY_FILE)
+    assert list(summary["run"])[:2] == ["unclipped@lr=0.1,seed=0", "clip_1_2@lr=0.1,seed=0"]
+    assert list(summary["seed"]) == [0, 0, 0, 0, 7, 7, 7, 7] and list(summary["skipped_steps"][:2]) == [1, 1]
+    assert summary["first_skip"].tolist()[:-1] == [1] * 7 and summary["nan_micro_batch"].tolist()[-1] == 2
+    loaded = files.load_finished(tmp_path, config.fingerprint())
+    for r in results:
+        got = loaded[r.run]
+        assert got.cell == r.cell and (got.lr, got.seed, got.nan_micro_batch) == (r.lr, r.seed, r.nan_micro_batch)
+        assert [(s.lr, s.skipped) for s in got.steps] == [(s.lr, s.skipped) for s in r.steps]
+    write(tmp_path, list(loaded.values()))
+    assert read_bytes(tmp_path) == first
+    # a different lr, seed, amp or accumulation refuses to resume, naming the option
+    for change, option in [({"lrs": (0.1,)}, "--lr"), ({"seeds": (0,)}, "--seeds"), ({"amp": "bf16"}, "--amp"),
+                           ({"accumulate": 1}, "--accumulate")]:
+        other = SweepConfig(**{**config.__dict__, **change})
+        with pytest.raises(UsageError, match=option):
+            files.load_finished(tmp_path, other.fingerprint())
 
 
 def test_unreadable_manifest_or_missing_reports(tmp_path):

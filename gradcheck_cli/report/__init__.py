@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import math
 
-from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, SOURCE_BACKWARD, SOURCE_FORWARD, STABLE, RunResult
+from gradcheck_cli.results import (
+    DIVERGED,
+    ERROR,
+    NON_FINITE,
+    SOURCE_AMP,
+    SOURCE_BACKWARD,
+    SOURCE_FORWARD,
+    STABLE,
+    RunResult,
+)
 
 
 def format_number(x: float | int | None) -> str:
@@ -51,6 +60,9 @@ def describe_result(result: RunResult) -> str:
     * ``stable, final loss 0.0619``
     * ``non_finite at step 37 (backward): first non-finite gradient in rnn.weight_hh_l0``
     * ``non_finite at step 3 (forward): the loss is nan``
+    * ``non_finite at step 3 (forward, micro-batch 2): the loss is nan`` (with ``--accumulate``)
+    * ``non_finite at step 20 (amp): the gradient scaler skipped 20 steps in a row (from step 1);
+      non-finite gradient in head.weight``
     * ``diverged at step 2: loss 3.457e+07 vs 1.789 at step 1``
     * ``error: ValueError: shapes do not match``
     """
@@ -61,8 +73,19 @@ def describe_result(result: RunResult) -> str:
         return f"stable, final loss {format_number(final)}"
     if status == NON_FINITE:
         where = f" at step {result.nan_step}" if result.nan_step is not None else ""
-        source = f" ({result.nan_source})" if result.nan_source else ""
+        micro = f", micro-batch {result.nan_micro_batch}" if result.nan_micro_batch is not None else ""
+        source = f" ({result.nan_source}{micro})" if result.nan_source else ""
         text = f"non_finite{where}{source}"
+        if result.nan_source == SOURCE_AMP:
+            run_length = 0
+            for record in reversed(steps):
+                if not record.skipped:
+                    break
+                run_length += 1
+            text += f": the gradient scaler skipped {run_length} steps in a row"
+            if run_length:
+                text += f" (from step {steps[-run_length].step})"
+            return text + (f"; non-finite gradient in {result.nan_param}" if result.nan_param else "")
         if result.nan_source == SOURCE_FORWARD:
             loss = _loss_at(result, result.nan_step)
             return text + (f": the loss is {format_number(loss)}" if loss is not None else ": the loss is not finite")

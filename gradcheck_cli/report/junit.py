@@ -43,12 +43,16 @@ def _classname(suite_name: str) -> str:
 def _details(r: RunResult) -> str:
     row = r.summary_row()
     max_norm = "none (unclipped)" if r.cell.max_norm is None else f"{r.cell.max_norm:g}"
+    lr = format_number(r.lr) if r.lr is not None else "set by the script's optimizer"
     return (
         f"run: {r.run}\n"
         f"max_norm: {max_norm}\n"
         f"norm_type: {format_norm_type(r.cell.norm_type)}\n"
+        f"lr: {lr}\n"
+        f"seed: {r.seed if r.seed is not None else '—'}\n"
         f"status: {r.status}\n"
         f"steps run: {len(r.steps)}\n"
+        f"steps skipped by the gradient scaler: {r.skipped_steps}\n"
         f"final loss: {format_number(row['final_loss'])}\n"
         f"max pre-clip gradient norm: {format_number(row['grad_norm_max'])}"
     )

@@ -14,6 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gradcheck_cli.grid import SettingOverSeeds, lr_grid, lrs_vary, over_seeds, seeds_vary
 from gradcheck_cli.report import describe_result, format_number, onset_step
 from gradcheck_cli.results import (
     DIVERGED,
@@ -80,9 +81,31 @@ _COLUMNS = [
     ("clipped", "clip-\nped", "right"),
     ("histogram", "norm\nhistogram", "left"),
 ]
+# Added when the sweep varies the lr / the seed.
+_LR_COLUMN = ("lr", "lr", "right")
+_SPREAD_COLUMN = ("spread", "loss\nspread", "right")
 # Left out, in this order, when the console is too narrow for the whole table (the CSV files
 # keep everything).
-_NARROW_DROP_ORDER = ["min_loss", "p50", "p95", "clipped", "max"]
+_NARROW_DROP_ORDER = ["min_loss", "p50", "p95", "clipped", "spread", "max"]
+_DROP_NAMES = {
+    "min_loss": "min loss",
+    "p50": "norm p50",
+    "p95": "norm p95",
+    "clipped": "clipped",
+    "spread": "loss spread",
+    "max": "norm max",
+}
+
+
+def _columns(results: list[RunResult]) -> list[tuple[str, str, str]]:
+    columns = list(_COLUMNS)
+    if lrs_vary(results):
+        columns.insert(3, _LR_COLUMN)
+    if seeds_vary(results):
+        at = [key for key, _, _ in columns].index("final_loss")
+        columns[at] = ("final_loss", "mean\nfinal\nloss", "right")
+        columns.insert(at + 1, _SPREAD_COLUMN)
+    return columns
 
 
 class SummaryTable(Table):
@@ -119,44 +142,78 @@ def summary_table(results: list[RunResult], edges: list[float], title: str | Non
 
     The layout is compact (two-line headers, no vertical rules, one space between columns)
     and needs about 100 columns. On a narrower console the table leaves out min loss, p50,
-    p95, clipped and max norm, in that order, until it fits, and says so in its caption.
+    p95, clipped, loss spread and max norm, in that order, until it fits, and says so in its
+    caption.
+
+    When the sweep varies the lr, an ``lr`` column follows the norm type. When it varies the
+    seed, there is one row per setting over its seeds (``over_seeds``): the status reads
+    ``stable 2/3`` (stable in 2 of 3 seeds), the onset is the earliest of the seeds', the
+    parameter the first unstable seed's, the final loss is the seeds' mean with its spread
+    (largest minus smallest) beside it, and the norm columns pool every seed's steps.
     """
     return _build_summary_table(results, edges, title, drop=(), adaptive=True)
 
 
+def _run_cells(r: RunResult, edges: list[float]) -> dict:
+    row = r.summary_row()
+    onset = onset_step(r)
+    return {
+        "run": r.run,
+        "max_norm": format_number(r.cell.max_norm),
+        "norm_type": format_norm_type(r.cell.norm_type),
+        "lr": format_number(r.lr),
+        "status": status_text(r.status),
+        "onset": str(onset) if onset is not None else "—",
+        "nan_param": _text(r.nan_param),
+        "final_loss": format_number(row["final_loss"]),
+        "min_loss": format_number(row["min_loss"]),
+        "p50": format_number(row["grad_norm_p50"]),
+        "p95": format_number(row["grad_norm_p95"]),
+        "max": format_number(row["grad_norm_max"]),
+        "clipped": _percent(row["clipped_frac"]),
+        "histogram": Text(sparkline(histogram_counts(r, edges)) if len(edges) >= 2 else ""),
+    }
+
+
+def _group_cells(group: SettingOverSeeds, edges: list[float]) -> dict:
+    pooled = group.pooled()
+    cells = _run_cells(pooled, edges)
+    onsets = [step for step in (onset_step(r) for r in group.runs) if step is not None]
+    unstable = group.first_unstable
+    cells.update(
+        run=group.cell.run,
+        lr=format_number(group.runs[0].lr),
+        status=Text(group.stable_text, style=STATUS_STYLES[unstable.status] if unstable else STATUS_STYLES[STABLE]),
+        onset=str(min(onsets)) if onsets else "—",
+        nan_param=_text(unstable.nan_param if unstable else None),
+        final_loss=format_number(group.mean_final_loss),
+        spread=format_number(group.final_loss_spread),
+    )
+    return cells
+
+
 def _build_summary_table(results, edges, title, drop: tuple[str, ...], adaptive: bool = False) -> Table:
-    keys = [key for key, _, _ in _COLUMNS if key not in drop]
+    columns = _columns(results)
+    drop = tuple(d for d in drop if d in {key for key, _, _ in columns})
+    keys = [key for key, _, _ in columns if key not in drop]
     kwargs = dict(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, show_edge=False)
     # The box's column divider is a space: with no padding, one space separates the columns.
     if adaptive:
         table: Table = SummaryTable(rebuild=lambda d: _build_summary_table(results, edges, title, d), **kwargs)
     else:
         table = Table(**kwargs)
-    for key, header, justify in _COLUMNS:
+    for key, header, justify in columns:
         if key in drop:
             continue
         if key == "nan_param":
             table.add_column(header, overflow="fold", min_width=6)
         else:
             table.add_column(header, justify=justify, no_wrap=True)
-    for r in results:
-        row = r.summary_row()
-        onset = onset_step(r)
-        cells = {
-            "run": r.run,
-            "max_norm": format_number(r.cell.max_norm),
-            "norm_type": format_norm_type(r.cell.norm_type),
-            "status": status_text(r.status),
-            "onset": str(onset) if onset is not None else "—",
-            "nan_param": _text(r.nan_param),
-            "final_loss": format_number(row["final_loss"]),
-            "min_loss": format_number(row["min_loss"]),
-            "p50": format_number(row["grad_norm_p50"]),
-            "p95": format_number(row["grad_norm_p95"]),
-            "max": format_number(row["grad_norm_max"]),
-            "clipped": _percent(row["clipped_frac"]),
-            "histogram": Text(sparkline(histogram_counts(r, edges)) if len(edges) >= 2 else ""),
-        }
+    if seeds_vary(results):
+        rows = [_group_cells(group, edges) for group in over_seeds(results)]
+    else:
+        rows = [_run_cells(r, edges) for r in results]
+    for cells in rows:
         table.add_row(*(cells[k] for k in keys))
     notes = []
     if any(k in keys for k in ("p50", "p95", "max", "histogram")):
@@ -166,11 +223,41 @@ def _build_summary_table(results, edges, title, drop: tuple[str, ...], adaptive:
             f"histogram: {len(edges) - 1} log-spaced bins from {format_number(edges[0])} to "
             f"{format_number(edges[-1])}, shared by all runs"
         )
+    if seeds_vary(results):
+        notes.append("one row per setting over its seeds; final loss: mean over the seeds")
     if drop:
-        names = {"min_loss": "min loss", "p50": "norm p50", "p95": "norm p95", "clipped": "clipped", "max": "norm max"}
-        notes.append("left out to fit the console: " + ", ".join(names[d] for d in drop) + " (see summary.csv)")
+        notes.append("left out to fit the console: " + ", ".join(_DROP_NAMES[d] for d in drop) + " (see summary.csv)")
     if notes:
         table.caption = "; ".join(notes)
+    return table
+
+
+def stability_map(results: list[RunResult]) -> Table | None:
+    """The lr x clipping-setting map: one row per lr, one column per setting (``unclipped``,
+    ``clip_1_2``, ...); each entry the run's status, or with several seeds the number of seeds
+    in which it was stable (``3/3``). ``None`` when the sweep has a single lr."""
+    if not lrs_vary(results):
+        return None
+    lrs, clips, entries = lr_grid(results)
+    several_seeds = seeds_vary(results)
+    title = "stability by lr and max_norm" + (" (stable seeds / seeds)" if several_seeds else "")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+    table.add_column("lr", justify="right", no_wrap=True)
+    for clip in clips:
+        table.add_column(clip.run, justify="center", no_wrap=True)
+    for lr in lrs:
+        row: list = [format_number(lr)]
+        for clip in clips:
+            group = entries.get((lr, clip))
+            if group is None:
+                row.append("—")
+            elif several_seeds:
+                unstable = group.first_unstable
+                style = STATUS_STYLES[unstable.status] if unstable else STATUS_STYLES[STABLE]
+                row.append(Text(f"{group.n_stable}/{len(group.runs)}", style=style))
+            else:
+                row.append(status_text(group.runs[0].status))
+        table.add_row(*row)
     return table
 
 
@@ -182,7 +269,66 @@ def _final_loss(r: RunResult) -> float:
 
 
 def _setting(r: RunResult) -> str:
-    return f"max_norm={r.cell.max_norm:g} norm_type={format_norm_type(r.cell.norm_type)}"
+    return _cell_setting(r.cell)
+
+
+def _cell_setting(cell) -> str:
+    text = f"max_norm={cell.max_norm:g} norm_type={format_norm_type(cell.norm_type)}"
+    return text + (f" lr={format_number(cell.lr)}" if cell.lr is not None else "")
+
+
+def _group_final(group: SettingOverSeeds) -> float:
+    """Mean final loss for ranking; settings without a finite one rank last."""
+    loss = group.mean_final_loss
+    return loss if math.isfinite(loss) else math.inf
+
+
+def _group_outcome(group: SettingOverSeeds, several_seeds: bool) -> str:
+    if several_seeds:
+        return f"{group.stable_text} seeds"
+    r = group.runs[0]
+    text = describe_result(r)
+    return text.split(":", 1)[0] if r.status != STABLE else "stable"
+
+
+def _controls(groups: list[SettingOverSeeds], several_seeds: bool) -> str | None:
+    """``unclipped: lr=0.01 stable, lr=1 diverged at step 2`` (or ``stable 2/3 seeds``)."""
+    parts = []
+    for g in groups:
+        where = f"lr={format_number(g.cell.lr)} " if g.cell.lr is not None else ""
+        parts.append(where + _group_outcome(g, several_seeds))
+    return "unclipped: " + ", ".join(parts) if parts else None
+
+
+def _grouped_verdict(results: list[RunResult]) -> str:
+    """The verdict when the sweep varies the lr or the seed: a setting (clipping cell at an lr)
+    counts as stable only if stable in every seed; ranked by mean final loss."""
+    several_seeds = seeds_vary(results)
+    groups = over_seeds(results)
+    controls = [g for g in groups if not g.cell.clipped]
+    stable_clipped = [g for g in groups if g.cell.clipped and g.stable]
+    stable_controls = [g for g in controls if g.stable]
+    best = min(stable_clipped, key=_group_final) if stable_clipped else None
+    best_control = min(stable_controls, key=_group_final) if stable_controls else None
+    seeds_note = f"in all {len(best.runs)} seeds, mean " if best is not None and several_seeds else ""
+    unclipped = _controls(controls, several_seeds)
+    if best_control is not None and (best is None or _group_final(best_control) <= _group_final(best)):
+        where = f" at lr={format_number(best_control.cell.lr)}" if best_control.cell.lr is not None else ""
+        line = (
+            f"clipping not needed: unclipped is stable{where}"
+            f"{' in every seed' if several_seeds else ''}, final loss {format_number(_group_final(best_control))}"
+        )
+        if best is not None:
+            line += f", no higher than the best clipped setting ({_cell_setting(best.cell)})"
+        return line
+    if best is not None:
+        line = f"best: {_cell_setting(best.cell)} (stable {seeds_note}final loss {format_number(_group_final(best))})"
+        return f"{line}; {unclipped}" if unclipped else line
+    every = " in every seed" if several_seeds else ""
+    line = f"no clipped setting is stable{every}"
+    if unclipped:
+        line += f"; {unclipped}"
+    return line + "; try smaller max_norm values or a lower learning rate"
 
 
 def verdict_line(results: list[RunResult]) -> str:
@@ -192,11 +338,16 @@ def verdict_line(results: list[RunResult]) -> str:
     0.0619); unclipped: diverged at step 2: ...``); the unclipped control is stable and no
     clipped run beats its final loss (``clipping not needed: ...``); no clipped run is stable;
     every run raised. Ties go to the earlier run of the sweep.
+
+    When the sweep varies the lr or the seed, settings are clipping cells at an lr, stable only
+    if stable in every seed and ranked by their mean final loss (``_grouped_verdict``).
     """
     if not results:
         return "no runs"
     if all(r.status == ERROR for r in results):
         return f"no verdict: all {len(results)} runs raised an error (see the tracebacks above)"
+    if lrs_vary(results) or seeds_vary(results):
+        return _grouped_verdict(results)
     control = next((r for r in results if not r.cell.clipped), None)
     clipped = [r for r in results if r.cell.clipped]
     stable = [r for r in clipped if r.status == STABLE]
