@@ -287,3 +287,82 @@ def test_shared_bins_are_ordered_and_count_every_finite_norm(norms, n_bins):
     assert len(edges) == (n_bins + 1 if any(norms) else 2)  # all zeros: the single bin [0, 1]
     assert edges == sorted(edges)
     assert sum(histogram_counts(result, edges)) == len(norms)
+
+
+# --- the lr and seed axes ---------------------------------------------------------------------------
+
+
+def grid_run(max_norm, lr, seed, final, status=STABLE, **kw) -> RunResult:
+    """A run of a sweep over lrs (0.1, 1) and seeds (0, 1, 2): names carry both axes."""
+    steps = [StepRecord(1, 2.0, 4.0, 1.0 if max_norm is None else min(max_norm / 4.000001, 1.0), lr=lr),
+             StepRecord(2, final, 2.0 * (seed + 1), 1.0, lr=lr)]
+    return RunResult(Cell(max_norm, 2.0, lr=lr, seed=seed), status, steps, lr=lr, seed=seed, **kw)
+
+
+def grid_results():
+    out = []
+    for seed in (0, 1, 2):
+        for lr in (0.1, 1.0):
+            control_ok = lr == 0.1 and seed != 2
+            out.append(grid_run(None, lr, seed, 0.9 if control_ok else 50.0, STABLE if control_ok else DIVERGED,
+                                diverged_step=None if control_ok else 2))
+            out.append(grid_run(1.0, lr, seed, 0.5 + 0.1 * seed + (0.0 if lr == 0.1 else 0.3)))
+    return out
+
+
+def test_several_seeds_give_one_row_per_setting_with_stable_k_of_n_and_the_loss_spread():
+    results = grid_results()
+    text = render(summary_table(results, shared_log_bins(results)))
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith(("unclipped@", "clip_"))}
+    assert list(rows) == ["unclipped@lr=0.1", "clip_1_2@lr=0.1", "unclipped@lr=1", "clip_1_2@lr=1"]
+    assert "stable 2/3" in rows["unclipped@lr=0.1"] and "stable 0/3" in rows["unclipped@lr=1"]
+    assert "stable 3/3" in rows["clip_1_2@lr=0.1"] and "stable 3/3" in rows["clip_1_2@lr=1"]
+    # clip_1_2 at lr 0.1: final losses 0.5, 0.6, 0.7 -> mean 0.6, spread 0.2
+    cells = rows["clip_1_2@lr=0.1"].split()
+    assert cells[cells.index("3/3") + 1:cells.index("3/3") + 5] == ["—", "—", "0.6", "0.2"]
+    assert "onset" in text and "spread" in text and "mean" in text
+
+
+def test_stable_k_of_n_is_green_only_when_every_seed_is_stable():
+    results = grid_results()
+    table = summary_table(results, shared_log_bins(results))
+    statuses = table.columns[[c.header for c in table.columns].index("status")]._cells
+    assert [(c.plain, c.style) for c in statuses] == [
+        ("stable 2/3", STATUS_STYLES[DIVERGED]), ("stable 3/3", STATUS_STYLES[STABLE]),
+        ("stable 0/3", STATUS_STYLES[DIVERGED]), ("stable 3/3", STATUS_STYLES[STABLE])]
+
+
+def test_stability_map_lr_by_max_norm():
+    from gradcheck_cli.report.terminal import stability_map
+
+    assert stability_map(sweep_results()) is None  # one lr: no map
+    text = render(stability_map(grid_results()))
+    lines = [line.split() for line in text.splitlines()]
+    assert ["lr", "unclipped", "clip_1_2"] in lines
+    assert ["0.1", "2/3", "3/3"] in lines and ["1", "0/3", "3/3"] in lines
+    single_seed = [r for r in grid_results() if r.seed == 2]
+    single_seed = [RunResult(Cell(r.cell.max_norm, 2.0, lr=r.cell.lr), r.status, r.steps, lr=r.lr) for r in single_seed]
+    lines = [line.split() for line in render(stability_map(single_seed)).splitlines()]
+    assert ["0.1", "diverged", "stable"] in lines and ["1", "diverged", "stable"] in lines
+
+
+def test_grouped_verdict_needs_every_seed_stable_and_ranks_by_mean_final_loss():
+    line = verdict_line(grid_results())
+    assert line.startswith("best: max_norm=1 norm_type=2 lr=0.1 (stable in all 3 seeds, mean final loss 0.6)")
+    assert "unclipped: lr=0.1 stable 2/3 seeds, lr=1 stable 0/3 seeds" in line
+    # the control stable in every seed with a lower mean final loss: clipping not needed
+    results = [r for r in grid_results() if not (r.cell.max_norm is None and r.cell.lr == 0.1)]
+    results += [grid_run(None, 0.1, seed, 0.2) for seed in (0, 1, 2)]
+    assert verdict_line(results).startswith("clipping not needed: unclipped is stable at lr=0.1 in every seed, final loss 0.2")
+
+
+def test_describe_amp_collapse_and_micro_batch_onsets():
+    from gradcheck_cli.results import SOURCE_AMP
+
+    steps = [StepRecord(1, 1.0, 2.0, 1.0)] + [StepRecord(i, 1.0, math.inf, NAN, skipped=True) for i in range(2, 22)]
+    amp = RunResult(Cell(None), NON_FINITE, steps, nan_step=21, nan_source=SOURCE_AMP, nan_param="head.weight")
+    assert describe_result(amp) == ("non_finite at step 21 (amp): the gradient scaler skipped 20 steps in a row "
+                                    "(from step 2); non-finite gradient in head.weight")
+    forward = RunResult(Cell(None), NON_FINITE, [StepRecord(3, NAN)], nan_step=3, nan_source=SOURCE_FORWARD,
+                        nan_micro_batch=2)
+    assert describe_result(forward) == "non_finite at step 3 (forward, micro-batch 2): the loss is nan"

@@ -279,3 +279,107 @@ def test_a_seed_of_a_multi_seed_sweep_equals_a_single_seed_sweep():
     for r in alone:
         twin = by_name[f"{r.run}@seed=1"]
         assert [(s.loss, s.grad_norm, s.clip_coef) for s in twin.steps] == [(s.loss, s.grad_norm, s.clip_coef) for s in r.steps]
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from gradcheck_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+GRID_ARGS = [AMP_SCRIPT, "--steps", 4, "--lr", "0.1,0.4", "--seeds", "0,1", "--max-norm", "0.05", "--norm-type", "2",
+             "--amp", "fp16", "--amp-init-scale", FORCES_SKIPS, "--accumulate", 2]
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "r"
+    junit = out.parent / "junit.xml"
+    result = invoke("sweep", *GRID_ARGS, "--out", out, "--junit", junit)
+    return result, out, junit
+
+
+def test_grid_sweep_writes_every_axis_to_the_reports(grid_sweep):
+    import pandas as pd
+
+    result, out, junit = grid_sweep
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["run"]) == [f"{base}@lr={lr},seed={seed}" for seed in (0, 1) for lr in ("0.1", "0.4")
+                                    for base in ("unclipped", "clip_0.05_2")]
+    assert list(summary["lr"]) == [0.1, 0.1, 0.4, 0.4] * 2 and list(summary["seed"]) == [0] * 4 + [1] * 4
+    assert (summary["skipped_steps"] >= 1).all() and (summary["first_skip"] == 1).all()
+    steps = pd.read_csv(out / "steps.csv")
+    assert set(steps.columns) >= {"lr", "skipped", "seed"} and set(steps["skipped"]) == {0, 1}
+    # fairness per (lr, seed): step 1 is identical across the runs sharing them
+    first = steps[steps["step"] == 1].merge(summary[["run", "lr", "seed"]], on="run", suffixes=("_step", ""))
+    assert (first.groupby(["lr", "seed"])["loss"].nunique() == 1).all()
+    assert "stable 2/2" in result.stdout and "stability: lr x max_norm" in result.stdout
+    verdict = result.stdout.strip().splitlines()[-1]
+    assert "lr=" in verdict and ("in every seed" in verdict or "in all 2 seeds" in verdict)
+
+    from junitparser import JUnitXml
+
+    suite = next(iter(JUnitXml.fromfile(str(junit))))
+    assert [case.name for case in suite] == list(summary["run"])
+
+
+def test_grid_sweep_resumes_with_its_axes(grid_sweep, tmp_path):
+    import json
+    import shutil
+
+    _, out, _ = grid_sweep
+    part = tmp_path / "part"
+    shutil.copytree(out, part)
+    manifest = json.loads((part / "gradclip-sweep.json").read_text())
+    manifest["finished_runs"] = manifest["finished_runs"][:3]  # as if interrupted after 3 runs
+    (part / "gradclip-sweep.json").write_text(json.dumps(manifest))
+    resumed = invoke("sweep", *GRID_ARGS, "--out", part, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming: 3 of 8 runs" in resumed.stderr
+    for name in ("steps.csv", "histograms.csv"):
+        assert (part / name).read_bytes() == (out / name).read_bytes()
+    refused = invoke("sweep", *GRID_ARGS[:-2], "--accumulate", 1, "--out", part, "--resume")
+    assert refused.exit_code == 2 and "--accumulate 2 (saved) vs 1 (now)" in refused.output
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--seed", "1", "--seeds", "0,1"], "--seed 1 and --seeds 0,1 disagree"),
+        (["--seeds", "0,x"], "'x'"),
+        (["--amp", "fp8"], "--amp 'fp8' is not a precision mode"),
+        (["--accumulate", "0"], "--accumulate 0"),
+        (["--lr", "0.1,-1"], "--lr '-1'"),
+        (["--max-norm", "0.1,0.10000001"], "would both be named 'clip_0.1_2'"),
+    ],
+)
+def test_bad_axis_options_exit_2(tmp_path, args, needle):
+    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 1, "--norm-type", "2", *args, "--out", tmp_path / "r")
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def test_seed_and_seeds_that_agree_are_one_seed(tmp_path):
+    import pandas as pd
+
+    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2",
+                    "--seed", 3, "--seeds", "3", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert list(summary["run"]) == ["unclipped", "clip_1_2"] and list(summary["seed"]) == [3, 3]
+
+
+def test_check_trains_with_amp_and_accumulation(tmp_path):
+    result = invoke("check", AMP_SCRIPT, "--steps", 6, "--amp", "fp16", "--amp-init-scale", FORCES_SKIPS,
+                    "--accumulate", 2, "--lr", 0.05, "--json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    [row] = json.loads(result.stdout)
+    assert row["status"] == "stable" and row["lr"] == 0.05 and row["skipped_steps"] >= 1

@@ -240,8 +240,9 @@ def stability_map(results: list[RunResult]) -> Table | None:
         return None
     lrs, clips, entries = lr_grid(results)
     several_seeds = seeds_vary(results)
-    title = "stability by lr and max_norm" + (" (stable seeds / seeds)" if several_seeds else "")
-    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+    caption = "entries: seeds stable / seeds" if several_seeds else "entries: status of each run"
+    table = Table(title="stability: lr x max_norm", caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1),
+                  pad_edge=False, show_edge=False)
     table.add_column("lr", justify="right", no_wrap=True)
     for clip in clips:
         table.add_column(clip.run, justify="center", no_wrap=True)
