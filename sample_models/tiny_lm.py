@@ -2,7 +2,8 @@
 
 Model: embedding (24) -> one LSTM layer (64 hidden units) -> linear read-out over the
 characters of the text; trained with next-character cross-entropy by Adam (``lr=3e-3``,
-from ``build_optimizer``, so gradclip's ``--lr`` does not apply to this script).
+from ``build_optimizer``; gradclip's ``--lr``, when given, replaces it) with a linear warm-up
+over the first ``WARMUP`` steps (``build_scheduler``).
 
 Data: a small English text generated in this file from a fixed grammar and a private random
 generator (about 8,000 characters, 29 distinct ones, no downloads); batches of 16 windows of
@@ -31,6 +32,7 @@ N_BATCHES = 50  # one pass; batches() is called again when it runs out
 EMBED = 24
 HIDDEN = 64
 LR = 3e-3
+WARMUP = 10  # steps of linear learning-rate warm-up
 TEXT_SEED = 7
 DATA_SEED = 11
 
@@ -76,6 +78,11 @@ def build_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=LR)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up: lr/WARMUP at the first step, the full lr from step WARMUP on."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / WARMUP))
+
+
 def batches():
     """Random windows of the text (inputs, next-character targets); the same ones every pass."""
     g = torch.Generator().manual_seed(DATA_SEED)
@@ -109,6 +116,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = build_model()
     opt = build_optimizer(model)
+    sched = build_scheduler(opt)
     it = iter(batches())
     for step in range(1, 301):
         try:
@@ -120,6 +128,7 @@ if __name__ == "__main__":
         loss = loss_fn(model, batch)
         loss.backward()
         opt.step()
+        sched.step()
         if step in (1, 10, 50, 100, 200, 300):
             print(f"step {step:3d}  loss {loss.item():.4f}")
     print(sample(model))

@@ -11,7 +11,7 @@ from gradcheck_cli.errors import ExitCode, UsageError
 from gradcheck_cli.recipes import bundled_recipes_dir, list_bundled_recipes, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED = ["exploding_rnn", "nan_at_step", "tiny_lm"]
+BUNDLED = ["exploding_rnn", "nan_at_step", "tiny_lm", "tiny_lm_grid"]
 # The keys load_recipe returns for SweepConfig.from_values.
 RECIPE_VALUES = {"script", "max_norms", "norm_types", "steps", "seed", "seeds", "lr", "divergence_factor", "device",
                  "amp", "accumulate", "amp_init_scale"}
@@ -38,7 +38,8 @@ def test_bundled_recipes_are_listed_with_descriptions():
 @pytest.mark.parametrize("name", BUNDLED)
 def test_bundled_recipe_makes_a_valid_sweep_config(name):
     values = load_recipe(name)
-    assert values["script"] == (REPO / "sample_models" / f"{name}.py").resolve()
+    script = {"tiny_lm_grid": "tiny_lm"}.get(name, name)  # a second recipe for the same sample
+    assert values["script"] == (REPO / "sample_models" / f"{script}.py").resolve()
     assert values["script"].is_file()
     config = SweepConfig.from_values({k: v for k, v in values.items() if k in RECIPE_VALUES})
     assert config.steps >= 1 and config.device == "cpu"

@@ -19,7 +19,8 @@ from reference_loop import reference_training
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 NAMES = ["exploding_rnn", "nan_at_step", "tiny_lm"]
-SWEEP_FIELDS = {"script", "max_norms", "norm_types", "steps", "seed", "lr", "divergence_factor", "device"}
+RECIPE_VALUES = {"script", "max_norms", "norm_types", "steps", "seed", "seeds", "lr", "divergence_factor", "device",
+                 "amp", "accumulate", "amp_init_scale"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,18 +37,18 @@ def experiment(name):
     return load_experiment(SAMPLES / f"{name}.py")
 
 
-def train(name, steps=100, lr=0.01, max_norm=None, norm_type=2.0, seed=0):
+def train(name, steps=100, lr=None, max_norm=None, norm_type=2.0, seed=0):
     """The reference loop (plain torch): per step (loss, pre-clip L2 norm, names of parameters
     with non-finite gradients)."""
     history = reference_training(experiment(name), steps, lr=lr, max_norm=max_norm, norm_type=norm_type,
                                  seed=seed, track_non_finite=True)
-    return [tuple(h) for h in history]
+    return [(h.loss, h.norm, h.non_finite_params) for h in history]
 
 
 def recipe_config(name, **overrides) -> SweepConfig:
-    values = {k: v for k, v in load_recipe(name).items() if k in SWEEP_FIELDS}
+    values = {k: v for k, v in load_recipe(name).items() if k in RECIPE_VALUES}
     values.update(overrides)
-    return SweepConfig(**values)
+    return SweepConfig.from_values(values)
 
 
 # --- the contract -------------------------------------------------------------------------------
@@ -151,3 +152,14 @@ def test_tiny_lm_recipe_is_stable_everywhere():
     for r in results:
         assert r.status == STABLE and len(r.steps) == 100
         assert r.steps[-1].loss < r.steps[0].loss - 1.0
+
+
+def test_tiny_lm_grid_recipe_trains_every_lr_and_seed_in_bf16():
+    config = recipe_config("tiny_lm_grid", steps=3)
+    assert (config.amp, config.accumulate, config.lrs, config.seeds) == ("bf16", 2, (0.003, 0.03), (0, 1, 2))
+    results = run_sweep(config, experiment("tiny_lm"))
+    assert len(results) == 12 and results[0].run == "unclipped@lr=0.003,seed=0"
+    for r in results:
+        assert r.status == STABLE
+        # the script's warm-up, from the lr the axis set: lr/10, 2 lr/10, 3 lr/10
+        assert [s.lr for s in r.steps] == [r.lr * min(1.0, (i + 1) / 10) for i in range(3)]
