@@ -383,3 +383,24 @@ def test_check_trains_with_amp_and_accumulation(tmp_path):
 
     [row] = json.loads(result.stdout)
     assert row["status"] == "stable" and row["lr"] == 0.05 and row["skipped_steps"] >= 1
+
+
+def test_under_fp16_a_non_finite_loss_is_still_a_forward_onset():
+    [r] = sweep(SCRIPTS / "nan_forward.py", steps=8, amp="fp16", amp_init_scale=1.0, max_norms=(1.0,),
+                norm_types=(2.0,))[:1]
+    assert (r.status, r.nan_step, r.nan_source, r.skipped_steps) == (NON_FINITE, 5, SOURCE_FORWARD, 0)
+    assert math.isnan(r.steps[-1].loss) and not r.steps[-1].skipped
+
+
+def test_a_half_precision_model_under_fp16_is_an_error_run_that_says_why(tmp_path):
+    script = write(tmp_path, "half.py", """
+        import torch
+        def build_model():
+            return torch.nn.Linear(2, 1).half()
+        def batches():
+            return [torch.ones(1, 2, dtype=torch.half)]
+        def loss_fn(model, batch):
+            return model(batch).float().sum()
+        """)
+    [r] = sweep(script, steps=2, amp="fp16", max_norms=(1.0,), norm_types=(2.0,))[:1]
+    assert r.status == ERROR and "--amp fp16 cannot unscale" in r.error and "float32" in r.error
