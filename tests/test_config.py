@@ -102,3 +102,42 @@ def test_from_values_applies_defaults_and_validates(tmp_path):
         SweepConfig.from_values({"script": script, "seed": -1})
     with pytest.raises(UsageError, match="--divergence-factor"):
         SweepConfig.from_values({"script": script, "divergence_factor": 0})
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(positive, min_size=1, max_size=3, unique_by=lambda x: f"{x:g}"),
+    st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=3, unique=True),
+    st.lists(positive, min_size=1, max_size=3, unique_by=lambda x: f"{x:g}"),
+)
+def test_grid_names_are_unique_and_name_only_the_axes_that_vary(tmp_path_factory, lrs, seeds, max_norms):
+    script = tmp_path_factory.mktemp("m") / "m.py"
+    script.write_text("")
+    config = SweepConfig.from_values({"script": script, "lr": lrs, "seeds": seeds, "max_norms": max_norms,
+                                      "norm_types": "2,inf"})
+    cells = config.cells()
+    names = [c.run for c in cells]
+    assert len(names) == len(set(names)) == len(lrs) * len(seeds) * (1 + 2 * len(max_norms))
+    for cell in cells:
+        assert ("lr=" in cell.run) == (len(lrs) > 1) and ("seed=" in cell.run) == (len(seeds) > 1)
+        assert config.lr_of(cell) in lrs and config.seed_of(cell) in seeds
+    # seed-major: each seed's runs are contiguous, so one snapshot is held at a time
+    order = [config.seed_of(c) for c in cells]
+    assert order == sorted(order, key=seeds.index)
+
+
+def test_axes_from_values_and_their_checks(tmp_path):
+    script = tmp_path / "m.py"
+    script.write_text("")
+    config = SweepConfig.from_values({"script": script, "lr": "0.1, 1,0.1", "seeds": "2,0", "amp": "bf16", "accumulate": 4})
+    assert (config.lrs, config.seeds, config.amp, config.accumulate) == ((0.1, 1.0), (2, 0), "bf16", 4)
+    assert SweepConfig.from_values({"script": script}).lrs is None  # no lr given: the script keeps its own
+    assert SweepConfig.from_values({"script": script, "seed": 4}).seeds == (4,)
+    assert SweepConfig.from_values({"script": script, "seed": 4, "seeds": "4"}).seeds == (4,)
+    with pytest.raises(UsageError, match="disagree"):
+        SweepConfig.from_values({"script": script, "seed": 4, "seeds": "4,5"})
+    with pytest.raises(UsageError, match="too close to tell apart"):
+        SweepConfig.from_values({"script": script, "lr": "0.1,0.1000001", "max_norms": "1"})
+    fingerprint = config.fingerprint()
+    assert (fingerprint["lrs"], fingerprint["seeds"], fingerprint["amp"], fingerprint["accumulate"]) == ([0.1, 1.0], [2, 0], "bf16", 4)
+    assert json.loads(json.dumps(fingerprint)) == fingerprint
