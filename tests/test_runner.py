@@ -48,7 +48,7 @@ def run(script: Path | str, cell: Cell = CONTROL, seed: int = 0, lr: float | Non
     return run_cell(exp, model, cell, cfg), model
 
 
-def bare_loop(name: str, steps: int, lr: float = 0.01, max_norm=None, norm_type=2.0, seed=0):
+def bare_loop(name: str, steps: int, lr: float | None = None, max_norm=None, norm_type=2.0, seed=0):
     """The reference loop's losses and pre-clip norms for a test script."""
     history = reference_training(load_experiment(script_path(name)), steps, lr=lr, max_norm=max_norm,
                                  norm_type=norm_type, seed=seed)
