@@ -40,6 +40,8 @@ def bare_runs(experiment, cells, steps_per_run, seed, lr) -> None:
             optimizer = experiment.build_optimizer_fn(model)
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        build_scheduler = experiment.build_scheduler_fn
+        scheduler = build_scheduler(optimizer) if build_scheduler is not None else None
         torch.manual_seed(seed)
         data = iter(experiment.batches_fn())
         for _ in range(steps):
@@ -54,6 +56,8 @@ def bare_runs(experiment, cells, steps_per_run, seed, lr) -> None:
             if cell.max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cell.max_norm, cell.norm_type)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
 
 
 def measure(sample: str, reps: int, steps: int) -> tuple[float, float]:

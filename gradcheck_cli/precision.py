@@ -49,6 +49,7 @@ class Precision:
         self.mode = mode
         self.device_type = torch.device(device).type
         self.scaler = torch.amp.GradScaler(self.device_type, init_scale=init_scale) if mode == AMP_FP16 else None
+        self._checked = False  # the scaler recorded an inf check this step
 
     @property
     def scaled(self) -> bool:
@@ -76,16 +77,18 @@ class Precision:
         if self.scaler is None:
             return None
         per_device = list(self.scaler._found_inf_per_device(optimizer).values())
-        if not per_device:  # the optimizer holds no gradient at all
+        self._checked = bool(per_device)
+        if not per_device:  # no parameter of the optimizer has a gradient: nothing to skip
             return torch.zeros((), dtype=torch.float64)
         first = per_device[0]
         return sum((v.to(first.device, torch.float64) for v in per_device[1:]), first.to(torch.float64))
 
     def update(self) -> None:
         """End of an fp16 step, taken or skipped: back off after a skip, else count towards growth."""
-        if self.scaler is not None:
+        if self.scaler is None:
+            return
+        if self._checked:
             self.scaler.update()
-
-    def scale(self) -> float | None:
-        """The current scale (a host sync); ``None`` without a scaler."""
-        return float(self.scaler.get_scale()) if self.scaler is not None else None
+        else:  # nothing was checked (no gradients): keep the scale, reset the step's state
+            self.scaler.update(new_scale=self.scaler.get_scale())
+        self._checked = False

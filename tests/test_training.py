@@ -404,3 +404,27 @@ def test_a_half_precision_model_under_fp16_is_an_error_run_that_says_why(tmp_pat
         """)
     [r] = sweep(script, steps=2, amp="fp16", max_norms=(1.0,), norm_types=(2.0,))[:1]
     assert r.status == ERROR and "--amp fp16 cannot unscale" in r.error and "float32" in r.error
+
+
+def test_fp16_with_an_optimizer_holding_no_gradient_keeps_training(tmp_path):
+    # the optimizer holds only a parameter the loss does not use: the scaler checks nothing
+    script = write(tmp_path, "unused.py", """
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.used = torch.nn.Linear(2, 1)
+                self.unused = torch.nn.Parameter(torch.ones(1))
+            def forward(self, x):
+                return self.used(x)
+        def build_model():
+            return Net()
+        def build_optimizer(model):
+            return torch.optim.SGD([model.unused], lr=0.1)
+        def batches():
+            return [torch.ones(2, 2)]
+        def loss_fn(model, batch):
+            return model(batch).pow(2).mean()
+        """)
+    [r] = sweep(script, steps=3, amp="fp16", amp_init_scale=1.0, max_norms=(1.0,), norm_types=(2.0,))[:1]
+    assert r.status == STABLE and len(r.steps) == 3 and r.skipped_steps == 0
