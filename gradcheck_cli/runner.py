@@ -65,6 +65,7 @@ from gradcheck_cli import engine
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig
 from gradcheck_cli.detect import clip_coefficient, first_index, is_diverged, is_non_finite
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
+from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -77,7 +78,6 @@ from gradcheck_cli.results import (
     RunResult,
     StepRecord,
 )
-from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
 from gradcheck_cli.snapshot import Snapshot
 
 
