@@ -189,7 +189,7 @@ def _resume_command(argv: list[str]) -> str:
 @_exit_on_errors
 def sweep(
     script: Optional[Path] = typer.Argument(
-        None, help="Your model script (defines build_model, batches, loss_fn; optionally build_optimizer).", show_default=False
+        None, help="Your model script (defines build_model, batches, loss_fn; optionally build_optimizer, build_scheduler).", show_default=False
     ),
     max_norm: Optional[str] = typer.Option(None, "--max-norm", help="Comma-separated positive max_norm values (default 0.1,1,10)."),
     norm_type: Optional[str] = typer.Option(None, "--norm-type", help="Comma-separated norm types, numbers or inf (default 2,inf)."),
@@ -221,8 +221,9 @@ def sweep(
 ) -> None:
     """Run short training bursts unclipped and per max_norm x norm_type cell; report which clipping setting is stable.
 
-    Every run starts from identical weights, optimizer state, RNG state and batch order. Results go to
-    the terminal and to CSV files in --out, written after every finished run.
+    Every run starts from identical weights, optimizer state, RNG state and batch order (per seed with
+    --seeds; every cell and the control run again at each --lr). Results go to the terminal and to
+    CSV files in --out, written after every finished run.
     """
     config, recipe_fail_nan, recipe_fail_div = _resolve_config(
         script,
