@@ -145,10 +145,11 @@ class RunResult:
     error_traceback: str | None = None  # trimmed to the user's frames; terminal only, not CSV
     lr: float | None = None  # the lr the run started at when gradclip set it; None: the script's own
     seed: int | None = None  # the seed the run started from
+    name: str | None = None  # run name when it is not the cell's (a monitored run: ``monitor``)
 
     @property
     def run(self) -> str:
-        return self.cell.run
+        return self.name if self.name is not None else self.cell.run
 
     def finite_norms(self) -> list[float]:
         """Finite pre-clip norms of the steps that were taken (skipped steps left out)."""

@@ -85,10 +85,10 @@ def _bits(v):
 def same_result(a: RunResult, b: RunResult) -> bool:
     def key(r):
         steps = [
-            (tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef)), tuple((n, _bits(v)) for n, v in s.layers))
+            (tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef, s.lr)), s.skipped, tuple((n, _bits(v)) for n, v in s.layers))
             for s in r.steps
         ]
-        return (r.cell, r.status, steps, r.nan_step, r.nan_source, r.nan_param, r.diverged_step, round(r.seconds, 4), r.error)
+        return (r.run, r.cell, r.status, steps, r.nan_step, r.nan_source, r.nan_param, r.diverged_step, round(r.seconds, 4), r.error)
 
     return key(a) == key(b)
 
@@ -340,7 +340,11 @@ def run_results(draw):
             continue
         seen.add(cell.run)
         n = draw(st.integers(min_value=0, max_value=6))
-        steps = [StepRecord(i + 1, draw(finite_or_not), draw(finite_or_not), draw(finite_or_not)) for i in range(n)]
+        steps = [
+            StepRecord(i + 1, draw(finite_or_not), draw(finite_or_not), draw(finite_or_not),
+                       lr=draw(finite_or_not), skipped=draw(st.booleans()))
+            for i in range(n)
+        ]
         status = draw(st.sampled_from([STABLE, NON_FINITE, DIVERGED, ERROR]))
         text = st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), min_size=1, max_size=20))
         out.append(
@@ -356,6 +360,8 @@ def run_results(draw):
                 error=draw(text),
             )
         )
+    if draw(st.booleans()):  # a monitored run: named by its producer, not by its cell
+        out.append(RunResult(Cell(draw(st.sampled_from([None, 1.0]))), STABLE, [], name="monitor"))
     return out
 
 

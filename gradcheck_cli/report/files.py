@@ -333,6 +333,7 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
             error=row["error"] or None,
             lr=lr,
             seed=seed,
+            name=run if run != cell.run else None,
         )
     return loaded
 
