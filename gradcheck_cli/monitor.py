@@ -1,0 +1,545 @@
+"""gradclip's measurements inside your own training loop, written as a sweep's files.
+
+::
+
+    from gradcheck_cli.monitor import GradMonitor
+
+    with GradMonitor(model, optimizer, out="gradclip-monitor") as monitor:
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            monitor.record_loss(loss)                               # optional
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # or no clipping at all
+            optimizer.step()
+
+The loop stays as it is. While the monitor is active:
+
+* ``torch.nn.utils.clip_grad_norm_`` (also reached as ``torch.nn.utils.clip_grad.clip_grad_norm_``,
+  and the name ``clip_grad_norm_`` imported into ``__main__`` or into the module that enters the
+  monitor) is wrapped: before the original runs, gradclip's engine measures the gradients of all
+  the model's parameters in the call's norm type, so the recorded norm is the pre-clip norm and
+  the first non-finite parameter is located before clipping spreads NaN; then the original clips
+  exactly as it would have (training is bit-identical with and without the monitor), and the
+  coefficient it applied, ``min(max_norm / (total + 1e-6), 1)`` from the total it returned, is
+  recorded. Calls on parameters of another model pass straight through.
+* a step pre-hook on the optimizer closes the step just before ``optimizer.step()`` (after the
+  last micro-batch under gradient accumulation): when nothing clipped, the gradients are measured
+  there (L2, or the norm type of the last clip call);
+* ``torch.amp.GradScaler.step`` is wrapped: it unscales the gradients before the optimizer runs,
+  and when it finds inf/NaN it does not call ``optimizer.step()`` at all; such a step is recorded
+  with ``skipped = 1`` and its (non-finite, unscaled) norm, and is not a ``non_finite`` verdict.
+
+Per optimizer step (numbered from 1, skipped steps included) one ``StepRecord``: the loss (the mean
+of the losses given to ``record_loss`` since the previous step; blank when none), the pre-clip
+total norm, the clip coefficient applied (1 when nothing clipped, blank when the scaler skipped
+the step), ``lr`` (the first parameter group's, as used by the step), ``skipped``, and the
+per-layer norms (``layers.LayerGrouping``, as a sweep groups them) from the same measuring pass.
+
+Host syncs: everything a step records is gathered on the gradients' device and brought to the
+host in one transfer per step (one ``.tolist()``); nothing else reads device values.
+
+Verdicts use a sweep's words: ``stable``; ``non_finite`` at the first step whose loss
+(``forward``) or pre-clip norm (``backward``, in a step the optimizer took) is NaN/inf, with the
+first non-finite parameter in ``named_parameters()`` order; ``diverged`` when a finite loss first
+exceeds ``divergence_factor`` x the first recorded loss; ``error`` when the loop raised inside
+the ``with`` block. Later steps are still recorded; the first event is the verdict. With
+``stop_on_non_finite=True`` the monitor raises ``NonFiniteError`` from the pre-step hook, so the
+optimizer never applies the non-finite update.
+
+Files (``out``): ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv`` with one run
+named ``run`` (default ``monitor``), written by ``report.files.write_reports`` (each atomically)
+every ``write_every`` steps, at the first non-finite or diverged step, and on exit, so a killed
+training leaves readable files up to its last write.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import types
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradcheck_cli import engine
+from gradcheck_cli.detect import is_diverged, is_non_finite
+from gradcheck_cli.layers import AUTO, LayerGrouping
+from gradcheck_cli.results import (
+    DIVERGED,
+    ERROR,
+    NON_FINITE,
+    SOURCE_BACKWARD,
+    SOURCE_FORWARD,
+    STABLE,
+    Cell,
+    RunResult,
+    StepRecord,
+    shared_log_bins,
+)
+
+DEFAULT_RUN = "monitor"
+DEFAULT_OUT = "gradclip-monitor"
+
+__all__ = ["DEFAULT_OUT", "DEFAULT_RUN", "GradMonitor", "NonFiniteError", "StepRecorder"]
+
+
+class NonFiniteError(RuntimeError):
+    """Training reached a non-finite loss or gradient and the monitor was asked to stop."""
+
+    def __init__(self, step: int, source: str, param: str | None, value: float) -> None:
+        what = "loss" if source == SOURCE_FORWARD else "pre-clip gradient norm"
+        where = f"; first non-finite gradient: {param}" if param else ""
+        super().__init__(
+            f"non-finite {what} ({value}) at optimizer step {step} ({source}){where}; "
+            "the step was not applied"
+        )
+        self.step = step
+        self.source = source
+        self.param = param
+
+
+def _describe(exc: BaseException) -> str:
+    msg = str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+class StepRecorder:
+    """Per-step measurement and bookkeeping shared by ``GradMonitor`` and the framework callbacks.
+
+    The producer calls, per optimizer step: ``add_loss`` (any number of times), ``measure``
+    (at the pre-clip moment; later calls in the same step do nothing), ``note_clip`` (after each
+    clip call), then ``finish_step``, which syncs once, judges, records and returns the step's
+    event (``None``, or the ``NonFiniteError`` describing the first non-finite step).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        out: str | Path = DEFAULT_OUT,
+        *,
+        run: str = DEFAULT_RUN,
+        layer_depth: int | str | None = AUTO,
+        write_every: int = 100,
+        divergence_factor: float | None = 10.0,
+        norm_type: float = 2.0,
+    ) -> None:
+        if write_every < 1:
+            raise ValueError(f"write_every must be a whole number >= 1, got {write_every}")
+        self.model = model
+        self.out = Path(out)
+        self.run = run
+        self.write_every = int(write_every)
+        self.divergence_factor = divergence_factor
+        self.norm_type = float(norm_type)
+        self.grouping = LayerGrouping(layer_depth)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._owned = {id(p) for _, p in self.named}
+        self.steps: list[StepRecord] = []
+        self.status = STABLE
+        self.nan_step: int | None = None
+        self.nan_source: str | None = None
+        self.nan_param: str | None = None
+        self.diverged_step: int | None = None
+        self.error: str | None = None
+        self.max_norm: float | None = None  # first finite max_norm seen in a clip call
+        self.clip_norm_type: float | None = None
+        self._first_loss: float | None = None
+        self._start = time.perf_counter()
+        self._written = 0
+        self._reset_step()
+
+    # ---- per step -------------------------------------------------------------------------
+
+    def _reset_step(self) -> None:
+        self._loss_sum: Tensor | None = None
+        self._loss_count = 0
+        self._measured: tuple | None = None  # (norm_type, total, per-tensor norms, names)
+        self._coef: Tensor | None = None
+
+    @property
+    def pending(self) -> bool:
+        """True when this step has measured gradients that ``finish_step`` has not recorded."""
+        return self._measured is not None
+
+    def owns(self, param: Tensor) -> bool:
+        return id(param) in self._owned
+
+    def add_loss(self, loss: Tensor | float) -> None:
+        """Add one (micro-batch) loss to the current step; the step records their mean."""
+        if isinstance(loss, Tensor):
+            value = loss.detach().reshape(-1)[0].to(torch.float64)
+        else:
+            value = torch.tensor(float(loss), dtype=torch.float64)
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
+        self._loss_count += 1
+
+    def measure(self, norm_type: float | None = None) -> None:
+        """Measure every gradient of the model now (once per step): total, per-tensor norms."""
+        if self._measured is not None:
+            return
+        p = float(norm_type) if norm_type is not None else (self.clip_norm_type or self.norm_type)
+        gn = engine.measure_grad_norms(self.named, p)
+        self._measured = (p, gn.total_norm, gn.norms, gn.names or ())
+
+    def note_clip(self, max_norm: float, total: Tensor | float) -> None:
+        """Record the coefficient a ``clip_grad_norm_`` call applied, from the total it returned
+        (computed in the total's dtype, as torch computes it). Several calls: the smallest."""
+        max_norm = float(max_norm)
+        if math.isfinite(max_norm) and self.max_norm is None:
+            self.max_norm = max_norm
+        if not isinstance(total, Tensor):
+            total = torch.tensor(float(total))
+        coef = torch.clamp(max_norm / (total.detach() + 1e-6), max=1.0).to(torch.float64)
+        self._coef = coef if self._coef is None else torch.minimum(self._coef, coef.to(self._coef.device))
+
+    def note_unknown_coefficient(self) -> None:
+        """Something clipped without a single coefficient (value clipping): record it blank."""
+        self._coef = torch.tensor(math.nan, dtype=torch.float64)
+
+    def note_norm_type(self, norm_type: float) -> None:
+        self.clip_norm_type = float(norm_type)
+
+    def finish_step(self, *, skipped: bool = False, lr: Any = None) -> NonFiniteError | None:
+        """Close the step: one host transfer, the verdict, the record, maybe a write."""
+        self.measure()
+        p, total, norms, names = self._measured
+        device = total.device
+        f64 = torch.float64
+        nan = torch.full((1,), math.nan, dtype=f64, device=device)
+        has_loss = self._loss_sum is not None
+        if has_loss:
+            loss = (self._loss_sum.to(device) / self._loss_count).reshape(1)
+        else:
+            loss = nan
+        if skipped:
+            coef = nan  # the scaler applied nothing
+        elif self._coef is not None:
+            coef = self._coef.to(device).reshape(1)
+        else:
+            coef = torch.ones(1, dtype=f64, device=device)  # nothing clipped
+        if norms.numel():
+            bad = (~torch.isfinite(norms)).to(torch.uint8)
+            first_bad = torch.argmax(bad).to(f64).reshape(1)
+            groups, group_norms = self.grouping.combine(tuple(names), norms, p)
+        else:
+            first_bad = nan
+            groups, group_norms = (), torch.zeros(0, dtype=f64, device=device)
+        parts = [loss, total.to(f64).reshape(1), coef, first_bad, group_norms.to(f64)]
+        lr_value = math.nan
+        if isinstance(lr, Tensor):
+            parts.append(lr.detach().to(device, f64).reshape(1))
+        elif lr is not None:
+            lr_value = float(lr)
+        values = torch.cat(parts).tolist()  # the one host sync of the step
+        loss_f, norm_f, coef_f, bad_f = values[:4]
+        layer_values = values[4 : 4 + len(groups)]
+        if isinstance(lr, Tensor):
+            lr_value = values[-1]
+        step = len(self.steps) + 1
+        self.steps.append(
+            StepRecord(
+                step,
+                loss_f,
+                norm_f,
+                coef_f,
+                layers=tuple(zip(groups, layer_values)),
+                lr=lr_value,
+                skipped=bool(skipped),
+            )
+        )
+        self._reset_step()
+        event = self._judge(step, loss_f if has_loss else None, norm_f, bad_f, names, skipped)
+        if event is not None or self.status == DIVERGED and self.diverged_step == step:
+            self.write()
+        elif len(self.steps) - self._written >= self.write_every:
+            self.write()
+        return event
+
+    def _judge(self, step: int, loss: float | None, norm: float, bad: float, names, skipped: bool) -> NonFiniteError | None:
+        """``loss`` is None when the step recorded none."""
+        if is_non_finite(loss):
+            event = NonFiniteError(step, SOURCE_FORWARD, None, loss)
+        elif not skipped and is_non_finite(norm):
+            param = names[int(bad)] if names and math.isfinite(bad) else None
+            event = NonFiniteError(step, SOURCE_BACKWARD, param, norm)
+        else:
+            if loss is not None:
+                if self._first_loss is None:
+                    self._first_loss = loss
+                elif (
+                    self.status == STABLE
+                    and self.divergence_factor is not None
+                    and is_diverged(loss, self._first_loss, self.divergence_factor)
+                ):
+                    self.status = DIVERGED
+                    self.diverged_step = step
+            return None
+        if self.status == STABLE:
+            self.status = NON_FINITE
+            self.nan_step, self.nan_source, self.nan_param = step, event.source, event.param
+            return event
+        return None  # only the first non-finite step is an event
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        """The training raised: status ``error`` unless a verdict came first; keep the message."""
+        self.error = _describe(exc)
+        if self.status == STABLE:
+            self.status = ERROR
+
+    def result(self) -> RunResult:
+        norm_type = self.clip_norm_type if self.clip_norm_type is not None else self.norm_type
+        return RunResult(
+            cell=Cell(self.max_norm, norm_type),
+            status=self.status,
+            steps=list(self.steps),
+            nan_step=self.nan_step,
+            nan_source=self.nan_source,
+            nan_param=self.nan_param,
+            diverged_step=self.diverged_step,
+            seconds=time.perf_counter() - self._start,
+            error=self.error,
+            name=self.run,
+        )
+
+    def prepare(self) -> None:
+        from gradcheck_cli.report.files import prepare_out_dir
+
+        prepare_out_dir(self.out)
+
+    def write(self) -> None:
+        """Rewrite the four report files atomically with every step recorded so far."""
+        from gradcheck_cli.report.files import write_reports
+
+        result = self.result()
+        write_reports(self.out, [result], shared_log_bins([result]))
+        self._written = len(self.steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Interception of torch.nn.utils.clip_grad_norm_ and GradScaler.step (shared by all monitors)
+# --------------------------------------------------------------------------------------------
+
+_SESSIONS: list[Any] = []  # active sessions: objects with .recorder and .handles(optimizer)
+_ORIGINAL_CLIP = torch.nn.utils.clip_grad_norm_
+_ORIGINAL_SCALER_STEP = torch.amp.GradScaler.step
+_REBOUND: list[tuple[dict, str]] = []  # module dicts where the name was rebound to the wrapper
+
+
+def _clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` while a gradclip monitor is active: measure the
+    pre-clip gradients with gradclip's engine, then clip with the original, unchanged."""
+    if isinstance(parameters, Tensor):
+        params: list[Tensor] = [parameters]
+        passed: Any = parameters
+    else:
+        was_generator = isinstance(parameters, types.GeneratorType)
+        params = list(parameters)
+        passed = (p for p in params) if was_generator else params  # keeps torch's warning
+    first = next((p for p in params if p.grad is not None), None)
+    recorders = [s.recorder for s in _SESSIONS if first is not None and s.recorder.owns(first)]
+    for rec in recorders:
+        rec.note_norm_type(float(norm_type))
+        rec.measure(float(norm_type))
+    total = _ORIGINAL_CLIP(passed, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+    for rec in recorders:
+        rec.note_clip(max_norm, total)
+    return total
+
+
+def _scaler_step(self, optimizer, *args, **kwargs):
+    """``GradScaler.step`` while a monitor is active: a step whose optimizer did not run was
+    skipped (inf/NaN found); the monitor records it after the scaler has unscaled."""
+    sessions = [s for s in _SESSIONS if s.handles(optimizer)]
+    for s in sessions:
+        s.scaler_step_begin()
+    try:
+        return _ORIGINAL_SCALER_STEP(self, optimizer, *args, **kwargs)
+    finally:
+        for s in sessions:
+            s.scaler_step_end()
+
+
+def _install(session: Any, extra_namespaces: Iterable[dict] = ()) -> None:
+    if not _SESSIONS:
+        torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
+        torch.nn.utils.clip_grad.clip_grad_norm_ = _clip_grad_norm_
+        torch.amp.GradScaler.step = _scaler_step
+    _SESSIONS.append(session)
+    main = sys.modules.get("__main__")
+    for namespace in [*extra_namespaces, getattr(main, "__dict__", {})]:
+        for key, value in list(namespace.items()):
+            if value is _ORIGINAL_CLIP:
+                namespace[key] = _clip_grad_norm_
+                _REBOUND.append((namespace, key))
+
+
+def _uninstall(session: Any) -> None:
+    if session in _SESSIONS:
+        _SESSIONS.remove(session)
+    if not _SESSIONS:
+        torch.nn.utils.clip_grad_norm_ = _ORIGINAL_CLIP
+        torch.nn.utils.clip_grad.clip_grad_norm_ = _ORIGINAL_CLIP
+        torch.amp.GradScaler.step = _ORIGINAL_SCALER_STEP
+        for namespace, key in _REBOUND:
+            if namespace.get(key) is _clip_grad_norm_:
+                namespace[key] = _ORIGINAL_CLIP
+        _REBOUND.clear()
+
+
+class ClipSession:
+    """An interception registration: clip calls on ``recorder``'s parameters are measured.
+    Framework callbacks use it as is; ``GradMonitor`` adds the GradScaler handling."""
+
+    def __init__(self, recorder: StepRecorder) -> None:
+        self.recorder = recorder
+
+    def handles(self, optimizer: Any) -> bool:
+        return False
+
+    def scaler_step_begin(self) -> None:  # pragma: no cover - only GradMonitor handles scalers
+        pass
+
+    def scaler_step_end(self) -> None:  # pragma: no cover
+        pass
+
+    def install(self, extra_namespaces: Iterable[dict] = ()) -> None:
+        _install(self, extra_namespaces)
+
+    def uninstall(self) -> None:
+        _uninstall(self)
+
+
+def first_param_lr(optimizer: torch.optim.Optimizer) -> Any:
+    groups = getattr(optimizer, "param_groups", None)
+    return groups[0].get("lr") if groups else None
+
+
+# --------------------------------------------------------------------------------------------
+# The plain-loop monitor
+# --------------------------------------------------------------------------------------------
+
+
+class GradMonitor(ClipSession):
+    """Record gradclip's per-step measurements of an unchanged training loop (module docstring).
+
+    Args:
+        model: the ``nn.Module`` being trained (its trainable parameters are measured).
+        optimizer: the ``torch.optim.Optimizer`` whose ``step()`` ends an optimizer step.
+        out: directory for the report files (created; existing report files are replaced).
+        run: the run's name in the files. Default ``monitor``.
+        stop_on_non_finite: raise ``NonFiniteError`` (step, source, parameter) from
+            ``optimizer.step()`` at the first non-finite step, before the update is applied.
+        write_every: rewrite the files every this many steps (and at the first non-finite or
+            diverged step, and on exit). Each write rewrites whole files: raise it for runs of
+            many thousands of steps.
+        layer_depth: per-layer grouping, as ``layers.LayerGrouping`` (``"auto"``, ``None`` for one
+            group per parameter, or a module depth).
+        divergence_factor: ``diverged`` when a finite loss exceeds this times the first recorded
+            loss (``None``: never judged). Needs ``record_loss``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        out: str | Path = DEFAULT_OUT,
+        *,
+        run: str = DEFAULT_RUN,
+        stop_on_non_finite: bool = False,
+        write_every: int = 100,
+        layer_depth: int | str | None = AUTO,
+        divergence_factor: float | None = 10.0,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        super().__init__(
+            StepRecorder(
+                model,
+                out,
+                run=run,
+                layer_depth=layer_depth,
+                write_every=write_every,
+                divergence_factor=divergence_factor,
+            )
+        )
+        self.optimizer = optimizer
+        self.stop_on_non_finite = stop_on_non_finite
+        self._handles: list[Any] = []
+        self._in_scaler_step = False
+        self._stepped = False
+        self._active = False
+
+    # ---- the user's API -----------------------------------------------------------------------
+
+    def record_loss(self, loss: Tensor | float) -> None:
+        """Give the monitor the step's loss (each micro-batch's under accumulation; the step
+        records their mean). Call it before ``optimizer.step()``. Never syncs."""
+        self.recorder.add_loss(loss)
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        return self.recorder.steps
+
+    def result(self) -> RunResult:
+        return self.recorder.result()
+
+    def start(self) -> "GradMonitor":
+        if self._active:
+            return self
+        self.recorder.prepare()
+        caller = sys._getframe(2).f_globals if sys._getframe(1).f_code.co_name == "__enter__" else sys._getframe(1).f_globals
+        self.install([caller])
+        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step)]
+        self._active = True
+        return self
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if not self._active:
+            return
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.uninstall()
+        if exc is not None and not isinstance(exc, NonFiniteError):
+            self.recorder.fail(exc)
+        self.recorder.write()
+
+    def __enter__(self) -> "GradMonitor":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close(exc)
+        return False
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def handles(self, optimizer: Any) -> bool:
+        return optimizer is self.optimizer
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
+        event = self.recorder.finish_step(skipped=False, lr=first_param_lr(optimizer))
+        if event is not None and self.stop_on_non_finite:
+            raise event
+
+    def scaler_step_begin(self) -> None:
+        self._stepped = False
+
+    def scaler_step_end(self) -> None:
+        if not self._stepped:  # the scaler found inf/NaN and skipped optimizer.step()
+            self.recorder.finish_step(skipped=True, lr=first_param_lr(self.optimizer))
+        self._stepped = False
