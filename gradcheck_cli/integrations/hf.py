@@ -1,0 +1,163 @@
+"""gradclip inside a Hugging Face ``transformers.Trainer``: ``GradclipTrainerCallback``.
+
+::
+
+    from gradcheck_cli.integrations.hf import GradclipTrainerCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[GradclipTrainerCallback(out="gradclip-monitor")])
+
+The pre-clip norm. ``on_pre_optimizer_step`` runs *after* the Trainer has clipped, so measuring
+there would record the clipped norm. Instead, while training runs, the callback intercepts
+``torch.nn.utils.clip_grad_norm_``, which the Trainer reaches through
+``accelerator.clip_grad_norm_`` once per optimizer step, after unscaling the AMP gradients: with
+``max_grad_norm > 0`` to clip, and with ``max_grad_norm = 0`` with ``max_norm=inf`` to report the
+norm. Before the original runs, gradclip's engine measures the model's gradients (after the last
+micro-batch, unscaled, not yet clipped), so the recorded norm is the true pre-clip norm and the
+first non-finite parameter is found before clipping spreads NaN; then the Trainer's call proceeds
+unchanged, and the coefficient it applied is recorded (1 when it only measured). The Trainer's
+training is therefore identical with and without the callback. Set-ups where accelerate does not
+call ``torch.nn.utils.clip_grad_norm_`` (DeepSpeed, FSDP, XLA) are not supported: there the norm
+is measured just before the optimizer step, after any clipping.
+
+Other numbers: the loss is taken from the model's output (``outputs.loss``, through a forward
+hook while the model is in training mode), averaged over the step's micro-batches; the learning
+rate is the optimizer's first parameter group's; a step whose optimizer never ran (the AMP scaler
+found inf/NaN) is recorded as ``skipped``.
+
+``stop_on_non_finite=True`` sets ``control.should_training_stop`` at the first non-finite step
+(the Trainer stops after it; the message is logged on the ``gradclip`` logger). Files and
+verdicts are ``GradMonitor``'s (``gradcheck_cli.monitor``), written every ``write_every`` steps
+and when training ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - the extra is installed in the tests
+    raise ImportError(
+        "gradcheck_cli.integrations.hf needs transformers and accelerate: pip install 'gradclip[hf]'"
+    ) from exc
+
+from gradcheck_cli.layers import AUTO
+from gradcheck_cli.monitor import DEFAULT_OUT, DEFAULT_RUN, ClipSession, StepRecorder, first_param_lr
+
+_log = logging.getLogger("gradclip")
+
+
+def _innermost_optimizer(optimizer: Any) -> Any:
+    """accelerate's ``AcceleratedOptimizer`` wraps the torch optimizer as ``.optimizer``."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer
+
+
+def _loss_of(output: Any) -> Any:
+    loss = None
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        try:
+            loss = output["loss"]
+        except (KeyError, TypeError):
+            loss = None
+    if loss is None:
+        loss = getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+class GradclipTrainerCallback(TrainerCallback):
+    """Record gradclip's per-step measurements of a ``Trainer.train`` (module docstring).
+
+    Args:
+        out: directory for ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv``.
+        run: the run's name in the files. Default ``monitor``.
+        stop_on_non_finite: set ``control.should_training_stop`` at the first non-finite step.
+        write_every, layer_depth, divergence_factor: as for ``GradMonitor``.
+    """
+
+    def __init__(
+        self,
+        out: str | Path = DEFAULT_OUT,
+        *,
+        run: str = DEFAULT_RUN,
+        stop_on_non_finite: bool = False,
+        write_every: int = 100,
+        layer_depth: int | str | None = AUTO,
+        divergence_factor: float | None = 10.0,
+    ) -> None:
+        self.out = out
+        self.run = run
+        self.stop_on_non_finite = stop_on_non_finite
+        self.write_every = write_every
+        self.layer_depth = layer_depth
+        self.divergence_factor = divergence_factor
+        self.recorder: StepRecorder | None = None
+        self._session: ClipSession | None = None
+        self._handles: list[Any] = []
+        self._optimizer: Any = None
+        self._stop = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.recorder = StepRecorder(
+            model,
+            self.out,
+            run=self.run,
+            layer_depth=self.layer_depth,
+            write_every=self.write_every,
+            divergence_factor=self.divergence_factor,
+        )
+        self.recorder.prepare()
+        self._session = ClipSession(self.recorder)
+        self._session.install()
+        self._optimizer = _innermost_optimizer(optimizer)
+        self._stop = False
+        self._handles = [
+            self._optimizer.register_step_pre_hook(self._pre_step),
+            model.register_forward_hook(self._forward_hook),
+        ]
+
+    def _forward_hook(self, module, inputs, output) -> None:
+        if self._session is not None and module.training and torch.is_grad_enabled():
+            loss = _loss_of(output)
+            if loss is not None:
+                self.recorder.add_loss(loss)
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if self._session is not None:
+            self._finish(skipped=False, lr=first_param_lr(optimizer))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._session is not None and self.recorder.pending:  # the scaler skipped the step
+            self._finish(skipped=True, lr=first_param_lr(self._optimizer))
+        if self._stop:
+            control.should_training_stop = True
+        return control
+
+    def _finish(self, *, skipped: bool, lr: Any) -> None:
+        event = self.recorder.finish_step(skipped=skipped, lr=lr)
+        if event is not None:
+            _log.warning("gradclip: %s", event)
+            self._stop = self.stop_on_non_finite
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Stop intercepting and write the files. ``on_train_end`` calls it; the Trainer has no
+        hook for a training that raised, so call it yourself in that case."""
+        if self._session is None:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._session.uninstall()
+        self._session = None
+        self.recorder.write()

@@ -1,0 +1,188 @@
+"""gradclip inside a PyTorch Lightning ``Trainer``: ``GradclipCallback``.
+
+::
+
+    from gradcheck_cli.integrations.lightning import GradclipCallback
+
+    trainer = Trainer(callbacks=[GradclipCallback(out="gradclip-monitor")], gradient_clip_val=1.0)
+
+Where each number comes from (automatic optimization, one optimizer):
+
+* pre-clip norm: measured with gradclip's engine in ``on_before_optimizer_step``, which Lightning
+  calls after the last micro-batch's backward, after the AMP scaler's ``unscale_`` and before its
+  own clipping; so the norm is unscaled and pre-clip;
+* clip coefficient: Lightning's ``gradient_clip_algorithm="norm"`` calls
+  ``torch.nn.utils.clip_grad_norm_``, which the monitor intercepts while training runs (the same
+  interception as ``GradMonitor``): the coefficient recorded is the one applied, from the total
+  torch returned; without clipping it is 1; with ``"value"`` clipping it is blank (value clipping
+  has no single coefficient);
+* skipped steps: a step post-hook on the optimizer notes that the optimizer ran (Lightning runs
+  the closure inside ``optimizer.step``, so a pre-hook would come before the backward); the step
+  is closed in ``on_train_batch_end`` of its last micro-batch, as ``skipped`` when the optimizer
+  never ran (the 16-mixed scaler found inf/NaN);
+* loss: the unscaled loss of ``on_train_batch_end``'s outputs times ``accumulate_grad_batches``
+  (Lightning divides it for accumulation), averaged over the step's micro-batches;
+* learning rate: the optimizer's first parameter group's, as the step used it.
+
+With ``stop_on_non_finite=True`` the first non-finite step sets ``trainer.should_stop`` (training
+ends after that batch; the message is logged on the ``gradclip`` logger). Files and verdicts are
+``GradMonitor``'s (see ``gradcheck_cli.monitor``); they are written every ``write_every`` steps
+and when fitting ends or raises.
+
+``GradclipCallback`` subclasses ``lightning.pytorch.Callback`` (``pytorch_lightning.Callback``
+when only ``pytorch_lightning`` is installed); ``PLGradclipCallback`` is the same callback for
+``pytorch_lightning`` when both are installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradcheck_cli.layers import AUTO
+from gradcheck_cli.monitor import DEFAULT_OUT, DEFAULT_RUN, ClipSession, StepRecorder, first_param_lr
+
+_log = logging.getLogger("gradclip")
+
+
+def _import_callback_bases() -> dict[str, type]:
+    bases: dict[str, type] = {}
+    try:
+        from lightning.pytorch.callbacks import Callback as LightningCallback
+
+        bases["lightning"] = LightningCallback
+    except ImportError:
+        pass
+    try:
+        from pytorch_lightning.callbacks import Callback as PLCallback
+
+        bases["pytorch_lightning"] = PLCallback
+    except ImportError:
+        pass
+    if not bases:
+        raise ImportError(
+            "gradcheck_cli.integrations.lightning needs PyTorch Lightning: pip install 'gradclip[lightning]'"
+        )
+    return bases
+
+
+class _GradclipCallbackMixin:
+    def __init__(
+        self,
+        out: str | Path = DEFAULT_OUT,
+        *,
+        run: str = DEFAULT_RUN,
+        stop_on_non_finite: bool = False,
+        write_every: int = 100,
+        layer_depth: int | str | None = AUTO,
+        divergence_factor: float | None = 10.0,
+    ) -> None:
+        super().__init__()
+        self.out = out
+        self.run = run
+        self.stop_on_non_finite = stop_on_non_finite
+        self.write_every = write_every
+        self.layer_depth = layer_depth
+        self.divergence_factor = divergence_factor
+        self.recorder: StepRecorder | None = None
+        self._session: ClipSession | None = None
+        self._handles: list[Any] = []
+        self._trainer: Any = None
+        self._stepped = False
+        self._lr: Any = None
+
+    # ---- set up and tear down -----------------------------------------------------------------
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.recorder = StepRecorder(
+            pl_module,
+            self.out,
+            run=self.run,
+            layer_depth=self.layer_depth,
+            write_every=self.write_every,
+            divergence_factor=self.divergence_factor,
+        )
+        self.recorder.prepare()
+        self._trainer = trainer
+        self._session = ClipSession(self.recorder)
+        self._session.install()
+        # A post-hook: Lightning runs the closure (forward, backward, on_before_optimizer_step,
+        # clipping) inside optimizer.step(closure), after any pre-hook.
+        self._handles = [opt.register_step_post_hook(self._post_step) for opt in trainer.optimizers]
+
+    def _close(self, exc: BaseException | None = None) -> None:
+        if self._session is None:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._session.uninstall()
+        self._session = None
+        if exc is not None:
+            self.recorder.fail(exc)
+        self.recorder.write()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._close(exception)
+
+    # ---- per step -------------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self._session is None:
+            return
+        self.recorder.measure(2.0)  # Lightning's norm clipping is L2
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
+            self.recorder.note_unknown_coefficient()
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        self._stepped = True
+        self._lr = first_param_lr(optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._session is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # Lightning divides the loss by accumulate_grad_batches; its copy here is unscaled
+            self.recorder.add_loss(loss.detach() * trainer.accumulate_grad_batches)
+        if self.recorder.pending:  # the step's last micro-batch
+            stepped, self._stepped = self._stepped, False
+            lr = self._lr if stepped else first_param_lr(trainer.optimizers[0])
+            self._finish(skipped=not stepped, lr=lr)
+
+    def _finish(self, *, skipped: bool, lr: Any) -> None:
+        event = self.recorder.finish_step(skipped=skipped, lr=lr)
+        if event is not None:
+            _log.warning("gradclip: %s", event)
+            if self.stop_on_non_finite:
+                self._trainer.should_stop = True
+
+
+_BASES = _import_callback_bases()
+_DEFAULT_BASE = _BASES.get("lightning") or _BASES["pytorch_lightning"]
+
+
+class GradclipCallback(_GradclipCallbackMixin, _DEFAULT_BASE):  # type: ignore[valid-type, misc]
+    """Record gradclip's per-step measurements of a Lightning ``Trainer.fit`` (module docstring).
+
+    Args:
+        out: directory for ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv``.
+        run: the run's name in the files. Default ``monitor``.
+        stop_on_non_finite: set ``trainer.should_stop`` at the first non-finite step.
+        write_every, layer_depth, divergence_factor: as for ``GradMonitor``.
+    """
+
+
+if "pytorch_lightning" in _BASES and _BASES["pytorch_lightning"] is not _DEFAULT_BASE:
+
+    class PLGradclipCallback(_GradclipCallbackMixin, _BASES["pytorch_lightning"]):  # type: ignore[valid-type, misc]
+        """``GradclipCallback`` for ``pytorch_lightning.Trainer``."""
+
+else:
+    PLGradclipCallback = GradclipCallback
