@@ -53,11 +53,13 @@ _log = logging.getLogger("gradclip")
 
 
 def _innermost_optimizer(optimizer: Any) -> Any:
-    """accelerate's ``AcceleratedOptimizer`` wraps the torch optimizer as ``.optimizer``."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
-        optimizer = optimizer.optimizer
-        seen += 1
+    """accelerate's ``AcceleratedOptimizer`` (itself an ``Optimizer`` subclass) wraps the torch
+    optimizer as ``.optimizer``; hooks go on the innermost one, which ``step()`` really runs."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
     return optimizer
 
 
