@@ -328,7 +328,9 @@ class StepRecorder:
 
 _SESSIONS: list[Any] = []  # active sessions: objects with .recorder and .handles(optimizer)
 _ORIGINAL_CLIP = torch.nn.utils.clip_grad_norm_
-_ORIGINAL_SCALER_STEP = torch.amp.GradScaler.step
+# torch.amp.GradScaler from torch 2.3; before that the CUDA one is the only one.
+_SCALER = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
+_ORIGINAL_SCALER_STEP = _SCALER.step
 _REBOUND: list[tuple[dict, str]] = []  # module dicts where the name was rebound to the wrapper
 
 
@@ -376,7 +378,7 @@ def _install(session: Any, extra_namespaces: Iterable[dict] = ()) -> None:
     if not _SESSIONS:
         torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
         torch.nn.utils.clip_grad.clip_grad_norm_ = _clip_grad_norm_
-        torch.amp.GradScaler.step = _scaler_step
+        _SCALER.step = _scaler_step
     _SESSIONS.append(session)
     main = sys.modules.get("__main__")
     for namespace in [*extra_namespaces, getattr(main, "__dict__", {})]:
@@ -392,7 +394,7 @@ def _uninstall(session: Any) -> None:
     if not _SESSIONS:
         torch.nn.utils.clip_grad_norm_ = _ORIGINAL_CLIP
         torch.nn.utils.clip_grad.clip_grad_norm_ = _ORIGINAL_CLIP
-        torch.amp.GradScaler.step = _ORIGINAL_SCALER_STEP
+        _SCALER.step = _ORIGINAL_SCALER_STEP
         for namespace, key in _REBOUND:
             if namespace.get(key) is _clip_grad_norm_:
                 namespace[key] = _ORIGINAL_CLIP

@@ -324,3 +324,13 @@ def test_any_gradients_give_the_float64_norm_and_coefficient(tmp_path_factory, s
     steps = read(out)[1]
     assert steps["grad_norm"].iloc[0] == pytest.approx(expected, rel=1e-6)
     assert steps["clip_coef"].iloc[0] == pytest.approx(min(1.0 / (expected + 1e-6), 1.0), rel=1e-6)
+
+
+def test_the_core_never_imports_the_frameworks():
+    code = (
+        "import sys, gradcheck_cli.monitor, gradcheck_cli.cli, gradcheck_cli.runner\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate')]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
