@@ -156,8 +156,7 @@ class StepRecorder:
     # ---- per step -------------------------------------------------------------------------
 
     def _reset_step(self) -> None:
-        self._loss_sum: Tensor | None = None
-        self._loss_count = 0
+        self._losses: list[Any] = []
         self._measured: tuple | None = None  # (norm_type, total, per-tensor norms, names)
         self._coef: Tensor | None = None
 
@@ -171,12 +170,7 @@ class StepRecorder:
 
     def add_loss(self, loss: Tensor | float) -> None:
         """Add one (micro-batch) loss to the current step; the step records their mean."""
-        if isinstance(loss, Tensor):
-            value = loss.detach().reshape(-1)[0].to(torch.float64)
-        else:
-            value = torch.tensor(float(loss), dtype=torch.float64)
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
-        self._loss_count += 1
+        self._losses.append(loss.detach().reshape(()) if isinstance(loss, Tensor) else float(loss))
 
     def measure(self, norm_type: float | None = None) -> None:
         """Measure every gradient of the model now (once per step): total, per-tensor norms."""
@@ -184,7 +178,7 @@ class StepRecorder:
             return
         p = float(norm_type) if norm_type is not None else (self.clip_norm_type or self.norm_type)
         gn = engine.measure_grad_norms(self.named, p)
-        self._measured = (p, gn.total_norm, gn.norms, gn.names or ())
+        self._measured = (p, gn.total_norm, gn.norms, tuple(gn.names or ()))
 
     def note_clip(self, max_norm: float, total: Tensor | float) -> None:
         """Record the coefficient a ``clip_grad_norm_`` call applied, from the total it returned
@@ -208,38 +202,15 @@ class StepRecorder:
         """Close the step: one host transfer, the verdict, the record, maybe a write."""
         self.measure()
         p, total, norms, names = self._measured
-        device = total.device
-        f64 = torch.float64
-        nan = torch.full((1,), math.nan, dtype=f64, device=device)
-        has_loss = self._loss_sum is not None
-        if has_loss:
-            loss = (self._loss_sum.to(device) / self._loss_count).reshape(1)
+        has_loss = bool(self._losses)
+        if self.gather_on_device or not total.is_cpu:
+            loss_f, norm_f, coef_f, bad_f, groups, layer_values, lr_value = self._gather_on_device(
+                p, total, norms, names, skipped, lr
+            )
         else:
-            loss = nan
-        if skipped:
-            coef = nan  # the scaler applied nothing
-        elif self._coef is not None:
-            coef = self._coef.to(device).reshape(1)
-        else:
-            coef = torch.ones(1, dtype=f64, device=device)  # nothing clipped
-        if norms.numel():
-            bad = (~torch.isfinite(norms)).to(torch.uint8)
-            first_bad = torch.argmax(bad).to(f64).reshape(1)
-            groups, group_norms = self.grouping.combine(tuple(names), norms, p)
-        else:
-            first_bad = nan
-            groups, group_norms = (), torch.zeros(0, dtype=f64, device=device)
-        parts = [loss, total.to(f64).reshape(1), coef, first_bad, group_norms.to(f64)]
-        lr_value = math.nan
-        if isinstance(lr, Tensor):
-            parts.append(lr.detach().to(device, f64).reshape(1))
-        elif lr is not None:
-            lr_value = float(lr)
-        values = torch.cat(parts).tolist()  # the one host sync of the step
-        loss_f, norm_f, coef_f, bad_f = values[:4]
-        layer_values = values[4 : 4 + len(groups)]
-        if isinstance(lr, Tensor):
-            lr_value = values[-1]
+            loss_f, norm_f, coef_f, bad_f, groups, layer_values, lr_value = self._gather_on_cpu(
+                p, total, norms, names, skipped, lr
+            )
         step = len(self.steps) + 1
         self.steps.append(
             StepRecord(
@@ -259,6 +230,65 @@ class StepRecorder:
         elif len(self.steps) - self._written >= self.write_every:
             self.write()
         return event
+
+    # Two ways to the same numbers. On the host (CPU tensors) reading a value is no device sync,
+    # so plain Python is cheapest. Elsewhere every number is computed on the device and comes
+    # over in one ``.tolist()``. ``gather_on_device`` forces the second way (tests use it on CPU).
+    gather_on_device = False
+
+    def _coef_value(self, skipped: bool) -> Tensor | float:
+        if skipped:
+            return math.nan  # the scaler applied nothing
+        if self._coef is None:
+            return 1.0  # nothing clipped
+        return self._coef
+
+    def _gather_on_cpu(self, p, total, norms, names, skipped, lr):
+        loss_f = math.nan
+        if self._losses:
+            loss_f = sum(float(x) for x in self._losses) / len(self._losses)
+        norm_f = float(total)
+        coef = self._coef_value(skipped)
+        coef_f = float(coef)
+        norm_list = norms.tolist()
+        bad_f = math.nan
+        if not math.isfinite(norm_f):
+            bad_f = float(next((i for i, v in enumerate(norm_list) if not math.isfinite(v)), math.nan))
+        groups, group_norms = self._groups(names, norms, p)
+        layer_values = norm_list if group_norms is None else group_norms.tolist()
+        return loss_f, norm_f, coef_f, bad_f, groups, layer_values, (math.nan if lr is None else float(lr))
+
+    def _gather_on_device(self, p, total, norms, names, skipped, lr):
+        device, f64 = total.device, torch.float64
+        nan = torch.full((1,), math.nan, dtype=f64, device=device)
+        if self._losses:
+            loss = torch.stack([torch.as_tensor(x).to(device, f64) for x in self._losses]).mean().reshape(1)
+        else:
+            loss = nan
+        coef = self._coef_value(skipped)
+        coef_t = coef.to(device, f64).reshape(1) if isinstance(coef, Tensor) else torch.full((1,), coef, dtype=f64, device=device)
+        if norms.numel():
+            first_bad = torch.argmax((~torch.isfinite(norms)).to(torch.uint8)).to(f64).reshape(1)
+        else:
+            first_bad = nan
+        groups, group_norms = self._groups(names, norms, p)
+        group_norms = norms if group_norms is None else group_norms
+        parts = [loss, total.to(f64).reshape(1), coef_t, first_bad, group_norms.to(f64)]
+        if isinstance(lr, Tensor):
+            parts.append(lr.detach().to(device, f64).reshape(1))
+        values = torch.cat(parts).tolist()  # the one host sync of the step
+        lr_value = values[-1] if isinstance(lr, Tensor) else (math.nan if lr is None else float(lr))
+        return (*values[:4], groups, values[4 : 4 + len(groups)], lr_value)
+
+    def _groups(self, names, norms, p) -> tuple[tuple[str, ...], Tensor | None]:
+        """Layer groups and their norms; ``None`` norms when every group is one parameter (the
+        group norm of a single member is that member's norm: no arithmetic needed)."""
+        if not names:
+            return (), None
+        groups, _ = self.grouping.groups(names, norms.device)
+        if len(groups) == len(names) and p != 0:  # for p = 0 a group counts its nonzero members
+            return groups, None
+        return self.grouping.combine(names, norms, p)
 
     def _judge(self, step: int, loss: float | None, norm: float, bad: float, names, skipped: bool) -> NonFiniteError | None:
         """``loss`` is None when the step recorded none."""

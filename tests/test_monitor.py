@@ -334,3 +334,22 @@ def test_the_core_never_imports_the_frameworks():
     )
     proc = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("depth", [None, 1])
+def test_device_gather_gives_the_same_files_as_the_host_path(tmp_path, monkeypatch, depth):
+    """The one-transfer path used off the CPU, run here on CPU tensors against the host path."""
+    from gradcheck_cli.monitor import StepRecorder
+
+    texts = []
+    for on_device in (False, True):
+        monkeypatch.setattr(StepRecorder, "gather_on_device", on_device)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        out = tmp_path / str(on_device)
+        with GradMonitor(model, opt, out=out, layer_depth=depth) as monitor:
+            _train_with(model, opt, data(6), monitor, 0.5, 2.0, 2, nan=(2, "0.weight"))
+        summary, steps, layers, hist = read(out)
+        assert summary["nan_step"].tolist() == [2] and summary["nan_param"].tolist() == ["0.weight"]
+        texts.append([(out / f).read_text() for f in ("steps.csv", "layers.csv", "histograms.csv")])
+    assert texts[0] == texts[1]
