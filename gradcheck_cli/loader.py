@@ -8,13 +8,19 @@ name                   required  meaning
 ``build_model()``      yes       returns a ``torch.nn.Module``
 ``batches()``          yes       returns an iterable of batches; called afresh for every run
                                  and again whenever it runs out
-``loss_fn(model, b)``  yes       returns a scalar loss tensor
-``build_optimizer(m)`` no        returns a ``torch.optim.Optimizer``; default: SGD with
+``loss_fn(model, b)``  yes (*)   returns a scalar loss tensor
+``train_step(model,    yes (*)   instead of ``loss_fn``: runs one update of the user's own
+b, optimizers, clip)``           (several optimizers, alternating updates) and calls
+                                 ``clip(parameters)`` where it would clip; returns the loss
+``build_optimizer(m)`` no        returns a ``torch.optim.Optimizer`` (with ``train_step``
+                                 also a list, tuple or dict of them); default: SGD with
                                  ``--lr``
 ``build_scheduler(o)`` no        returns a ``torch.optim.lr_scheduler.LRScheduler`` for the
                                  optimizer; built afresh per run, stepped after every
                                  optimizer step taken
 =====================  ========  ==========================================================
+
+(*) exactly one of ``loss_fn`` and ``train_step``.
 
 The script is imported under a unique module name, so its ``if __name__ == "__main__":`` block
 does not run, and with its own directory on ``sys.path`` during the import so that it can import
@@ -47,15 +53,22 @@ from gradcheck_cli.errors import UsageError, UserCodeError
 
 REQUIRED = ("build_model", "batches", "loss_fn")
 OPTIONAL = ("build_optimizer", "build_scheduler")
+# ``train_step`` replaces ``loss_fn``: a script defines exactly one of the two.
+ALTERNATIVES = {"loss_fn": "train_step"}
 
 # How each contract function is called, for the signature check and the hint.
-_CALL_ARGS = {"build_model": 0, "batches": 0, "loss_fn": 2, "build_optimizer": 1, "build_scheduler": 1}
+_CALL_ARGS = {"build_model": 0, "batches": 0, "loss_fn": 2, "build_optimizer": 1, "build_scheduler": 1, "train_step": 4}
 _EXAMPLES = {
     "build_model": "def build_model():\n    return torch.nn.Linear(4, 1)",
     "batches": "def batches():\n    return [(x, y)]  # any iterable of batches",
     "loss_fn": "def loss_fn(model, batch):\n    x, y = batch\n    return torch.nn.functional.mse_loss(model(x), y)",
     "build_optimizer": "def build_optimizer(model):\n    return torch.optim.SGD(model.parameters(), lr=0.01)",
     "build_scheduler": "def build_scheduler(optimizer):\n    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=30)",
+    "train_step": (
+        "def train_step(model, batch, optimizers, clip):  # instead of loss_fn\n"
+        "    optimizers.zero_grad()\n    loss = model(batch).mean()\n    loss.backward()\n"
+        "    clip(model.parameters())\n    optimizers.step()\n    return loss"
+    ),
 }
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -176,10 +189,12 @@ class Experiment:
     path: Path
     build_model_fn: Callable[[], Any]
     batches_fn: Callable[[], Any]
-    loss_fn: Callable[[Any, Any], Any]
+    loss_fn: Callable[[Any, Any], Any] | None
     build_optimizer_fn: Callable[[Any], Any] | None = None
     module: ModuleType | None = field(default=None, repr=False)
     build_scheduler_fn: Callable[[Any], Any] | None = None
+    # ``train_step(model, batch, optimizers, clip)`` when the script defines it instead of loss_fn
+    train_step_fn: Callable[..., Any] | None = None
 
     @property
     def name(self) -> str:
@@ -238,11 +253,19 @@ def _syntax_usage_error(exc: SyntaxError, script_path: Path) -> UsageError:
 def _check_contract(module: ModuleType, path: Path) -> None:
     problems: list[str] = []
     fixes: list[str] = []
-    for name in REQUIRED + OPTIONAL:
-        required = name in REQUIRED
+    names = list(REQUIRED + OPTIONAL)
+    for name, alternative in ALTERNATIVES.items():
+        if hasattr(module, alternative):
+            if hasattr(module, name):
+                problems.append(f"both {name} and {alternative} are defined: define one of them")
+                fixes.append(f"keep {name}(model, batch) for a plain step, or {alternative} for your own update")
+            names[names.index(name)] = alternative
+    for name in names:
+        required = name not in OPTIONAL
         if not hasattr(module, name):
             if required:
-                problems.append(f"{name} is missing")
+                alternative = ALTERNATIVES.get(name)
+                problems.append(f"{name} is missing" + (f" (or define {alternative} instead)" if alternative else ""))
                 fixes.append(_EXAMPLES[name])
             continue
         value = getattr(module, name)
@@ -258,7 +281,12 @@ def _check_contract(module: ModuleType, path: Path) -> None:
         try:
             sig.bind(*([None] * n))
         except TypeError:
-            want = {0: "no arguments", 1: "one argument (model)", 2: "two arguments (model, batch)"}[n]
+            want = {
+                0: "no arguments",
+                1: "one argument (model)",
+                2: "two arguments (model, batch)",
+                4: "four arguments (model, batch, optimizers, clip)",
+            }[n]
             problems.append(f"{name}{sig} must accept {want}")
             fixes.append(_EXAMPLES[name])
     if problems:
@@ -338,8 +366,9 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         path=script,
         build_model_fn=module.build_model,
         batches_fn=module.batches,
-        loss_fn=module.loss_fn,
+        loss_fn=getattr(module, "loss_fn", None),
         build_optimizer_fn=getattr(module, "build_optimizer", None),
         module=module,
         build_scheduler_fn=getattr(module, "build_scheduler", None),
+        train_step_fn=getattr(module, "train_step", None),
     )

@@ -54,6 +54,9 @@ STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped"
 # (``layers.py`` says how parameters are grouped). ``param`` is a parameter or group name.
 LAYER_COLUMNS = ["run", "step", "param", "grad_norm"]
 HISTOGRAM_COLUMNS = ["run", "bin_left", "bin_right", "count"]
+# One row per (run, step, clip call site) of a ``train_step`` script: the pre-clip norm of the
+# parameters given to that ``clip(parameters, name=...)`` call and the coefficient applied.
+SITE_COLUMNS = ["run", "step", "site", "grad_norm", "clip_coef"]
 
 
 def format_norm_type(norm_type: float) -> str:
@@ -126,6 +129,8 @@ class StepRecord:
     layers: tuple[tuple[str, float], ...] = ()
     lr: float = math.nan  # learning rate of the first param group at this step
     skipped: bool = False  # the fp16 gradient scaler skipped this step
+    # (site, pre-clip norm, clip coefficient) per ``clip`` call of a ``train_step`` script
+    sites: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclass
@@ -199,6 +204,14 @@ class RunResult:
             {"run": self.run, "step": s.step, "param": name, "grad_norm": norm}
             for s in self.steps
             for name, norm in s.layers
+        ]
+
+    def site_rows(self) -> list[dict]:
+        """Rows of ``clip_sites.csv``: one per (step, clip call site)."""
+        return [
+            {"run": self.run, "step": s.step, "site": site, "grad_norm": norm, "clip_coef": coef}
+            for s in self.steps
+            for site, norm, coef in s.sites
         ]
 
     def step_rows(self) -> list[dict]:
@@ -286,6 +299,12 @@ def layers_frame(results: list[RunResult]):
     import pandas as pd
 
     return pd.DataFrame([row for r in results for row in r.layer_rows()], columns=LAYER_COLUMNS)
+
+
+def sites_frame(results: list[RunResult]):
+    import pandas as pd
+
+    return pd.DataFrame([row for r in results for row in r.site_rows()], columns=SITE_COLUMNS)
 
 
 def histogram_frame(results: list[RunResult], edges: list[float]):

@@ -185,11 +185,21 @@ def make_optimizer(experiment: Experiment, model: torch.nn.Module, lr: float) ->
     """The script's ``build_optimizer(model)`` if it defines one, else ``SGD(lr=lr)``.
 
     Raises ``UserFailure`` when ``build_optimizer`` raises or returns something that is not a
-    ``torch.optim.Optimizer``."""
+    ``torch.optim.Optimizer`` (for a ``train_step`` script: nor a non-empty list, tuple or dict
+    of them)."""
     fn = experiment.build_optimizer_fn
     if fn is None:
         return torch.optim.SGD(model.parameters(), lr=lr)
     optimizer = call_user(experiment, fn, model)
+    if experiment.train_step_fn is not None and isinstance(optimizer, (list, tuple, dict)):
+        members = list(optimizer.values() if isinstance(optimizer, dict) else optimizer)
+        if members and all(isinstance(o, torch.optim.Optimizer) for o in members):
+            return optimizer
+        raise UserFailure(
+            "build_optimizer(model) must return a torch.optim.Optimizer or a non-empty list, tuple "
+            f"or dict of them, got {type_name(optimizer)} holding {', '.join(sorted({type_name(o) for o in members})) or 'nothing'}",
+            definition_site(fn, "build_optimizer"),
+        )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise UserFailure(
             f"build_optimizer(model) must return a torch.optim.Optimizer, got {type_name(optimizer)}",
@@ -329,6 +339,10 @@ def run_cell(
     Returns a ``RunResult`` with status ``stable``, ``non_finite``, ``diverged`` or ``error``;
     never raises for the user's errors. ``KeyboardInterrupt`` propagates.
     """
+    if experiment.train_step_fn is not None:  # the script runs its own update
+        from gradcheck_cli.train_step import run_train_step_cell
+
+        return run_train_step_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
     start = time.perf_counter()
     records: list[StepRecord] = []
     device = torch.device(config.device)

@@ -108,15 +108,45 @@ def restore_model(model: torch.nn.Module, state: dict[str, Any]) -> None:
         p.grad = None
 
 
-def capture_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A deep copy of ``optimizer.state_dict()`` (per-parameter state and param groups)."""
+def capture_optimizer(optimizer: Any) -> Any:
+    """A deep copy of ``optimizer.state_dict()`` (per-parameter state and param groups).
+
+    Several optimizers (a list, tuple or dict of them, as ``build_optimizer`` may return for a
+    ``train_step`` script) give the same structure of state dicts."""
+    if isinstance(optimizer, (list, tuple)):
+        return [capture_optimizer(o) for o in optimizer]
+    if isinstance(optimizer, dict):
+        return {k: capture_optimizer(o) for k, o in optimizer.items()}
     return copy.deepcopy(optimizer.state_dict())
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def restore_optimizer(optimizer: Any, state: Any) -> None:
     """Load a *copy* of ``state``: ``load_state_dict`` may keep the tensors it is given, and the
-    next ``step()`` would then update the snapshot in place."""
+    next ``step()`` would then update the snapshot in place. Several optimizers must come in the
+    structure they were captured in (``ValueError`` otherwise)."""
+    if isinstance(optimizer, (list, tuple)):
+        if not isinstance(state, list) or len(state) != len(optimizer):
+            raise ValueError(f"{len(optimizer)} optimizers, but the snapshot holds {_count(state)}")
+        for o, st in zip(optimizer, state):
+            restore_optimizer(o, st)
+        return
+    if isinstance(optimizer, dict):
+        if not isinstance(state, dict) or set(state) != set(optimizer):
+            raise ValueError(f"optimizers {sorted(optimizer)}, but the snapshot holds {_count(state)}")
+        for k, o in optimizer.items():
+            restore_optimizer(o, state[k])
+        return
+    if isinstance(state, (list, dict)) and "param_groups" not in state:
+        raise ValueError(f"one optimizer, but the snapshot holds {_count(state)}")
     optimizer.load_state_dict(copy.deepcopy(state))
+
+
+def _count(state: Any) -> str:
+    if isinstance(state, list):
+        return f"{len(state)} optimizers"
+    if isinstance(state, dict) and "param_groups" not in state:
+        return f"optimizers {sorted(state)}"
+    return "one optimizer"
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +166,7 @@ class Snapshot:
     def capture(
         cls,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: Any = None,
         device: str | torch.device | None = "cpu",
     ) -> "Snapshot":
         """Deep-copy the state of ``model``, ``optimizer`` (if given) and the RNGs now."""
@@ -149,7 +179,7 @@ class Snapshot:
     def restore_model(self, model: torch.nn.Module) -> None:
         restore_model(model, self.model_state)
 
-    def restore_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def restore_optimizer(self, optimizer: Any) -> None:
         """Load the captured optimizer state; does nothing when none was captured."""
         if self.optimizer_state is not None:
             restore_optimizer(optimizer, self.optimizer_state)

@@ -85,7 +85,8 @@ def _bits(v):
 def same_result(a: RunResult, b: RunResult) -> bool:
     def key(r):
         steps = [
-            (tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef, s.lr)), s.skipped, tuple((n, _bits(v)) for n, v in s.layers))
+            (tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef, s.lr)), s.skipped, tuple((n, _bits(v)) for n, v in s.layers),
+             tuple((n, _bits(a), _bits(b)) for n, a, b in s.sites))
             for s in r.steps
         ]
         return (r.run, r.cell, r.status, steps, r.nan_step, r.nan_source, r.nan_param, r.diverged_step, round(r.seconds, 4), r.error)
@@ -342,7 +343,8 @@ def run_results(draw):
         n = draw(st.integers(min_value=0, max_value=6))
         steps = [
             StepRecord(i + 1, draw(finite_or_not), draw(finite_or_not), draw(finite_or_not),
-                       lr=draw(finite_or_not), skipped=draw(st.booleans()))
+                       lr=draw(finite_or_not), skipped=draw(st.booleans()),
+                       sites=tuple((f"site{j}", draw(finite_or_not), draw(finite_or_not)) for j in range(draw(st.integers(0, 2)))))
             for i in range(n)
         ]
         status = draw(st.sampled_from([STABLE, NON_FINITE, DIVERGED, ERROR]))

@@ -9,6 +9,9 @@ Files (all in ``out_dir``; nothing is ever written anywhere else):
                            (``results.LAYER_COLUMNS``)
 ``histograms.csv``         each run's pre-clip norm counts on the sweep's shared log-spaced bins
                            (``results.HISTOGRAM_COLUMNS``)
+``clip_sites.csv``         one row per (run, step, ``clip`` call) of ``train_step`` scripts
+                           (``results.SITE_COLUMNS``); only when there are such rows (a stale
+                           one from an earlier sweep in the same directory is removed)
 ``gradclip-sweep.json``    the resume manifest: the sweep's fingerprint and its finished runs
 =========================  =====================================================================
 
@@ -43,6 +46,7 @@ from gradcheck_cli.results import (
     StepRecord,
     histogram_frame,
     layers_frame,
+    sites_frame,
     steps_frame,
     summary_frame,
 )
@@ -51,6 +55,7 @@ SUMMARY_FILE = "summary.csv"
 STEPS_FILE = "steps.csv"
 LAYERS_FILE = "layers.csv"
 HISTOGRAMS_FILE = "histograms.csv"
+SITES_FILE = "clip_sites.csv"
 MANIFEST_FILE = "gradclip-sweep.json"
 MANIFEST_FORMAT = 1
 
@@ -120,7 +125,7 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 
 def _remove_stale_temp_files(out: Path) -> None:
     """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``); only ours."""
-    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, HISTOGRAMS_FILE, MANIFEST_FILE):
+    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, HISTOGRAMS_FILE, SITES_FILE, MANIFEST_FILE):
         for stale in out.glob(f".{name}.*.tmp"):
             try:
                 stale.unlink()
@@ -191,7 +196,7 @@ def _csv_bytes(frame) -> bytes:
 
 
 def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges: list[float]) -> None:
-    """Write ``summary.csv``, ``steps.csv``, ``layers.csv`` and ``histograms.csv`` for ``results`` (all runs
+    """Write ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv`` and ``clip_sites.csv`` for ``results`` (all runs
     finished so far, in sweep order), each atomically. ``edges`` are the shared histogram bins
     (``results.shared_log_bins(results)``)."""
     out = Path(out_dir)
@@ -199,6 +204,11 @@ def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges: l
     atomic_write_bytes(out / STEPS_FILE, _csv_bytes(steps_frame(results)))
     atomic_write_bytes(out / LAYERS_FILE, _csv_bytes(layers_frame(results)))
     atomic_write_bytes(out / HISTOGRAMS_FILE, _csv_bytes(histogram_frame(results, edges)))
+    sites = sites_frame(results)
+    if len(sites):
+        atomic_write_bytes(out / SITES_FILE, _csv_bytes(sites))
+    elif (out / SITES_FILE).exists():
+        (out / SITES_FILE).unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +300,12 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
             layers_by_step.setdefault((row["run"], int(row["step"])), []).append(
                 (row["param"], _float_or_nan(row["grad_norm"]))
             )
+    sites_by_step: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
+    if (out / SITES_FILE).exists():  # older reports have none
+        for row in _read_csv_rows(out / SITES_FILE):
+            sites_by_step.setdefault((row["run"], int(row["step"])), []).append(
+                (row["site"], _float_or_nan(row["grad_norm"]), _float_or_nan(row["clip_coef"]))
+            )
     steps_by_run: dict[str, list[StepRecord]] = {}
     for row in step_rows:
         steps_by_run.setdefault(row["run"], []).append(
@@ -301,6 +317,7 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
                 layers=tuple(layers_by_step.get((row["run"], int(row["step"])), ())),
                 lr=_float_or_nan(row.get("lr", "")),
                 skipped=row.get("skipped", "") == "1",
+                sites=tuple(sites_by_step.get((row["run"], int(row["step"])), ())),
             )
         )
     by_run = {row["run"]: row for row in summary_rows}
