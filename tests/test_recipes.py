@@ -11,7 +11,7 @@ from gradcheck_cli.errors import ExitCode, UsageError
 from gradcheck_cli.recipes import bundled_recipes_dir, list_bundled_recipes, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED = ["exploding_rnn", "nan_at_step", "tiny_lm", "tiny_lm_grid"]
+BUNDLED = ["exploding_rnn", "nan_at_step", "tiny_gan", "tiny_lm", "tiny_lm_grid"]
 # The keys load_recipe returns for SweepConfig.from_values.
 RECIPE_VALUES = {"script", "max_norms", "norm_types", "steps", "seed", "seeds", "lr", "divergence_factor", "device",
                  "amp", "accumulate", "amp_init_scale"}
