@@ -23,6 +23,8 @@ The loop stays as it is. While the monitor is active:
   exactly as it would have (training is bit-identical with and without the monitor), and the
   coefficient it applied, ``min(max_norm / (total + 1e-6), 1)`` from the total it returned, is
   recorded. Calls on parameters of another model pass straight through.
+  ``torch.nn.utils.clip_grad_value_`` is wrapped the same way (measure, then clip); value
+  clipping has no single coefficient, so such a step's ``clip_coef`` is blank.
 * a step pre-hook on the optimizer closes the step just before ``optimizer.step()`` (after the
   last micro-batch under gradient accumulation): when nothing clipped, the gradients are measured
   there (L2, or the norm type of the last clip call);
@@ -358,10 +360,11 @@ class StepRecorder:
 
 _SESSIONS: list[Any] = []  # active sessions: objects with .recorder and .handles(optimizer)
 _ORIGINAL_CLIP = torch.nn.utils.clip_grad_norm_
+_ORIGINAL_CLIP_VALUE = torch.nn.utils.clip_grad_value_
 # torch.amp.GradScaler from torch 2.3; before that the CUDA one is the only one.
 _SCALER = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
 _ORIGINAL_SCALER_STEP = _SCALER.step
-_REBOUND: list[tuple[dict, str]] = []  # module dicts where the name was rebound to the wrapper
+_REBOUND: list[tuple[dict, str, Any]] = []  # (module dict, name, original) rebound to a wrapper
 
 
 def _clip_grad_norm_(
@@ -391,6 +394,19 @@ def _clip_grad_norm_(
     return total
 
 
+def _clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None) -> None:
+    """``torch.nn.utils.clip_grad_value_`` while a monitor is active: measure first; value
+    clipping has no single coefficient, so the step's ``clip_coef`` is recorded blank."""
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    first = next((p for p in params if p.grad is not None), None)
+    recorders = [s.recorder for s in _SESSIONS if first is not None and s.recorder.owns(first)]
+    for rec in recorders:
+        rec.measure()
+    _ORIGINAL_CLIP_VALUE(params, clip_value, foreach=foreach)
+    for rec in recorders:
+        rec.note_unknown_coefficient()
+
+
 def _scaler_step(self, optimizer, *args, **kwargs):
     """``GradScaler.step`` while a monitor is active: a step whose optimizer did not run was
     skipped (inf/NaN found); the monitor records it after the scaler has unscaled."""
@@ -408,14 +424,16 @@ def _install(session: Any, extra_namespaces: Iterable[dict] = ()) -> None:
     if not _SESSIONS:
         torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
         torch.nn.utils.clip_grad.clip_grad_norm_ = _clip_grad_norm_
+        torch.nn.utils.clip_grad_value_ = _clip_grad_value_
+        torch.nn.utils.clip_grad.clip_grad_value_ = _clip_grad_value_
         _SCALER.step = _scaler_step
     _SESSIONS.append(session)
     main = sys.modules.get("__main__")
     for namespace in [*extra_namespaces, getattr(main, "__dict__", {})]:
         for key, value in list(namespace.items()):
-            if value is _ORIGINAL_CLIP:
-                namespace[key] = _clip_grad_norm_
-                _REBOUND.append((namespace, key))
+            if value is _ORIGINAL_CLIP or value is _ORIGINAL_CLIP_VALUE:
+                namespace[key] = _clip_grad_norm_ if value is _ORIGINAL_CLIP else _clip_grad_value_
+                _REBOUND.append((namespace, key, value))
 
 
 def _uninstall(session: Any) -> None:
@@ -424,10 +442,12 @@ def _uninstall(session: Any) -> None:
     if not _SESSIONS:
         torch.nn.utils.clip_grad_norm_ = _ORIGINAL_CLIP
         torch.nn.utils.clip_grad.clip_grad_norm_ = _ORIGINAL_CLIP
+        torch.nn.utils.clip_grad_value_ = _ORIGINAL_CLIP_VALUE
+        torch.nn.utils.clip_grad.clip_grad_value_ = _ORIGINAL_CLIP_VALUE
         _SCALER.step = _ORIGINAL_SCALER_STEP
-        for namespace, key in _REBOUND:
-            if namespace.get(key) is _clip_grad_norm_:
-                namespace[key] = _ORIGINAL_CLIP
+        for namespace, key, original in _REBOUND:
+            if namespace.get(key) in (_clip_grad_norm_, _clip_grad_value_):
+                namespace[key] = original
         _REBOUND.clear()
 
 

@@ -353,3 +353,19 @@ def test_device_gather_gives_the_same_files_as_the_host_path(tmp_path, monkeypat
         assert summary["nan_step"].tolist() == [2] and summary["nan_param"].tolist() == ["0.weight"]
         texts.append([(out / f).read_text() for f in ("steps.csv", "layers.csv", "histograms.csv")])
     assert texts[0] == texts[1]
+
+
+def test_value_clipping_is_measured_first_and_has_no_coefficient(tmp_path):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref = []
+    with GradMonitor(model, opt, out=tmp_path):
+        for x, y in data(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            ref.append(f64_norm(model))
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
+            assert f64_norm(model) < ref[-1]  # it did clip
+            opt.step()
+    steps = read(tmp_path)[1]
+    assert steps["grad_norm"].tolist() == pytest.approx(ref, rel=1e-6) and steps["clip_coef"].isna().all()

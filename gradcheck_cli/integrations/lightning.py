@@ -14,8 +14,8 @@ Where each number comes from (automatic optimization, one optimizer):
 * clip coefficient: Lightning's ``gradient_clip_algorithm="norm"`` calls
   ``torch.nn.utils.clip_grad_norm_``, which the monitor intercepts while training runs (the same
   interception as ``GradMonitor``): the coefficient recorded is the one applied, from the total
-  torch returned; without clipping it is 1; with ``"value"`` clipping it is blank (value clipping
-  has no single coefficient);
+  torch returned; without clipping it is 1; with ``"value"`` clipping (``clip_grad_value_``,
+  intercepted too) it is blank: value clipping has no single coefficient;
 * skipped steps: a step post-hook on the optimizer notes that the optimizer ran (Lightning runs
   the closure inside ``optimizer.step``, so a pre-hook would come before the backward); the step
   is closed in ``on_train_batch_end`` of its last micro-batch, as ``skipped`` when the optimizer
@@ -137,8 +137,6 @@ class _GradclipCallbackMixin:
         if self._session is None:
             return
         self.recorder.measure(2.0)  # Lightning's norm clipping is L2
-        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
-            self.recorder.note_unknown_coefficient()
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         self._stepped = True
