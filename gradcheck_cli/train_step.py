@@ -31,8 +31,11 @@ nothing to measure or clip). The loss is judged after ``train_step`` returns, as
 scripts: non-finite (source ``forward``) or diverged against the first step's loss.
 
 Fair starts as for ``loss_fn`` scripts: every run restores the model, RNG state and the state of
-every optimizer (``snapshot``), and calls ``batches()`` afresh. The runner zeroes nothing: the
-script's own update owns its gradients. Host syncs: one per ``clip`` call (the norm decides
+every optimizer (``snapshot``), and calls ``batches()`` afresh; the lr axis sets the lr of every
+optimizer; the seed axis works unchanged. The runner zeroes nothing and steps no scheduler
+(``build_scheduler`` is not used): the script's own update owns its gradients and schedules.
+``--amp`` and ``--accumulate`` do not apply (the run is an ``error`` saying so): mixed precision
+and accumulation belong inside ``train_step``. Host syncs: one per ``clip`` call (the norm decides
 whether the run stops) and one for the loss.
 """
 
@@ -46,7 +49,7 @@ import torch
 from torch import Tensor
 
 from gradcheck_cli import engine
-from gradcheck_cli.config import SweepConfig
+from gradcheck_cli.config import DEFAULT_LR, SweepConfig
 from gradcheck_cli.detect import clip_coefficient, is_diverged, is_non_finite
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
@@ -61,7 +64,7 @@ from gradcheck_cli.results import (
     RunResult,
     StepRecord,
 )
-from gradcheck_cli.runner import BatchStream, UserFailure, call_user, make_optimizer, to_device
+from gradcheck_cli.runner import BatchStream, UserFailure, call_user, make_optimizer, run_lr, set_lr, to_device
 from gradcheck_cli.snapshot import Snapshot
 
 
@@ -125,6 +128,14 @@ class Clip:
         return measured.total_norm
 
 
+def _members(optimizers: Any) -> list[torch.optim.Optimizer]:
+    if isinstance(optimizers, dict):
+        return list(optimizers.values())
+    if isinstance(optimizers, (list, tuple)):
+        return list(optimizers)
+    return [optimizers]
+
+
 def _loss_value(experiment: Experiment, out: Any) -> float | None:
     """The step's loss as a float (``None`` when it returned none); ``UserFailure`` for
     anything that is not a scalar."""
@@ -158,18 +169,25 @@ def run_train_step_cell(
     start = time.perf_counter()
     records: list[StepRecord] = []
     device = torch.device(config.device)
+    lr = config.lr_of(cell)
+    reported = dict(lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
 
     def finish(status: str, **kw: Any) -> RunResult:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return RunResult(cell=cell, status=status, steps=records, seconds=time.perf_counter() - start, **kw)
+        return RunResult(cell=cell, status=status, steps=records, seconds=time.perf_counter() - start, **reported, **kw)
 
     try:
+        if config.amp != "off" or config.accumulate != 1:
+            raise UserFailure(
+                "--amp and --accumulate do not apply to a train_step script: its own update decides "
+                "precision and accumulation (use autocast, a GradScaler and several backward passes inside train_step)"
+            )
         if snapshot is not None:
             snapshot.restore_model(model)
             snapshot.restore_rng()
         model.train()
-        optimizers = make_optimizer(experiment, model, config.lr)
+        optimizers = make_optimizer(experiment, model, lr if lr is not None else DEFAULT_LR)
         if snapshot is not None:
             try:
                 snapshot.restore_optimizer(optimizers)
@@ -181,6 +199,10 @@ def run_train_step_cell(
                     if experiment.build_optimizer_fn
                     else None,
                 ) from exc
+        if lr is not None:  # the lr axis: every optimizer trains at it
+            for optimizer in _members(optimizers):
+                set_lr(optimizer, lr)
+        first_optimizer = _members(optimizers)[0]
         stream = BatchStream(experiment)
         clip = Clip(model, cell)
         first_loss: float | None = None
@@ -189,11 +211,12 @@ def run_train_step_cell(
             if device.type != "cpu":
                 batch = to_device(batch, device)
             clip.reset()
+            step_lr = float(first_optimizer.param_groups[0]["lr"])  # the first optimizer's, before its step
             try:
                 out = call_user(experiment, experiment.train_step_fn, model, batch, optimizers, clip)
             except _NonFiniteAtClip as stop:
                 sites = (*clip.sites, (stop.site, stop.norm, math.nan))
-                records.append(StepRecord(step, math.nan, stop.norm, layers=tuple(clip.layers), sites=sites))
+                records.append(StepRecord(step, math.nan, stop.norm, layers=tuple(clip.layers), lr=step_lr, sites=sites))
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_BACKWARD, nan_param=stop.param)
             if not clip.sites:
                 raise UserFailure(
@@ -205,7 +228,7 @@ def run_train_step_cell(
             loss_f = math.nan if loss is None else loss
             norm_f = combine_site_norms([n for _, n, _ in clip.sites], clip.norm_type)
             coef = min(c for _, _, c in clip.sites)
-            record = StepRecord(step, loss_f, norm_f, coef, layers=tuple(clip.layers), sites=tuple(clip.sites))
+            record = StepRecord(step, loss_f, norm_f, coef, layers=tuple(clip.layers), lr=step_lr, sites=tuple(clip.sites))
             if is_non_finite(loss):
                 records.append(record)
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_FORWARD)

@@ -226,3 +226,14 @@ def test_gan_recipe_end_to_end(tmp_path):
         per_step = group.groupby("step")["grad_norm"].apply(lambda s: math.sqrt((s**2).sum()) if "_inf" not in run else s.max())
         mine = steps[steps["run"] == run].set_index("step")["grad_norm"]
         assert mine.tolist() == pytest.approx(per_step.tolist(), rel=1e-9)
+
+
+def test_lr_axis_sets_every_optimizer_and_amp_is_refused():
+    config = SweepConfig(script=GAN, max_norms=(1.0,), norm_types=(2.0,), steps=3, lrs=(0.001, 0.005))
+    results = run_sweep(config, load_experiment(GAN))
+    assert {r.lr for r in results} == {0.001, 0.005}
+    for r in results:
+        assert r.status == STABLE and [s.lr for s in r.steps] == [r.lr] * 3
+    amp = SweepConfig(script=GAN, max_norms=(), steps=2, amp="bf16")
+    (result,) = run_sweep(amp, load_experiment(GAN), cells=[Cell(None)])
+    assert result.status == ERROR and "--amp and --accumulate do not apply to a train_step script" in result.error
