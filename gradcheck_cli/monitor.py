@@ -91,15 +91,13 @@ __all__ = ["DEFAULT_OUT", "DEFAULT_RUN", "GradMonitor", "NonFiniteError", "StepR
 
 
 class NonFiniteError(RuntimeError):
-    """Training reached a non-finite loss or gradient and the monitor was asked to stop."""
+    """Training reached a non-finite loss or gradient. ``GradMonitor(stop_on_non_finite=True)``
+    raises it from ``optimizer.step()`` before the update; the framework callbacks log it."""
 
     def __init__(self, step: int, source: str, param: str | None, value: float) -> None:
         what = "loss" if source == SOURCE_FORWARD else "pre-clip gradient norm"
         where = f"; first non-finite gradient: {param}" if param else ""
-        super().__init__(
-            f"non-finite {what} ({value}) at optimizer step {step} ({source}){where}; "
-            "the step was not applied"
-        )
+        super().__init__(f"non-finite {what} ({value}) at optimizer step {step} ({source}){where}")
         self.step = step
         self.source = source
         self.param = param
@@ -178,7 +176,9 @@ class StepRecorder:
         """Measure every gradient of the model now (once per step): total, per-tensor norms."""
         if self._measured is not None:
             return
-        p = float(norm_type) if norm_type is not None else (self.clip_norm_type or self.norm_type)
+        if norm_type is None:
+            norm_type = self.clip_norm_type if self.clip_norm_type is not None else self.norm_type
+        p = float(norm_type)
         gn = engine.measure_grad_norms(self.named, p)
         self._measured = (p, gn.total_norm, gn.norms, tuple(gn.names or ()))
 
