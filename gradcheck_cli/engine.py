@@ -114,6 +114,11 @@ _UNDERFLOW_SLACK = 2.0**26
 
 _HALF = (torch.float16, torch.bfloat16)
 
+# Seam for the tests. The CPU fast paths (and reading a CPU clip coefficient on the host) are
+# taken only while this is True. The tests set it to False to run the path that every other
+# device takes (torch's kernels, no host syncs) on CPU tensors: the same code, not a copy of it.
+_CPU_PATHS = True
+
 
 # --------------------------------------------------------------------------------------------
 # argument handling
@@ -590,9 +595,11 @@ def _norms(
     """(total norm, per-tensor norms or None), both in the result dtype."""
     if not grads:
         return torch.tensor(0.0), (torch.zeros(0) if per_tensor else None)
+    if any(t.is_sparse or t.is_complex() for t in grads):
+        grads = [_norm_operand(t, p) for t in grads]
     dtypes = {t.dtype for t in grads}
     out_dtype = _result_dtype(dtypes)
-    if _cpu_fast(grads, dtypes):
+    if _CPU_PATHS and _cpu_fast(grads, dtypes):
         total, norms = _cpu_norms(grads, p, per_tensor)
         if isinstance(total, float):
             total_t = torch.tensor(total, dtype=out_dtype)
@@ -601,6 +608,29 @@ def _norms(
         return total_t, (norms.to(out_dtype) if norms is not None else None)
     total, norms = _device_norms(grads, p, foreach, per_tensor)
     return total.to(out_dtype), (norms.to(out_dtype) if norms is not None else None)
+
+
+def _norm_operand(g: Tensor, p: float) -> Tensor:
+    """A dense real tensor with the ``p``-norm of ``g``, for what the reductions above do not
+    take. A complex tensor becomes its magnitudes (one real copy, which then gets the
+    overflow-free real paths). A sparse COO tensor becomes its coalesced values (duplicate
+    entries summed first, as in ``g.to_dense()``), plus one zero when it has unstored elements
+    and ``p < 0`` (``-inf`` included), where a zero element decides the norm; zeros change no
+    other norm."""
+    if g.is_sparse:
+        values = g.coalesce().values()
+        if p < 0 and values.numel() < g.numel():
+            values = torch.cat([values.reshape(-1), values.new_zeros(1)])
+        g = values
+    return g.abs() if g.is_complex() else g
+
+
+def _coalesce_(g: Tensor) -> Tensor:
+    """The sparse COO tensor ``g``, coalesced in place (the same object, so that the optimizer
+    sees the change): its values are then the elements of ``g.to_dense()``."""
+    if not g.is_coalesced():
+        g.copy_(g.coalesce())
+    return g
 
 
 def _as_list(tensors: Tensor | Iterable[Tensor]) -> list[Tensor]:
@@ -707,15 +737,26 @@ def clip_grads_with_norm_(
     _scale_(grads, max_norm, total_norm, foreach)
 
 
+def _scale_target(g: Tensor) -> Tensor:
+    """The dense real tensor to multiply in place to scale the gradient ``g``: a sparse
+    gradient's values (scaling duplicate entries scales their sum alike), a complex gradient's
+    real view (as a complex product, ``(inf+0j) * (c+0j)`` is ``inf+nanj``)."""
+    if g.is_sparse:
+        g = g._values()
+    return torch.view_as_real(g) if g.is_complex() else g
+
+
 def _scale_(
     grads: list[Tensor], max_norm: float, total_norm: Tensor | float, foreach: bool | None
 ) -> None:
     if not grads or max_norm == _INF:
         return
+    if any(g.is_sparse or g.is_complex() for g in grads):
+        grads = [_scale_target(g) for g in grads]
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    if total_norm.is_cpu:
+    if _CPU_PATHS and total_norm.is_cpu:
         # reading a CPU tensor is not a device sync, whatever device the gradients are on
         coef = clip_coef.item()
         if coef >= 1.0:  # NaN falls through and is propagated, as in torch
@@ -806,9 +847,18 @@ def clip_grad_value_(
     clip_value = float(clip_value)
     grads = [p.grad for p in parameters if p.grad is not None]
     _check_foreach(foreach, grads)
+    if any(g.is_sparse for g in grads):
+        if not clip_value >= 0:  # also rejects NaN
+            raise ValueError(
+                f"clip_value must be a non-negative number for sparse gradients, got {clip_value}: "
+                "it would set every element to clip_value, the unstored zeros included, which a "
+                "sparse gradient cannot hold (use clip_value=0 to zero them)"
+            )
+        # duplicate entries are summed before clamping, as in g.to_dense()
+        grads = [_coalesce_(g)._values() if g.is_sparse else g for g in grads]
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
-        if g.is_cpu:
+        if _CPU_PATHS and g.is_cpu:
             g.clamp_(min=-clip_value, max=clip_value)
         else:
             groups.setdefault((g.device, g.dtype), []).append(g)

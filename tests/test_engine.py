@@ -8,6 +8,7 @@ each with a test that torch's own behaviour would fail.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import warnings
@@ -33,7 +34,23 @@ from gradcheck_cli.engine import (
 INF = math.inf
 NAN = math.nan
 NORM_TYPES = [0.0, 0.5, 1.0, 2.0, 3.0, -1.0, -INF, INF, "inf"]
+# fractional p > 1, large p (whose powers overflow or underflow float32 for ordinary values),
+# negative p other than -1
+WIDE_NORM_TYPES = NORM_TYPES + [1.5, 2.5, 20.0, 100.0, -0.5, -2.0]
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+REAL = (torch.float32, torch.float64)
+HALF = (torch.float16, torch.bfloat16)
+COMPLEX = (torch.complex64, torch.complex128)
+# magnitudes whose squares (or p-th powers) overflow or underflow the dtype (or, for fp16, the
+# fp16 range: the engine accumulates fp16 in float32, torch does not)
+EXTREME = {
+    torch.float32: [1e-30, 1e30],
+    torch.float64: [1e-200, 1e200],
+    torch.float16: [1e-4, 300.0],
+    torch.bfloat16: [1e-30, 1e30],
+    torch.complex64: [1e-30, 1e30],
+    torch.complex128: [1e-200, 1e200],
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -41,8 +58,12 @@ FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 
 def ref_tensor_norm(t: torch.Tensor, p: float) -> float:
-    """Norm of one tensor in float64, scaled so that nothing overflows or underflows."""
-    x = t.detach().abs().to(torch.float64).flatten()
+    """Norm of one tensor in float64, scaled so that nothing overflows or underflows (a sparse
+    tensor is measured as ``to_dense()``, a complex one by its float64 magnitudes)."""
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    x = (t.to(torch.complex128) if t.is_complex() else t.to(torch.float64)).abs().flatten()
     if x.numel() == 0:
         return 0.0
     if p == INF:
@@ -97,11 +118,14 @@ def assert_close_to_ref(value: float, ref: float, rtol: float, what: str = "") -
 
 def f32_rtol(p: float) -> float:
     """float32 accumulation: relative error of the sum of p-th powers, amplified by 1/p."""
-    return 2e-6 * max(1.0, 1.0 / p) if 0 < p < INF else 2e-6
+    return 2e-6 * max(1.0, 1.0 / abs(p)) if p != 0 and math.isfinite(p) else 2e-6
 
 
 def clone_strided(g: torch.Tensor) -> torch.Tensor:
-    """A copy with the same strides (non-contiguous gradients stay non-contiguous)."""
+    """A copy with the same strides (non-contiguous gradients stay non-contiguous); sparse
+    tensors are cloned as they are (uncoalesced ones stay uncoalesced)."""
+    if g.is_sparse:
+        return g.clone()
     out = torch.empty_strided(g.shape, g.stride(), dtype=g.dtype)
     return out.copy_(g)
 
@@ -119,11 +143,44 @@ def make_params(grads: list[torch.Tensor | None]) -> list[torch.nn.Parameter]:
     return params
 
 
-def rtol_for(tensors, p: float) -> float:
-    """float64 rounding if every tensor is float64, else float32 accumulation."""
-    if tensors and all(t.dtype == torch.float64 for t in tensors):
+def dense(t: torch.Tensor) -> torch.Tensor:
+    return t.to_dense() if t.is_sparse else t
+
+
+def torch_kernel_err(t: torch.Tensor, p: float) -> float:
+    """Relative error of torch's own ``vector_norm`` of ``t`` (float32-accumulated for fp16 and
+    bf16) against the float64 reference."""
+    t = dense(t)
+    if t.numel() == 0:
+        return 0.0
+    kw = {"dtype": torch.float32} if t.dtype in HALF else {}
+    return rel_err(torch.linalg.vector_norm(t, p, **kw).item(), ref_tensor_norm(t, p))
+
+
+def tensor_rtol(t: torch.Tensor, p: float) -> float:
+    """How far the engine's norm of ``t`` may be from the float64 reference.
+
+    float64 and complex128: rounding only. float32, fp16, bf16 and complex64: float32
+    accumulation (``f32_rtol``), also after the exact recomputation of overflowing or
+    underflowing tensors; a complex64 magnitude adds one float32 rounding per element, which
+    ``f32_rtol`` covers."""
+    if t.dtype in (torch.float64, torch.complex128):
         return 1e-12
     return f32_rtol(p)
+
+
+def rtol_for(tensors, p: float) -> float:
+    """The total's tolerance: a p-norm of per-tensor norms is off by at most the largest
+    relative error of its terms (for every p, negative ones included)."""
+    return max((tensor_rtol(t, p) for t in tensors if t.numel() > 0), default=1e-12)
+
+
+def result_dtype(tensors) -> torch.dtype:
+    """The engine's documented result dtype: promote(real gradient dtypes, float32)."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.real.dtype if t.is_complex() else t.dtype)
+    return dt
 
 
 def grads_of(params):
@@ -135,14 +192,29 @@ def torch_accepts(tensors: list[torch.Tensor], p: float) -> bool:
     return not ((p == INF or p < 0) and any(t.numel() == 0 for t in tensors))
 
 
+@contextlib.contextmanager
+def device_path():
+    """Run the engine's path for non-CPU devices (torch's kernels, foreach multiplies, no host
+    reads) on CPU tensors, through the engine's own seam: the same code a GPU runs."""
+    assert engine._CPU_PATHS
+    engine._CPU_PATHS = False
+    try:
+        yield
+    finally:
+        engine._CPU_PATHS = True
+
+
 # ------------------------------------------------------------------------------------------
 # hypothesis strategies
 
 
 @st.composite
-def gradient(draw, dtypes=(torch.float32, torch.float64), nonfinite=True, scales=None):
+def gradient(draw, dtypes=REAL, nonfinite=True, scales=None, extreme=False):
     """One gradient tensor: random shape (sometimes empty, sometimes longer than one row of the
-    engine's chunked reduction), dtype, scale, zeros, sprinkled NaN/inf, non-contiguity."""
+    engine's chunked reduction), dtype, scale, zeros, sprinkled NaN/inf, non-contiguity.
+
+    ``extreme``: the tensor may also get a magnitude whose powers overflow or underflow (see
+    ``EXTREME``)."""
     dtype = draw(st.sampled_from(dtypes))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -153,8 +225,12 @@ def gradient(draw, dtypes=(torch.float32, torch.float64), nonfinite=True, scales
         shape = (draw(st.integers(1, 40)), draw(st.integers(1, 40)))
     else:
         shape = tuple(draw(st.integers(0, 9)) for _ in range(draw(st.integers(0, 3))))
-    scale = draw(st.sampled_from(scales or [1e-3, 1.0, 30.0]))
-    g = torch.randn(shape, generator=gen, dtype=torch.float64).mul_(scale).to(dtype)
+    choices = list(scales or [1e-3, 1.0, 30.0])
+    if extreme and dtype in EXTREME:
+        choices += EXTREME[dtype]
+    scale = draw(st.sampled_from(choices))
+    base = torch.complex128 if dtype.is_complex else torch.float64
+    g = torch.randn(shape, generator=gen, dtype=base).mul_(scale).to(dtype)
     n = g.numel()
     if n and draw(st.integers(0, 9)) == 0:
         g.zero_()
@@ -178,10 +254,22 @@ def gradient_sets(draw, **kw):
 
 
 norm_types = st.sampled_from(NORM_TYPES)
+wide_norm_types = st.sampled_from(WIDE_NORM_TYPES)
+# every dtype in one set: float32 with fp16/bf16, float64, complex; huge and tiny magnitudes
+wide_sets = gradient_sets(dtypes=REAL + HALF + COMPLEX, extreme=True)
+# the same without complex, for clip_grad_value_ (clamp is undefined for complex numbers)
+wide_real_sets = gradient_sets(dtypes=REAL + HALF, extreme=True)
 
 
 # ------------------------------------------------------------------------------------------
 # differential tests against torch (regimes where the engine agrees with torch)
+
+
+def torch_is_accurate(theirs: float, ref: float) -> bool:
+    """Where torch is inaccurate (overflow, underflow, fp16 rounding, long float32 sums), only
+    the float64 reference counts: 1e-3 is far above the engine's own tolerances, far below a
+    spurious inf or 0."""
+    return rel_err(theirs, ref) <= 1e-3
 
 
 def assert_matches_torch(ours: torch.Tensor, theirs: torch.Tensor, tensors, p: float) -> None:
@@ -189,45 +277,84 @@ def assert_matches_torch(ours: torch.Tensor, theirs: torch.Tensor, tensors, p: f
     ref = ref_total(tensors, p)
     rtol = rtol_for(tensors, p)
     assert_close_to_ref(ours.item(), ref, rtol, f"engine p={p}")
+    if not torch_is_accurate(theirs.item(), ref):
+        return
     torch_err = rel_err(theirs.item(), ref)
     assert rel_err(ours.item(), theirs.item()) <= rtol + 1.01 * torch_err + 1e-7, (
         f"p={p}: engine {ours.item()!r} vs torch {theirs.item()!r} (reference {ref!r})"
     )
 
 
+def reference_clip(g: torch.Tensor, max_norm: float, ref_norm: float) -> torch.Tensor:
+    """``g * clamp(max_norm / (norm + 1e-6), max=1)`` in float64 arithmetic (a complex number
+    is scaled as its two real parts: as a complex product, ``(inf+0j) * 1`` is ``inf+nanj``)."""
+    coef = torch.clamp(max_norm / (torch.tensor(ref_norm, dtype=torch.float64) + 1e-6), max=1.0)
+    g = dense(g)
+    if g.is_complex():
+        return torch.view_as_complex(torch.view_as_real(g.to(torch.complex128)) * coef)
+    return g.to(torch.float64) * coef
+
+
+def assert_clipped_like_reference(clipped, originals, max_norm: float, ref_norm: float, rtol: float):
+    """Each clipped gradient against the float64 clip of its original. Tolerance: the engine's
+    coefficient is computed in float32 or float64 from a total within ``rtol`` of the reference
+    (so it is off by ``rtol`` plus two roundings), and the product is rounded once to the
+    gradient's dtype; below the dtype's smallest normal number only absolute precision is left."""
+    for out, g in zip(clipped, originals):
+        expected = reference_clip(g, max_norm, ref_norm)
+        info = torch.finfo(g.dtype)
+        tol = rtol + 2 * torch.finfo(torch.float32).eps + info.eps
+        got = dense(out).to(expected.dtype)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=info.tiny, equal_nan=True)
+
+
 @FAST
-@given(grads=gradient_sets(), norm_type=norm_types)
+@given(grads=wide_sets, norm_type=wide_norm_types)
 def test_get_total_norm_matches_torch(grads, norm_type):
     tensors = [g for g in grads if g is not None]
     p = float(norm_type)
-    assume(torch_accepts(tensors, p))
-    theirs = torch_get_total_norm(tensors, norm_type)
     ours = get_total_norm(tensors, norm_type)
-    assert ours.dtype == theirs.dtype
+    assert ours.dtype == result_dtype(tensors)
     assert ours.shape == ()
+    if not torch_accepts(tensors, p):
+        assert_close_to_ref(ours.item(), ref_total(tensors, p), rtol_for(tensors, p))
+        return
+    theirs = torch_get_total_norm(tensors, norm_type)
+    if not any(t.dtype in HALF for t in tensors):
+        assert ours.dtype == theirs.dtype  # torch returns fp16/bf16 norms (difference 2)
     assert_matches_torch(ours, theirs, tensors, p)
 
 
 @FAST
 @given(
-    grads=gradient_sets(),
-    norm_type=norm_types,
+    grads=wide_sets,
+    norm_type=wide_norm_types,
     max_norm=st.sampled_from([0.0, 1e-3, 0.5, 1.0, 7.0, 1e4]),
 )
 def test_clip_grad_norm_matches_torch(grads, norm_type, max_norm):
     p = float(norm_type)
-    assume(torch_accepts([g for g in grads if g is not None], p))
+    tensors = [g for g in grads if g is not None]
     ours_params = make_params(grads)
+    ours = clip_grad_norm_(ours_params, max_norm, norm_type)
+    ref = ref_total(tensors, p)
+    rtol = rtol_for(tensors, p)
+    assert_close_to_ref(ours.item(), ref, rtol, f"engine p={p}")
+    assert_clipped_like_reference(grads_of(ours_params), tensors, max_norm, ref, rtol)
+    if not torch_accepts(tensors, p) or any(t.dtype in HALF for t in tensors):
+        return  # torch raises, or clips by an fp16/bf16 norm (difference 2)
     torch_params = make_params(grads)
     theirs = torch_clip_grad_norm_(torch_params, max_norm, norm_type)
-    ours = clip_grad_norm_(ours_params, max_norm, norm_type)
-    assert_matches_torch(ours, theirs, [g for g in grads if g is not None], p)
+    if not torch_is_accurate(theirs.item(), ref):
+        return  # torch clips by a wrong norm; the float64 reference above is the one that counts
+    assert_matches_torch(ours, theirs, tensors, p)
+    if any(t.is_complex() and not bool(torch.isfinite(t).all()) for t in tensors):
+        return  # torch's complex product turns inf+0j into inf+nanj, even for a coefficient of 1
     for a, b in zip(grads_of(ours_params), grads_of(torch_params)):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-30, equal_nan=True)
 
 
 @FAST
-@given(grads=gradient_sets(), clip_value=st.sampled_from([0.0, 1e-2, 0.7, 5.0, INF, -0.5]))
+@given(grads=wide_real_sets, clip_value=st.sampled_from([0.0, 1e-2, 0.7, 5.0, INF, -0.5]))
 def test_clip_grad_value_matches_torch(grads, clip_value):
     ours_params = make_params(grads)
     assume(grads_of(ours_params))  # torch raises without gradients (tested separately)
@@ -238,8 +365,15 @@ def test_clip_grad_value_matches_torch(grads, clip_value):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def test_clip_grad_value_rejects_complex_like_torch():
+    g = torch.tensor([1 + 2j, -3j], dtype=torch.complex64)
+    for clip in (clip_grad_value_, torch_clip_grad_value_):
+        with pytest.raises(NotImplementedError, match="complex"):
+            clip(make_params([g]), 1.0)
+
+
 @FAST
-@given(grads=gradient_sets(), norm_type=norm_types)
+@given(grads=wide_sets, norm_type=wide_norm_types)
 def test_measure_grad_norms_matches_torch_per_tensor(grads, norm_type):
     p = float(norm_type)
     params = make_params(grads)
@@ -251,18 +385,20 @@ def test_measure_grad_norms_matches_torch_per_tensor(grads, norm_type):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
     assert result.names is None
     assert result.norms.shape == (len(tensors),)
-    assert result.norms.dtype == result.total_norm.dtype
+    assert result.norms.dtype == result.total_norm.dtype == result_dtype(tensors)
     for t, n in zip(tensors, result.norms.tolist()):
-        rtol = rtol_for([t], p)
-        assert_close_to_ref(n, ref_tensor_norm(t, p), rtol, f"per-tensor p={p}")
-        if torch_accepts([t], p):
+        rtol = tensor_rtol(t, p)
+        ref = ref_tensor_norm(t, p)
+        assert_close_to_ref(n, ref, rtol, f"per-tensor p={p}")
+        if torch_accepts([t], p) and t.dtype not in HALF:
             theirs = torch.linalg.vector_norm(t, p).item()
-            torch_err = rel_err(theirs, ref_tensor_norm(t, p))
-            assert rel_err(n, theirs) <= rtol + 1.01 * torch_err + 1e-7
+            if torch_is_accurate(theirs, ref):
+                assert rel_err(n, theirs) <= rtol + 1.01 * rel_err(theirs, ref) + 1e-7
     # the same total as get_total_norm, up to float rounding
     total = get_total_norm(tensors, norm_type)
     assert result.total_norm.dtype == total.dtype
     assert rel_err(result.total_norm.item(), total.item()) <= rtol_for(tensors, p)
+    assert_close_to_ref(result.total_norm.item(), ref_total(tensors, p), rtol_for(tensors, p))
     if torch_accepts(tensors, p):
         theirs_total = torch_get_total_norm(tensors, norm_type)
         assert_matches_torch(result.total_norm, theirs_total, tensors, p)
@@ -421,13 +557,36 @@ def test_foreach_true_on_unsupported_device_raises_like_torch():
 
 
 @pytest.mark.parametrize("foreach", [None, True, False])
-def test_foreach_flag_gives_the_same_result_on_cpu(foreach):
-    g = [torch.arange(5.0), torch.ones(3, 3)]
-    params = make_params([t.clone() for t in g])
-    assert get_total_norm(g, foreach=foreach).item() == pytest.approx(math.sqrt(30 + 9))
-    clip_grad_norm_(params, 1.0, foreach=foreach)
-    clip_grad_value_(params, 0.1, foreach=foreach)
-    assert all(t.abs().max() <= 0.1 for t in grads_of(params))
+def test_foreach_flag_gives_torchs_result_on_cpu(foreach):
+    gen = torch.Generator().manual_seed(6)
+    g = [torch.arange(5.0), torch.ones(3, 3), torch.randn(20_000, generator=gen),
+         torch.randn(7, dtype=torch.float64, generator=gen)]
+    for p in (2.0, 1.0, INF, 0.5):
+        ref = ref_total(g, p)
+        expected = torch_get_total_norm(g, p, foreach=foreach)
+        ours = get_total_norm(g, p, foreach=foreach)
+        assert ours.dtype == expected.dtype == torch.float64
+        assert_close_to_ref(ours.item(), ref, rtol_for(g, p))
+        # torch's float32 sums are off by about 1e-7 here: ours may differ from torch by that
+        tol = rtol_for(g, p) + 1.01 * rel_err(expected.item(), ref)
+        assert rel_err(ours.item(), expected.item()) <= tol
+        for max_norm in (1.0, 1e12):  # clipped, and left alone
+            ours_params = make_params(g)
+            torch_params = make_params(g)
+            ours_total = clip_grad_norm_(ours_params, max_norm, p, foreach=foreach)
+            torch_total = torch_clip_grad_norm_(torch_params, max_norm, p, foreach=foreach)
+            assert rel_err(ours_total.item(), torch_total.item()) <= tol
+            for a, b in zip(grads_of(ours_params), grads_of(torch_params)):
+                torch.testing.assert_close(a, b, rtol=tol + 2 * torch.finfo(torch.float32).eps, atol=0)
+            if max_norm == 1e12:
+                assert all(torch.equal(a, b) for a, b in zip(grads_of(ours_params), g))
+    for clip_value in (0.1, 2.0):
+        ours_params = make_params(g)
+        torch_params = make_params(g)
+        clip_grad_value_(ours_params, clip_value, foreach=foreach)
+        torch_clip_grad_value_(torch_params, clip_value, foreach=foreach)
+        for a, b in zip(grads_of(ours_params), grads_of(torch_params)):
+            assert torch.equal(a, b)
 
 
 def test_mixed_dtypes_promote_like_torch():
@@ -624,9 +783,20 @@ def test_accuracy_on_1e8_element_tensor():
         )
         ours = get_total_norm([g]).item()
         assert rel_err(ours, ref) <= 1e-6
-        assert rel_err(torch.linalg.vector_norm(g).item(), ref) > 1e-4  # torch's own error
+        # the per-tensor norm comes from the same row reductions (no copies: a broadcast
+        # parameter holding g itself as its gradient)
+        prm = torch.nn.Parameter(torch.zeros(1).expand(n))
+        prm.grad = g
+        assert rel_err(measure_grad_norms(prm).norms.item(), ref) <= 1e-6
+        del prm
         ref_inf = g.max().item()
         assert get_total_norm(g, INF).item() == ref_inf
+        # constant data, the worst case of float32 accumulation (every partial sum grows
+        # alike); the exact answer is sqrt(n) * c, with c = float32(0.3)
+        g.fill_(0.3)
+        exact = math.sqrt(n) * g[0].item()
+        assert rel_err(get_total_norm([g]).item(), exact) <= 1e-6
+        assert rel_err(get_total_norm([g], 1.0).item(), n * g[0].item()) <= 1e-6
     finally:
         del g
         gc.collect()
@@ -690,32 +860,105 @@ def test_zero_element_gradient_is_accepted(norm_type):
 
 
 # ------------------------------------------------------------------------------------------
-# the path used on devices other than CPU (host-sync free), exercised with CPU tensors
+# the path used on devices other than CPU (host-sync free), exercised with CPU tensors through
+# the engine's seam (``device_path()``): per-tensor norms, totals and clipped gradients
+
+
+def torch_kernel_norms(t: torch.Tensor, p: float) -> list[float]:
+    """The norms torch's own kernels give for one dense tensor, as the device path uses them:
+    ``vector_norm``, and for p in (1, 2, inf) also ``_foreach_norm`` (the path takes one of
+    the two, by ``foreach``); complex tensors by their magnitudes, fp16/bf16 accumulated in
+    float32."""
+    if t.numel() == 0:
+        return [0.0]
+    x = t.abs() if t.is_complex() else t
+    kw = {"dtype": torch.float32} if x.dtype in HALF else {}
+    out = [torch.linalg.vector_norm(x, p, **kw).item()]
+    if p in (1.0, 2.0, INF):
+        out.append(torch._foreach_norm([x], p, **kw)[0].item())
+    return out
+
+
+# Tolerances on the device path. Per tensor: the value is torch's kernel result, rounded once
+# to the result dtype (float32: 2**-24 = 6e-8); two float32 ulps (2.4e-7) leave room for one
+# more rounding and nothing else (a norm off by 1e-6 fails). Total: the float64 combination of
+# those per-tensor values is exact to 1e-15; the per-tensor values were each rounded once to
+# float32 and the total is rounded once more: 4 ulps (4.8e-7).
+DEVICE_PER_TENSOR_RTOL = 2.4e-7
+DEVICE_TOTAL_RTOL = 4.8e-7
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    grads=wide_sets,
+    norm_type=wide_norm_types,
+    foreach=st.sampled_from([None, True, False]),
+    max_norm=st.sampled_from([0.0, 1e-3, 0.5, 7.0]),
+)
+def test_device_path_matches_torch_kernels_and_reference(grads, norm_type, foreach, max_norm):
+    p = float(norm_type)
+    tensors = [g for g in grads if g is not None]
+    params = make_params(grads)
+    with device_path():
+        measured = measure_grad_norms(params, norm_type)
+        total = get_total_norm(tensors, norm_type, foreach=foreach)
+        clipped_total = clip_grad_norm_(params, max_norm, norm_type, foreach=foreach)
+    assert total.dtype == measured.total_norm.dtype == measured.norms.dtype == result_dtype(tensors)
+    # per-tensor norms: torch's kernel, and within torch's own error of the float64 reference
+    per = measured.norms.tolist()
+    assert len(per) == len(tensors)
+    for t, n in zip(tensors, per):
+        candidates = torch_kernel_norms(t, p)
+        assert min(rel_err(n, c) for c in candidates) <= DEVICE_PER_TENSOR_RTOL, (n, candidates)
+        ref = ref_tensor_norm(t, p)
+        kernel_err = max(rel_err(c, ref) for c in candidates)
+        assert rel_err(n, ref) <= 1.01 * kernel_err + tensor_rtol(t, p)
+    # totals: the p-norm of those per-tensor norms (zero-element tensors left out)
+    combined = ref_combine([n for t, n in zip(tensors, per) if t.numel() > 0], p)
+    assert rel_err(measured.total_norm.item(), combined) <= DEVICE_TOTAL_RTOL
+    assert rel_err(total.item(), combined) <= DEVICE_TOTAL_RTOL + DEVICE_PER_TENSOR_RTOL
+    assert torch.equal(clipped_total, total) or rel_err(clipped_total.item(), total.item()) == 0
+    # clipped gradients: each original times the coefficient of that total, in float64
+    assert_clipped_like_reference(grads_of(params), tensors, max_norm, total.item(), 0.0)
 
 
 @settings(max_examples=60, deadline=None)
-@given(grads=gradient_sets(nonfinite=True), norm_type=norm_types)
-def test_device_path_agrees_with_reference(grads, norm_type):
-    p = float(norm_type)
-    tensors = [g for g in grads if g is not None]
-    assume(tensors)
-    total, norms = engine._device_norms(tensors, p, None, True)
-    assert norms.shape == (len(tensors),)
-    assert norms.dtype == total.dtype == torch.float64
-    ref = ref_total(tensors, p)
-    for t, n in zip(tensors, norms.tolist()):
-        r = ref_tensor_norm(t, p)
-        if t.numel() == 0:
-            assert n == 0.0
-        elif math.isnan(r) or math.isinf(r):
-            assert rel_err(n, r) == 0.0
-    if math.isnan(ref) or math.isinf(ref):
-        assert rel_err(total.item(), ref) == 0.0
-        return
-    # per-tensor norms are float32-accumulated on this path, as in torch
-    nonempty = [t for t in tensors if t.numel() > 0]
-    torch_err = rel_err(torch_get_total_norm(nonempty, p).item(), ref) if nonempty else 0.0
-    assert rel_err(total.item(), ref) <= rtol_for(tensors, p) + 1.01 * torch_err + 1e-7
+@given(
+    grads=wide_real_sets,
+    clip_value=st.sampled_from([0.0, 1e-2, 0.7, 5.0, INF, -0.5]),
+    foreach=st.sampled_from([None, True, False]),
+)
+def test_device_path_clip_grad_value_matches_torch(grads, clip_value, foreach):
+    ours = make_params(grads)
+    assume(grads_of(ours))
+    theirs = make_params(grads)
+    torch_clip_grad_value_(theirs, clip_value, foreach=foreach)
+    with device_path():
+        clip_grad_value_(ours, clip_value, foreach=foreach)
+    for a, b in zip(grads_of(ours), grads_of(theirs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_device_path_scales_by_a_device_coefficient(foreach):
+    """clip_grads_with_norm_ given a total: the multiply by the clamped coefficient, done
+    without reading it on the host, also when the coefficient is 1."""
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(50, generator=gen), torch.randn(3, 4, dtype=torch.float64, generator=gen),
+             torch.randn(20_000, generator=gen).to(torch.bfloat16)]
+    total = torch.tensor(4.0)
+    for max_norm in (0.0, 1.0, 3.99999, 100.0):
+        ours = make_params(grads)
+        theirs = make_params(grads)
+        with device_path():
+            clip_grads_with_norm_(ours, max_norm, total, foreach=foreach)
+        torch.nn.utils.clip_grads_with_norm_(theirs, max_norm, total, foreach=foreach)
+        for a, b, g in zip(grads_of(ours), grads_of(theirs), grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            # the coefficient is computed in the total's dtype (float32), as in torch
+            coef = min(max_norm / (4.0 + 1e-6), 1.0)
+            tol = 2 * torch.finfo(torch.float32).eps + torch.finfo(g.dtype).eps
+            torch.testing.assert_close(a.double(), g.double() * coef, rtol=tol, atol=0)
 
 
 def test_device_path_half_precision_and_overflow_across_tensors():
