@@ -610,26 +610,32 @@ def _norms(
     return total.to(out_dtype), (norms.to(out_dtype) if norms is not None else None)
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype.is_complex else torch.float64
+
+
 def _norm_operand(g: Tensor, p: float) -> Tensor:
     """A dense real tensor with the ``p``-norm of ``g``, for what the reductions above do not
     take. A complex tensor becomes its magnitudes (one real copy, which then gets the
-    overflow-free real paths). A sparse COO tensor becomes its coalesced values (duplicate
-    entries summed first, as in ``g.to_dense()``), plus one zero when it has unstored elements
-    and ``p < 0`` (``-inf`` included), where a zero element decides the norm; zeros change no
-    other norm."""
+    overflow-free real paths). A sparse COO tensor becomes its coalesced values: duplicate
+    entries summed first (in float64, then rounded once to the accumulation dtype, so that
+    neither cancellation nor the order of the sum matters), plus one zero when it has unstored
+    elements and ``p < 0`` (``-inf`` included), where a zero element decides the norm; zeros
+    change no other norm."""
     if g.is_sparse:
-        values = g.coalesce().values()
+        values = g.to(_wide(g.dtype)).coalesce().values()
         if p < 0 and values.numel() < g.numel():
             values = torch.cat([values.reshape(-1), values.new_zeros(1)])
-        g = values
+        g = values.to(g.dtype if g.dtype not in _HALF else torch.float32)
     return g.abs() if g.is_complex() else g
 
 
 def _coalesce_(g: Tensor) -> Tensor:
     """The sparse COO tensor ``g``, coalesced in place (the same object, so that the optimizer
-    sees the change): its values are then the elements of ``g.to_dense()``."""
+    sees the change): duplicate entries summed in float64 and rounded once, so its values are
+    the correctly rounded elements of its dense equivalent."""
     if not g.is_coalesced():
-        g.copy_(g.coalesce())
+        g.copy_(g.to(_wide(g.dtype)).coalesce())
     return g
 
 
@@ -739,10 +745,11 @@ def clip_grads_with_norm_(
 
 def _scale_target(g: Tensor) -> Tensor:
     """The dense real tensor to multiply in place to scale the gradient ``g``: a sparse
-    gradient's values (scaling duplicate entries scales their sum alike), a complex gradient's
-    real view (as a complex product, ``(inf+0j) * (c+0j)`` is ``inf+nanj``)."""
+    gradient's values, once coalesced (scaled duplicates would each be rounded, and their sum
+    can cancel), a complex gradient's real view (as a complex product, ``(inf+0j) * (c+0j)``
+    is ``inf+nanj``)."""
     if g.is_sparse:
-        g = g._values()
+        g = _coalesce_(g)._values()
     return torch.view_as_real(g) if g.is_complex() else g
 
 
