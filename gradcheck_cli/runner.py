@@ -306,10 +306,18 @@ def _check_loss(experiment: Experiment, loss: Any) -> torch.Tensor:
 
 def _first_non_finite_param(model: torch.nn.Module) -> str | None:
     """Name of the first parameter, in ``named_parameters()`` order, whose gradient holds a
-    NaN or inf. Elementwise over every gradient: call it at the onset step only."""
+    NaN or inf. Elementwise over every gradient: call it at the onset step only.
+
+    A sparse gradient is judged by its coalesced values, the ones the engine measures:
+    duplicate entries are summed first (two finite entries can sum to inf)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                grad = grad.coalesce().values()
+            if not bool(torch.isfinite(grad).all()):
                 return name
     return None
 
