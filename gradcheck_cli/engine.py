@@ -49,6 +49,17 @@ Differences from torch (each one is a case where torch gives a wrong answer):
    internal error). A zero-element gradient is accepted for every ``norm_type``: it has norm 0
    and does not take part in the total (torch raises for ``inf`` and for negative ``p``, whose
    reductions "have no identity").
+6. **Sparse and complex gradients.** Sparse COO gradients (``nn.Embedding(sparse=True)``, which
+   torch cannot measure) are measured and clipped as their dense equivalent ``g.to_dense()``:
+   the norm is taken over the coalesced values (duplicate entries summed first, in float64 and
+   rounded once; for negative ``p`` and ``-inf`` the unstored zeros count), with every
+   ``norm_type``. Clipping coalesces them in place (the same tensor object, still sparse, so the
+   optimizer sees the clipped gradient) and scales or clamps their values; unstored elements
+   stay 0, also where a dense tensor would become NaN (a NaN total norm) or ``clip_value`` (a
+   negative ``clip_value``, which ``clip_grad_value_`` therefore refuses with ``ValueError``
+   for sparse gradients). Complex gradients are measured through their magnitudes, so
+   difference 1 holds for them too, and scaled as pairs of reals (torch's complex product
+   turns ``inf+0j`` into ``inf+nanj``).
 
 ``measure_grad_norms`` returns the same total as ``get_total_norm`` up to float rounding (the two
 group the partial sums differently), with the per-tensor norms from the same pass.
@@ -59,15 +70,16 @@ about ten times slower), and the multiply is skipped when the clip coefficient i
 device sync to avoid on CPU). ``benchmarks/engine.py`` times this against
 ``torch.nn.utils.clip_grad_norm_`` and ``benchmarks/README.md`` records the figures. fp16/bf16
 gradients are slower than in torch on CPU (torch's float32-accumulating kernels for half inputs
-are slow there); complex gradients take the generic path below.
+are slow there); complex gradients cost one real copy (their magnitudes).
 
 Other devices (CUDA and anything else): a path close to torch's, without host syncs (no
 ``.item()``, no Python branching on device values, the gradients always multiplied by the
 clamped coefficient): per-tensor norms with torch's foreach kernels, one kernel per
 (device, dtype) group, fp16/bf16 accumulated in float32, and the per-tensor norms combined in
-float64 with scaling. Differences 2, 4 and 5 hold there; difference 1 holds across tensors but
+float64 with scaling. Differences 2, 4, 5 and 6 hold there; difference 1 holds across tensors but
 not inside one (a float32 tensor whose squares overflow float32 still gives inf); difference 3
-does not hold. This path has not been run on a GPU: its logic is tested with CPU tensors.
+does not hold. This path has not been run on a GPU: the tests run it on CPU tensors through
+the seam ``_CPU_PATHS = False`` (the same code, not a copy), against torch's kernels and float64.
 
 ``foreach`` is accepted for compatibility. On CPU the engine picks its own kernels, so the flag
 changes nothing there except torch's check: ``foreach=True`` raises ``RuntimeError`` on devices
@@ -595,9 +607,10 @@ def _norms(
     """(total norm, per-tensor norms or None), both in the result dtype."""
     if not grads:
         return torch.tensor(0.0), (torch.zeros(0) if per_tensor else None)
-    if any(t.is_sparse or t.is_complex() for t in grads):
-        grads = [_norm_operand(t, p) for t in grads]
     dtypes = {t.dtype for t in grads}
+    if any(t.is_sparse for t in grads) or any(d.is_complex for d in dtypes):
+        grads = [_norm_operand(t, p) for t in grads]
+        dtypes = {t.dtype for t in grads}
     out_dtype = _result_dtype(dtypes)
     if _CPU_PATHS and _cpu_fast(grads, dtypes):
         total, norms = _cpu_norms(grads, p, per_tensor)
@@ -679,7 +692,7 @@ def get_total_norm(
 
     Differs from torch (see the module docstring): no spurious overflow or underflow, fp16/bf16
     accumulated and returned in float32, accurate for very long tensors, zero-element tensors
-    accepted for every ``norm_type``.
+    accepted for every ``norm_type``, sparse COO tensors measured as their dense equivalent.
     """
     return _total_norm(_as_list(tensors), norm_type, error_if_nonfinite, foreach, group)
 
@@ -847,7 +860,9 @@ def clip_grad_value_(
         foreach: accepted for compatibility with torch; ``True`` raises on devices without
             foreach kernels. Default: None.
 
-    Differs from torch only in that an input without any gradient is a no-op (torch raises).
+    Differs from torch in that an input without any gradient is a no-op (torch raises) and
+    in that sparse COO gradients are accepted: coalesced in place (duplicates summed), then
+    their values clamped; a negative or NaN ``clip_value`` raises ``ValueError`` for them.
     On CPU each gradient is clamped in one pass (torch's foreach path makes two).
     """
     parameters = _as_list(parameters)
