@@ -119,7 +119,7 @@ def test_sgd_sweep_matches_the_dense_model_under_torch(name):
     for result in results:
         cell = result.cell
         history = reference_training(
-            dense_experiment, STEPS, lr=cfg.lr, max_norm=cell.max_norm, norm_type=cell.norm_type
+            dense_experiment, STEPS, lr=cfg.lr_of(cell), max_norm=cell.max_norm, norm_type=cell.norm_type
         )
         assert_run_matches(result, [h.loss for h in history], [h.norm for h in history])
     # clipping acted: the clipped runs leave the unclipped one after the first step
