@@ -803,7 +803,17 @@ def test_half_precision_against_float64_reference(grads, norm_type):
     tensors = [g for g in grads if g is not None]
     ours = get_total_norm(tensors, norm_type)
     assert ours.dtype == torch.float32
-    assert_close_to_ref(ours.item(), ref_total(tensors, norm_type), f32_rtol(norm_type))
+    assert_close_to_ref(ours.item(), ref_total(tensors, norm_type), half_rtol(norm_type))
+
+
+def half_rtol(p: float) -> float:
+    """The proven bound for half-precision sets. Short fp16/bf16 tensors are joined into one
+    buffer and reduced in float32 rows of 1024 elements, so a row can hold values of 300 and of
+    1e-3 together; float32 recursive summation of n non-negative terms is then off by at most
+    (n - 1) * 2**-24 of the row's sum (about 6.1e-5), and the p-th root divides that by p.
+    Random data stays near 2e-6 (``f32_rtol``), but hypothesis finds the mixed rows."""
+    bound = 1023 * 2.0**-24
+    return bound * max(1.0, 1.0 / abs(p)) if p != 0 and math.isfinite(p) else bound
 
 
 # ------------------------------------------------------------------------------------------
