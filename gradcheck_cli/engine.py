@@ -477,23 +477,55 @@ def _cpu_per_tensor_lp(grads: list[Tensor], p: float) -> tuple[Tensor, Tensor]:
         parts.append(torch.stack(norms))
         owners.extend(idx)
         counts.extend([1] * len(idx))
+    owner, thresholds, all_nonempty = _per_tensor_plan(grads, owners, counts)
     sums = torch.zeros(len(grads), dtype=torch.float64)
-    lossy = torch.zeros(len(grads), dtype=torch.float64)
     if parts:
-        owner = torch.repeat_interleave(torch.tensor(owners), torch.tensor(counts))
         sums.index_add_(0, owner, _pow_sum_terms(parts, p))
-        if p < 1:
-            lossy.index_add_(0, owner, torch.cat([_subnormal(t) for t in parts]).double())
-    n_t = torch.tensor([g.numel() for g in grads], dtype=torch.float64)
-    floors = torch.tensor([_underflow_floor(g.dtype) for g in grads], dtype=torch.float64)
-    # inf: overflow or an inf element; tiny: underflow may matter; lossy: a partial norm lost
-    # precision as a subnormal number. NaN needs no second look.
-    suspect = (torch.isinf(sums) | (sums < floors * n_t) | (lossy > 0)) & (n_t > 0)
+    # inf: overflow or an inf element; tiny: underflow may matter (empty tensors have a
+    # threshold of -inf); lossy: a partial norm lost precision as a subnormal number. NaN needs
+    # no second look.
+    suspect = torch.isinf(sums) | (sums < thresholds)
+    if parts and p < 1:
+        lossy = torch.zeros(len(grads), dtype=torch.float64)
+        lossy.index_add_(0, owner, torch.cat([_subnormal(t) for t in parts]).double())
+        suspect |= lossy > 0
     norms = sums.pow(1.0 / p)
-    for i in suspect.nonzero().flatten().tolist():
-        norms[i] = _exact_norm(grads[i], p)
-    nonempty = n_t > 0
-    return _combine(norms[nonempty], p), norms
+    if bool(suspect.any()):
+        for i in suspect.nonzero().flatten().tolist():
+            norms[i] = _exact_norm(grads[i], p)
+    else:
+        # Every per-tensor sum of powers is trustworthy: their float64 sum is the total's,
+        # unless it overflows float64 (then the scaled combination below is needed).
+        total = sums.sum().pow_(1.0 / p)
+        if not math.isinf(total.item()):
+            return total, norms
+    if all_nonempty:
+        return _combine(norms, p), norms
+    return _combine(norms[torch.tensor([g.numel() > 0 for g in grads])], p), norms
+
+
+# The index tensors of ``_cpu_per_tensor_lp`` depend only on the gradients' shapes and dtypes,
+# which repeat every training step: building them costs more than the reduction itself on a
+# small model, so they are kept per layout (a handful of entries; cleared when it grows).
+_PLANS: dict[tuple, tuple[Tensor, Tensor, bool]] = {}
+_MAX_PLANS = 64
+
+
+def _per_tensor_plan(grads: list[Tensor], owners: list[int], counts: list[int]) -> tuple[Tensor, Tensor, bool]:
+    """(owner of each partial norm, per-tensor underflow threshold (-inf when empty), whether
+    every tensor is non-empty), cached per layout."""
+    key = (tuple(owners), tuple(counts), tuple((g.numel(), g.dtype) for g in grads))
+    plan = _PLANS.get(key)
+    if plan is None:
+        owner = torch.repeat_interleave(torch.tensor(owners, dtype=torch.long), torch.tensor(counts, dtype=torch.long))
+        thresholds = torch.tensor(
+            [_underflow_floor(g.dtype) * g.numel() if g.numel() else -_INF for g in grads], dtype=torch.float64
+        )
+        plan = (owner, thresholds, all(g.numel() > 0 for g in grads))
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def _cpu_total_inf(grads: list[Tensor]) -> float:
