@@ -254,12 +254,21 @@ def shared_log_bins(results: list[RunResult], n_bins: int = 8) -> list[float]:
         return [0.0, 1.0]
     lo, hi = math.log10(min(positive)), math.log10(max(positive))
     if hi - lo < 1e-12:
-        # One distinct value: a decade centred on it (capped at the largest float, no overflow).
+        # One distinct value: a decade centred on it, or the top decade of the floats when the
+        # centred one would overflow.
         v = min(positive)
-        edges = [min(v * 10 ** (i / n_bins - 0.5), sys.float_info.max) for i in range(n_bins + 1)]
+        if v * 10**0.5 <= sys.float_info.max:
+            edges = [v * 10 ** (i / n_bins - 0.5) for i in range(n_bins + 1)]
+        else:
+            edges = [sys.float_info.max * 10 ** (i / n_bins - 1) for i in range(n_bins)] + [sys.float_info.max]
     else:
         # Exact ends, so no value falls outside by rounding; inner edges lie strictly between.
         edges = [min(positive)] + [10 ** (lo + (hi - lo) * i / n_bins) for i in range(1, n_bins)] + [max(positive)]
+    # Subnormal norms are too coarse for log spacing (edges round onto each other): step each
+    # such edge up to the next float, so the edges stay strictly increasing.
+    for i in range(1, len(edges)):
+        if edges[i] <= edges[i - 1]:
+            edges[i] = math.nextafter(edges[i - 1], math.inf)
     if any(n == 0 for n in norms):
         edges[0] = 0.0
     return edges

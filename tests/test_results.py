@@ -1,6 +1,7 @@
 """The result schema: run names, summary statistics, histogram bins."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -79,3 +80,108 @@ def test_frames_have_the_documented_columns():
     assert list(steps_frame(results).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
     hist = histogram_frame(results, shared_log_bins(results))
     assert list(hist.columns) == ["run", "bin_left", "bin_right", "count"] and hist["count"].sum() == 2
+
+
+# --- histogram bins, by hand ---------------------------------------------------------------------
+# README: "Histogram bins are log-spaced, shared by all runs, [left, right) with the last bin
+# closed; when some norm is exactly 0 the first bin starts at 0. A run's counts sum to its number
+# of finite norms." Every expected edge and count below is worked out by hand.
+
+
+def norms_run(*norms: float, max_norm: float | None = None) -> RunResult:
+    return RunResult(Cell(max_norm), STABLE, [StepRecord(i + 1, 1.0, n, 1.0) for i, n in enumerate(norms)])
+
+
+def test_log_bins_span_the_sweep_decade_by_decade():
+    # norms from 1 to 1e8 over 8 bins: one decade per bin
+    results = [norms_run(1.0, 50.0), norms_run(1e8, 3e3, max_norm=1.0)]
+    edges = shared_log_bins(results)
+    assert edges[0] == 1.0 and edges[-1] == 1e8  # the exact extremes, no rounding at the ends
+    assert edges == pytest.approx([1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8], rel=1e-12)
+    assert histogram_counts(results[0], edges) == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert histogram_counts(results[1], edges) == [0, 0, 0, 1, 0, 0, 0, 1]  # 1e8 in the closed last bin
+
+
+def test_bins_are_left_closed_right_open_and_the_last_is_closed():
+    # edges 1, 10, 100: a norm on the inner edge 10 belongs to the bin on its right
+    result = norms_run(1.0, 9.999, 10.0, 99.99, 100.0)
+    edges = shared_log_bins([result], n_bins=2)
+    assert edges == pytest.approx([1.0, 10.0, 100.0], rel=1e-12)
+    assert histogram_counts(result, [1.0, 10.0, 100.0]) == [2, 3]
+
+
+def test_a_zero_norm_makes_the_first_edge_zero():
+    # positive norms 1..100 on 2 bins give edges 1, 10, 100; the 0 moves the first edge to 0
+    result = norms_run(0.0, 1.0, 5.0, 100.0)
+    edges = shared_log_bins([result], n_bins=2)
+    assert edges[0] == 0.0
+    assert edges[1:] == pytest.approx([10.0, 100.0], rel=1e-12)
+    assert histogram_counts(result, edges) == [3, 1]
+    # the zero edge is shared: a run without any zero norm gets it too
+    assert shared_log_bins([norms_run(3.0, 30.0), norms_run(0.0, 300.0)], n_bins=2)[0] == 0.0
+    assert shared_log_bins([norms_run(3.0, 30.0), norms_run(0.5, 300.0)], n_bins=2)[0] == 0.5
+
+
+def test_only_zero_norms_give_the_single_bin_zero_to_one():
+    result = norms_run(0.0, 0.0, math.nan, math.inf)
+    assert shared_log_bins([result]) == [0.0, 1.0]
+    assert histogram_counts(result, [0.0, 1.0]) == [2]
+
+
+def test_one_distinct_value_is_centred_in_a_decade():
+    result = norms_run(4.0, 4.0, 4.0)
+    edges = shared_log_bins([result], n_bins=4)
+    # 4 * 10**(i/4 - 1/2) for i = 0..4
+    assert edges == pytest.approx([4 / math.sqrt(10), 4 * 10**-0.25, 4.0, 4 * 10**0.25, 4 * math.sqrt(10)], rel=1e-12)
+    assert histogram_counts(result, edges) == [0, 0, 3, 0]
+
+
+def test_non_finite_norms_are_not_counted_and_do_not_move_the_edges():
+    result = norms_run(1.0, math.nan, 100.0, math.inf, -math.inf)
+    assert shared_log_bins([result], n_bins=2) == pytest.approx([1.0, 10.0, 100.0], rel=1e-12)
+    assert histogram_counts(result, shared_log_bins([result], n_bins=2)) == [1, 1]
+    assert shared_log_bins([norms_run(math.nan, math.inf)]) == []
+    assert histogram_counts(norms_run(1.0), []) == []
+    assert histogram_counts(norms_run(1.0), [1.0]) == []
+
+
+def test_values_outside_the_edges_go_to_the_end_bins():
+    # Edges given from elsewhere (another sweep's): out-of-range norms still count, in the
+    # nearest end bin, so a run's counts always sum to its finite norms.
+    result = norms_run(0.001, 0.5, 1.0, 5.0, 10.0, 10.5, 1e9)
+    assert histogram_counts(result, [1.0, 5.0, 10.0]) == [3, 4]
+
+
+def test_default_is_eight_bins():
+    assert len(shared_log_bins([norms_run(1.0, 2.0, 3.0)])) == 9
+    assert len(shared_log_bins([norms_run(7.0)])) == 9
+
+
+def test_extreme_single_norms_give_strictly_increasing_finite_edges():
+    # near the largest float the centred decade would overflow: the top decade of the floats
+    huge = norms_run(1.7e308)
+    edges = shared_log_bins([huge])
+    assert edges[-1] == sys.float_info.max and edges[0] == pytest.approx(sys.float_info.max / 10, rel=1e-12)
+    assert all(a < b for a, b in zip(edges, edges[1:]))
+    assert histogram_counts(huge, edges) == [0, 0, 0, 0, 0, 0, 0, 1]  # 1.7e308 > 1.348e308, the last inner edge
+    # the smallest subnormal: the decade rounds onto a handful of floats; each edge is one step up
+    tiny = norms_run(5e-324)
+    edges = shared_log_bins([tiny])
+    assert edges == [0.0] + [k * 5e-324 for k in range(1, 9)]
+    assert histogram_counts(tiny, edges) == [0, 1, 0, 0, 0, 0, 0, 0]
+    two = norms_run(5e-324, 1e-323)
+    assert shared_log_bins([two], n_bins=2) == [5e-324, 1e-323, 1.5e-323]
+
+
+def test_histogram_frame_rows_by_hand():
+    # positive norms 1..100 on 2 bins: edges 1, 10, 100, the first moved to 0 by the zero norm
+    results = [norms_run(0.0, 20.0), norms_run(1.0, 100.0, 50.0, max_norm=1.0)]
+    edges = shared_log_bins(results, n_bins=2)
+    frame = histogram_frame(results, edges)
+    assert frame.to_dict("records") == [
+        {"run": "unclipped", "bin_left": 0.0, "bin_right": edges[1], "count": 1},
+        {"run": "unclipped", "bin_left": edges[1], "bin_right": 100.0, "count": 1},
+        {"run": "clip_1_2", "bin_left": 0.0, "bin_right": edges[1], "count": 1},
+        {"run": "clip_1_2", "bin_left": edges[1], "bin_right": 100.0, "count": 2},
+    ]
+    assert edges[1] == pytest.approx(10.0, rel=1e-12)
