@@ -133,9 +133,26 @@ def test_summary_table_histogram_uses_the_shared_bins():
     edges = shared_log_bins(results)
     table = summary_table(results, edges)
     hist = [c.plain for c in table.columns[-1].cells]
-    assert hist == [sparkline(histogram_counts(r, edges)) for r in results]
-    assert all(len(h) == len(edges) - 1 for h in hist)
-    assert "log-spaced bins" in str(table.caption)
+    # Finite norms 5..900 on 8 log bins: edges 5, 9.569, 18.31, 35.05, 67.08, 128.4, 245.7, 470.3, 900.
+    # control 60, 900 (inf not counted); 0.1: 60, 30, 10; 1: 60, 20, 5; 10/inf: 60.
+    assert hist == ["   █   █", " ███    ", "█ ██    ", "   █    "]
+    assert str(table.caption).endswith("histogram: 8 log-spaced bins from 5 to 900, shared by all runs")
+
+
+def test_sparkline_levels_in_the_table_by_hand():
+    # norms 1..100 on 2 bins (edges 1, 10, 100): counts per run written next to each sparkline;
+    # level = ceil(8 * count / fullest) - 1 over "▁▂▃▄▅▆▇█"
+    results = [
+        run(None, losses=(1.0,) * 4, norms=(1.0, 2.0, 3.0, 50.0)),  # [3, 1]: 1 -> ceil(8/3)-1 = 2
+        run(1.0, losses=(1.0,) * 3, norms=(100.0, 20.0, 30.0)),  # [0, 3]
+        run(2.0, losses=(1.0,) * 8, norms=(1.0,) * 7 + (10.0,)),  # [7, 1]: 1 -> ceil(8/7)-1 = 1
+        run(3.0, losses=(1.0,) * 8, norms=(1.0,) * 4 + (10.0,) * 4),  # [4, 4]
+    ]
+    edges = shared_log_bins(results, n_bins=2)
+    assert edges == pytest.approx([1.0, 10.0, 100.0], rel=1e-12)
+    table = summary_table(results, edges)
+    assert [c.plain for c in table.columns[-1].cells] == ["█▃", " █", "█▂", "██"]
+    assert sparkline([5, 2, 1, 0, 3, 4]) == "█▄▂ ▅▇"  # 8*k/5 = 3.2, 1.6, 4.8, 6.4 -> levels 3, 1, 4, 6
 
 
 def test_summary_table_missing_and_non_finite_values():
@@ -366,3 +383,31 @@ def test_describe_amp_collapse_and_micro_batch_onsets():
     forward = RunResult(Cell(None), NON_FINITE, [StepRecord(3, NAN)], nan_step=3, nan_source=SOURCE_FORWARD,
                         nan_micro_batch=2)
     assert describe_result(forward) == "non_finite at step 3 (forward, micro-batch 2): the loss is nan"
+
+
+DROPPABLE = {"min loss": "0.5", "norm p50": "2", "norm p95": "2.9", "clipped": "33%", "norm max": "3"}
+
+
+@pytest.mark.parametrize("width", [60, 70, 75, 80, 85, 90, 100, 160])
+def test_narrow_note_names_exactly_the_columns_left_out(width):
+    """README: "On a narrower terminal the table drops its least important columns and says
+    which." Each droppable column has a value found nowhere else in its row: the value is shown
+    if and only if the note does not name the column, and columns go in the documented order."""
+    # final 0.75, min 0.5; norms 3, 2, 1: p50 2, p95 2.9, max 3; max_norm 2.5 clips only the 3
+    result = run(2.5, math.inf, losses=(1.0, 0.5, 0.75), norms=(3.0, 2.0, 1.0))
+    text = render(summary_table([result], shared_log_bins([result])), width=width)
+    flat = " ".join(text.split())
+    row = next(line.split() for line in text.splitlines() if line.startswith("clip_2.5_inf"))
+    assert row[:6] == ["clip_2.5_inf", "2.5", "inf", "stable", "—", "—"] and "0.75" in row
+    if "left out to fit the console: " in flat:
+        named = flat.split("left out to fit the console: ")[1].split(" (see summary.csv)")[0].split(", ")
+    else:
+        named = []
+    order = ["min loss", "norm p50", "norm p95", "clipped", "norm max"]
+    assert named == order[: len(named)]
+    for column, value in DROPPABLE.items():
+        assert (value in row) == (column not in named), (column, row, named)
+    if width >= 100:
+        assert named == []
+    if width <= 80:
+        assert named  # the full table needs about 100 columns
