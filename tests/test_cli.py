@@ -141,15 +141,50 @@ def test_sweep_fail_on_nan_exits_1(tmp_path):
     assert "head.weight" in result.stdout
 
 
-def test_sweep_fail_on_divergence_and_table(tmp_path):
-    result = invoke("sweep", SAMPLES / "exploding_rnn.py", "--steps", 10, "--max-norm", "1", "--norm-type", "2",
-                    "--out", tmp_path / "r", "--fail-on-divergence")
+# The two --fail-on-* flags act independently: each fails only on its own kind of instability.
+# nan_at_step goes non-finite (never diverges); exploding_rnn diverges unclipped (never NaN).
+FAIL_FLAG_CASES = [
+    ("nan_at_step.py", 6, "non_finite", [], 0),
+    ("nan_at_step.py", 6, "non_finite", ["--fail-on-nan"], 1),
+    ("nan_at_step.py", 6, "non_finite", ["--fail-on-divergence"], 0),
+    ("exploding_rnn.py", 4, "diverged", [], 0),
+    ("exploding_rnn.py", 4, "diverged", ["--fail-on-divergence"], 1),
+    ("exploding_rnn.py", 4, "diverged", ["--fail-on-nan"], 0),
+]
+
+
+@pytest.mark.parametrize("script, steps, control_status, flags, code", FAIL_FLAG_CASES)
+def test_fail_flags_act_independently(tmp_path, script, steps, control_status, flags, code):
+    out = tmp_path / "r"
+    result = invoke("sweep", SAMPLES / script, "--steps", steps, "--max-norm", "1", "--norm-type", "2",
+                    "--out", out, *flags)
+    assert result.exit_code == code, result.output
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.loc[0, "status"] == control_status
+    assert not ({"non_finite", "diverged"} <= set(summary["status"]))  # one kind of instability only
+
+
+def test_sweep_fail_on_divergence_and_best_of_a_grid(tmp_path):
+    result = invoke("sweep", SAMPLES / "exploding_rnn.py", "--steps", 10, "--max-norm", "0.1,1,10",
+                    "--norm-type", "2,inf", "--out", tmp_path / "r", "--fail-on-divergence")
     assert result.exit_code == 1, result.output
     summary = pd.read_csv(tmp_path / "r" / "summary.csv")
-    assert dict(zip(summary["run"], summary["status"])) == {"unclipped": "diverged", "clip_1_2": "stable"}
+    assert dict(zip(summary["run"], summary["status"])) == {
+        "unclipped": "diverged", "clip_0.1_2": "stable", "clip_0.1_inf": "stable", "clip_1_2": "stable",
+        "clip_1_inf": "stable", "clip_10_2": "diverged", "clip_10_inf": "diverged"}
     assert summary.loc[0, "diverged_step"] == 2
-    assert "unclipped" in result.stdout and "clip_1_2" in result.stdout
-    assert "best: max_norm=1 norm_type=2" in result.stdout.replace("\n", " ")
+    # Four stable candidates with different final losses: the verdict must name the lowest one,
+    # worked out here from summary.csv alone.
+    candidates = summary[(summary["status"] == "stable") & summary["max_norm"].notna()]
+    assert candidates["final_loss"].nunique() == 4
+    best = candidates.loc[candidates["final_loss"].idxmin()]
+    assert best["run"] == "clip_1_2"
+    verdict = [line for line in result.stdout.splitlines() if line.startswith("best:")]
+    assert len(verdict) == 1
+    assert verdict[0].startswith(f"best: max_norm=1 norm_type=2 (stable, final loss {best['final_loss']:.4g})")
+    assert "unclipped: diverged at step 2" in verdict[0]
+    for run in summary["run"]:
+        assert run in result.stdout
 
 
 # --- check ----------------------------------------------------------------------------------------
@@ -180,6 +215,15 @@ def test_check_diverged_exits_1():
     result = invoke("check", SAMPLES / "exploding_rnn.py", "--steps", 5)
     assert result.exit_code == 1
     assert "diverged" in result.stdout and "step 2" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["raises_in_loss.py", "raises_at_import.py", "raises_in_build_model.py"])
+def test_check_exits_3_when_the_script_raises(script):
+    """README: check "exits ... 3 when your code raised"."""
+    result = invoke("check", SCRIPTS / script, "--steps", 6, "--max-norm", "1")
+    assert result.exit_code == 3, result.output
+    assert "Traceback (most recent call last)" in result.output  # the user's own frames
+    assert "gradcheck_cli" not in result.output
 
 
 # --- JUnit ----------------------------------------------------------------------------------------
@@ -418,13 +462,23 @@ def test_ctrl_c_keeps_finished_runs_and_resume_completes(uninterrupted, tmp_path
 def test_kill_9_leaves_parseable_files_and_resume_completes(uninterrupted, tmp_path):
     out = tmp_path / "r"
     proc = _start_and_signal(out, signal.SIGKILL, tmp_path)
-    assert proc.returncode == -signal.SIGKILL
-    for name in ("summary.csv", "steps.csv", "histograms.csv"):
-        frame = pd.read_csv(out / name)
-        assert len(frame) >= 1
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished: the sweep was mid-run
     finished = pd.read_csv(out / "summary.csv")
     steps = pd.read_csv(out / "steps.csv")
-    assert set(steps["run"]) == set(finished["run"])  # every finished run, whole
+    hist = pd.read_csv(out / "histograms.csv")
+    manifest = json.loads((out / "gradclip-sweep.json").read_text())
+    # At least one run finished and none is cut short: whole runs only, as the uninterrupted
+    # sweep recorded them, and the manifest names exactly those runs.
+    full = pd.read_csv(uninterrupted / "summary.csv")
+    assert 1 <= len(finished) < len(full)
+    assert list(finished["run"]) == list(full["run"][: len(finished)])
+    assert (finished["status"] == "stable").all() and (finished["steps"] == 40).all()
+    assert manifest["finished_runs"] == list(finished["run"])
+    assert steps.groupby("run", sort=False).size().to_dict() == dict.fromkeys(finished["run"], 40)
+    assert set(hist["run"]) == set(finished["run"])
+    assert hist.groupby("run")["count"].sum().to_dict() == dict.fromkeys(finished["run"], 40)
+    full_steps = pd.read_csv(uninterrupted / "steps.csv")
+    pd.testing.assert_frame_equal(steps, full_steps[full_steps["run"].isin(finished["run"])], check_exact=True)
 
     resumed = invoke(*SLOW_ARGS, "--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
@@ -442,6 +496,68 @@ def test_resume_with_different_options_is_refused(uninterrupted, tmp_path):
     assert result.exit_code == 2, result.output
     assert "--max-norm" in result.output
     assert (out / "summary.csv").read_bytes() == before
+
+
+def test_reusing_out_without_resume_overwrites(tmp_path):
+    """README: "Without --resume, a sweep overwrites the reports in --out"."""
+    out = tmp_path / "r"
+    first = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 4, "--max-norm", "0.5,1", "--norm-type", "2,inf",
+                   "--out", out)
+    assert first.exit_code == 0, first.output
+    assert len(pd.read_csv(out / "summary.csv")) == 5
+    second = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 3, "--max-norm", "7", "--norm-type", "2",
+                    "--out", out)
+    assert second.exit_code == 0, second.output
+    assert "resuming" not in second.stderr
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["run"]) == ["unclipped", "clip_7_2"] and (summary["steps"] == 3).all()
+    steps = pd.read_csv(out / "steps.csv")
+    assert list(steps["run"]) == ["unclipped"] * 3 + ["clip_7_2"] * 3
+    assert set(pd.read_csv(out / "histograms.csv")["run"]) == {"unclipped", "clip_7_2"}
+    manifest = json.loads((out / "gradclip-sweep.json").read_text())
+    assert manifest["finished_runs"] == ["unclipped", "clip_7_2"]
+    assert manifest["fingerprint"]["steps"] == 3
+    # and the overwritten directory now resumes as the second sweep, not the first
+    again = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 3, "--max-norm", "7", "--norm-type", "2",
+                   "--out", out, "--resume")
+    assert again.exit_code == 0 and "resuming: 2 of 2 runs" in again.stderr
+
+
+def test_default_out_is_gradclip_report_in_the_working_directory(tmp_path):
+    proc = gradclip("sweep", SCRIPTS / "stable_linear.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2",
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gradclip-report"]
+    assert list(pd.read_csv(tmp_path / "gradclip-report" / "summary.csv")["run"]) == ["unclipped", "clip_1_2"]
+    assert "reports written to gradclip-report/" in proc.stderr
+
+
+def test_default_lr_is_0_01(tmp_path):
+    """Without --lr and without build_optimizer, runs train with SGD at lr 0.01: the losses and
+    norms equal a plain torch loop's with torch.optim.SGD(lr=0.01), and differ from lr 0.02."""
+    from reference_loop import reference_training
+
+    from gradcheck_cli.loader import load_experiment
+
+    out = tmp_path / "r"
+    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 5, "--max-norm", "1", "--norm-type", "2",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    steps = pd.read_csv(out / "steps.csv")
+    experiment = load_experiment(SCRIPTS / "stable_linear.py")
+    for run, max_norm in (("unclipped", None), ("clip_1_2", 1.0)):
+        rows = steps[steps["run"] == run]
+        ref = reference_training(experiment, 5, lr=0.01, max_norm=max_norm)
+        assert rows["loss"].tolist() == [s.loss for s in ref]
+        assert rows["grad_norm"].tolist() == pytest.approx([s.norm for s in ref], rel=1e-6)
+    other = reference_training(experiment, 5, lr=0.02)
+    assert steps[steps["run"] == "unclipped"]["loss"].tolist()[1:] != [s.loss for s in other][1:]
+
+
+def test_help_documents_the_defaults():
+    result = invoke("sweep", "--help")
+    text = " ".join(result.output.split())
+    assert "default 0.01" in text and "gradclip-report" in text
 
 
 # --- the installed console script on the samples -----------------------------------------------
