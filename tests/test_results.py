@@ -4,6 +4,7 @@ import math
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -185,3 +186,45 @@ def test_histogram_frame_rows_by_hand():
         {"run": "clip_1_2", "bin_left": edges[1], "bin_right": 100.0, "count": 2},
     ]
     assert edges[1] == pytest.approx(10.0, rel=1e-12)
+
+
+def test_frames_hold_the_exact_records():
+    control = RunResult(Cell(None), STABLE, [StepRecord(1, 2.0, 4.0, 1.0), StepRecord(2, 1.0, 3.0, 1.0)], seconds=0.5)
+    clipped = RunResult(Cell(0.5, math.inf), NON_FINITE, [StepRecord(1, 2.0, 4.0, 0.125), StepRecord(2, math.nan)],
+                        nan_step=2, nan_source="forward")
+    steps = steps_frame([control, clipped]).to_dict("records")
+    assert steps[:3] == [
+        {"run": "unclipped", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 1.0},
+        {"run": "unclipped", "step": 2, "loss": 1.0, "grad_norm": 3.0, "clip_coef": 1.0},
+        {"run": "clip_0.5_inf", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 0.125},
+    ]
+    assert steps[3]["run"] == "clip_0.5_inf" and steps[3]["step"] == 2
+    assert all(math.isnan(steps[3][k]) for k in ("loss", "grad_norm", "clip_coef"))
+    assert clipped.step_rows()[0] == steps[2]
+    summary = summary_frame([control, clipped])
+    assert list(summary["run"]) == ["unclipped", "clip_0.5_inf"]
+    row = summary.loc[0].to_dict()
+    expected = {
+        "run": "unclipped", "max_norm": None, "norm_type": "2", "status": "stable", "nan_step": None,
+        "nan_source": None, "nan_param": None, "diverged_step": None, "final_loss": 1.0, "min_loss": 1.0,
+        "grad_norm_p50": 3.5, "grad_norm_p95": pytest.approx(3.95), "grad_norm_max": 4.0, "clipped_frac": 0.0,
+        "steps": 2, "seconds": 0.5, "error": None,
+    }
+    assert list(row) == list(expected)
+    for key, value in expected.items():
+        assert pd.isna(row[key]) if value is None else row[key] == value, key
+    assert summary.loc[1, "norm_type"] == "inf" and summary.loc[1, "clipped_frac"] == 1.0
+    assert summary.loc[1, "nan_step"] == 2 and summary.loc[1, "nan_source"] == "forward"
+
+
+def test_empty_frames_keep_their_columns():
+    assert list(summary_frame([]).columns) == SUMMARY_COLUMNS
+    assert list(steps_frame([]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef"]
+    assert list(histogram_frame([], []).columns) == ["run", "bin_left", "bin_right", "count"]
+    assert histogram_frame([], []).empty
+
+
+def test_clipped_frac_counts_coefficients_below_one():
+    steps = [StepRecord(1, 1.0, 5.0, 0.2), StepRecord(2, 1.0, 1.0, 1.0), StepRecord(3, 1.0, 2.0, 0.5),
+             StepRecord(4, 1.0, 0.5, 1.0)]
+    assert RunResult(Cell(1.0), STABLE, steps).summary_row()["clipped_frac"] == 0.5
