@@ -1,3 +1,4 @@
+import copy
 import random
 
 import numpy as np
@@ -136,9 +137,32 @@ def test_snapshot_restores_everything_together():
 
 
 def test_snapshot_without_optimizer():
+    """A snapshot taken without an optimizer leaves an optimizer's state exactly as it is on
+    restore: neither cleared, nor replaced by an earlier state."""
     model = make_model()
-    snap = Snapshot.capture(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train_steps(model, opt, 2)
+    snap = Snapshot.capture(model)  # model and RNG only
     assert snap.optimizer_state is None
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    snap.restore_optimizer(opt)  # nothing captured: a no-op
-    assert opt.state_dict()["state"] == {}
+    train_steps(model, opt, 3, seed=2)  # the momentum buffers move on
+    before = capture_optimizer(opt)
+    assert before["state"], "the optimizer must hold state for this test to mean anything"
+    snap.restore(model, opt)
+    after = opt.state_dict()
+    assert after["state"].keys() == before["state"].keys()
+    for key in before["state"]:
+        assert torch.equal(after["state"][key]["momentum_buffer"], before["state"][key]["momentum_buffer"])
+    assert after["param_groups"] == before["param_groups"]
+    # while the model itself did go back
+    assert same_state(capture_model(model), snap.model_state)
+
+    # the same snapshot taken *with* the optimizer does bring the old state back (the contrast)
+    model2 = make_model()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    train_steps(model2, opt2, 2)
+    with_opt = Snapshot.capture(model2, opt2)
+    saved = copy.deepcopy(opt2.state_dict())
+    train_steps(model2, opt2, 3, seed=2)
+    with_opt.restore(model2, opt2)
+    for key in saved["state"]:
+        assert torch.equal(opt2.state_dict()["state"][key]["momentum_buffer"], saved["state"][key]["momentum_buffer"])
