@@ -211,7 +211,28 @@ def test_out_of_range_values(tmp_path, line, fragment):
 
 
 def test_parsing_never_executes_code(tmp_path):
+    """A recipe is data: reading it (and validating the sweep it describes) never imports its
+    script. The script here leaves a marker file when imported; the last step imports it on
+    purpose, to show the marker would have appeared."""
     marker = tmp_path / "executed"
-    path = recipe(tmp_path, f'description = "__import__(\'pathlib\').Path({str(marker)!r}).touch()"\n')
-    assert load_recipe(path) == {}
+    (tmp_path / "model.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "import torch\n"
+        "def build_model():\n    return torch.nn.Linear(1, 1)\n"
+        "def batches():\n    return [torch.ones(1, 1)]\n"
+        "def loss_fn(model, batch):\n    return model(batch).sum()\n"
+    )
+    path = tmp_path / "r.toml"
+    path.write_text(
+        'description = "__import__(\'pathlib\').Path(\'%s\').touch()"\nscript = "model.py"\nsteps = 2\n' % marker
+    )
+    values = load_recipe(path)
+    assert values["script"] == tmp_path / "model.py" and values["steps"] == 2
+    config = SweepConfig.from_values(values)
+    assert config.script == tmp_path / "model.py"
     assert not marker.exists()
+
+    from gradcheck_cli.loader import load_experiment
+
+    load_experiment(config.script)
+    assert marker.exists()
