@@ -52,3 +52,51 @@ def test_readme_example_script_runs(tmp_path):
     result = CliRunner().invoke(app, ["check", str(script), "--steps", "5", "--max-norm", "1"])
     assert result.exit_code == 0, result.output
     assert "stable" in result.stdout
+
+
+def readme_sample_output() -> list[str]:
+    """The lines of the README's "What the first command prints" block."""
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split("What the first command prints", 1)[1]
+    return re.search(r"```text\n(.*?)\n```", after, flags=re.S).group(1).splitlines()
+
+
+def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
+    """The README's sample table and verdict, line for line, from the README's own main command
+    (run in a fresh interpreter, stdout piped as in CI); then the files agree with the table."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("COLUMNS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradcheck_cli", "sweep", "--recipe", "exploding_rnn", "--out", "gradclip-report"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = [line.rstrip() for line in readme_sample_output()]
+    got = [line.rstrip() for line in proc.stdout.splitlines()]
+    assert got == expected
+
+    # The rows of the README table, read back as words: all seven runs, their statuses and onsets.
+    rows = {line.split()[0]: line.split() for line in expected if line.startswith(("unclipped", "clip_"))}
+    assert list(rows) == ["unclipped", "clip_0.1_2", "clip_0.1_inf", "clip_1_2", "clip_1_inf", "clip_10_2", "clip_10_inf"]
+    summary = pd.read_csv(tmp_path / "gradclip-report" / "summary.csv")
+    assert list(summary["run"]) == list(rows)
+    assert list(summary["status"]) == [words[3] for words in rows.values()]
+    assert list(summary["status"]) == ["diverged", "stable", "stable", "stable", "stable", "diverged", "diverged"]
+    onsets = [None if words[4] == "—" else int(words[4]) for words in rows.values()]
+    assert [None if pd.isna(s) else int(s) for s in summary["diverged_step"]] == onsets == [2, None, None, None, None, 4, 2]
+    # The chosen setting: the README's verdict names the lowest final loss among stable clipped runs.
+    verdict = expected[-1]
+    assert verdict.startswith("best: max_norm=1 norm_type=2 (stable, final loss 0.06192)")
+    stable = summary[(summary["status"] == "stable") & summary["max_norm"].notna()]
+    best = stable.loc[stable["final_loss"].idxmin()]
+    assert (best["max_norm"], best["norm_type"]) == (1.0, "2") or (best["max_norm"], str(best["norm_type"])) == (1.0, "2.0")
+    assert f"{best['final_loss']:.4g}" == "0.06192"
+    # the prose under the block says the same
+    readme = (ROOT / "README.md").read_text()
+    assert "The unclipped run diverges at step 2; `max_norm=1` with the L2 norm trains best" in readme
