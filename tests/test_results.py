@@ -19,6 +19,7 @@ from gradcheck_cli.results import (
     StepRecord,
     histogram_counts,
     histogram_frame,
+    layers_frame,
     percentile,
     shared_log_bins,
     steps_frame,
@@ -228,3 +229,20 @@ def test_clipped_frac_counts_coefficients_below_one():
     steps = [StepRecord(1, 1.0, 5.0, 0.2), StepRecord(2, 1.0, 1.0, 1.0), StepRecord(3, 1.0, 2.0, 0.5),
              StepRecord(4, 1.0, 0.5, 1.0)]
     assert RunResult(Cell(1.0), STABLE, steps).summary_row()["clipped_frac"] == 0.5
+
+
+def test_layer_rows_and_frame_by_hand():
+    steps = [StepRecord(1, 1.0, 5.0, 1.0, layers=(("fc", 3.0), ("head", 4.0))), StepRecord(2, 0.5, 1.0, 1.0),
+             StepRecord(3, 0.25, 2.0, 1.0, layers=(("fc", 2.0),))]
+    result = RunResult(Cell(1.0), STABLE, steps)
+    expected = [
+        {"run": "clip_1_2", "step": 1, "param": "fc", "grad_norm": 3.0},
+        {"run": "clip_1_2", "step": 1, "param": "head", "grad_norm": 4.0},
+        {"run": "clip_1_2", "step": 3, "param": "fc", "grad_norm": 2.0},
+    ]
+    assert result.layer_rows() == expected
+    control = RunResult(Cell(None), STABLE, [StepRecord(1, 1.0, 1.0, 1.0, layers=(("fc", 1.0),))])
+    frame = layers_frame([control, result])
+    assert list(frame.columns) == ["run", "step", "param", "grad_norm"]
+    assert frame.to_dict("records") == [{"run": "unclipped", "step": 1, "param": "fc", "grad_norm": 1.0}] + expected
+    assert list(layers_frame([]).columns) == ["run", "step", "param", "grad_norm"]
