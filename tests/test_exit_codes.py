@@ -139,3 +139,38 @@ def test_every_combination_of_statuses_against_a_plain_rule():
                 else:
                     want = 0
                 assert _exit_code(results(*subset), nan, div) == want, (subset, nan, div)
+
+
+def _recipe(tmp_path, text: str):
+    (tmp_path / "model.py").write_text("# a script\n")
+    path = tmp_path / "r.toml"
+    path.write_text('script = "model.py"\n' + text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "text, flags",
+    [("", (False, False)), ("fail_on_nan = true\n", (True, False)), ("fail_on_divergence = true\n", (False, True)),
+     ("fail_on_nan = true\nfail_on_divergence = true\n", (True, True)),
+     ("fail_on_nan = false\nfail_on_divergence = false\n", (False, False))],
+)
+def test_recipe_fail_flags_reach_the_exit_code_independently(tmp_path, text, flags):
+    from gradcheck_cli.cli import _resolve_config
+
+    config, fail_on_nan, fail_on_divergence = _resolve_config(None, _recipe(tmp_path, text), {"steps": 3, "lr": None})
+    assert (fail_on_nan, fail_on_divergence) == flags
+    assert config.script == tmp_path / "model.py" and config.steps == 3 and config.lr == 0.01
+
+
+def test_command_line_values_override_the_recipe_and_none_means_not_given(tmp_path):
+    from pathlib import Path
+
+    from gradcheck_cli.cli import _resolve_config
+
+    recipe = _recipe(tmp_path, "steps = 7\nseed = 3\n")
+    config, _, _ = _resolve_config(None, recipe, {"steps": 2, "seed": None})
+    assert (config.steps, config.seed) == (2, 3)
+    other = tmp_path / "other.py"
+    other.write_text("# another script\n")
+    config, nan, div = _resolve_config(Path(other), None, {})
+    assert config.script == other and config.steps == 100 and (nan, div) == (False, False)

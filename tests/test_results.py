@@ -166,6 +166,11 @@ def test_extreme_single_norms_give_strictly_increasing_finite_edges():
     assert edges[-1] == sys.float_info.max and edges[0] == pytest.approx(sys.float_info.max / 10, rel=1e-12)
     assert all(a < b for a, b in zip(edges, edges[1:]))
     assert histogram_counts(huge, edges) == [0, 0, 0, 0, 0, 0, 0, 1]  # 1.7e308 > 1.348e308, the last inner edge
+    # just below the overflow point (5.5e307 * sqrt(10) = 1.739e308 < 1.798e308) it is still centred
+    near = norms_run(5.5e307)
+    edges = shared_log_bins([near], n_bins=2)
+    assert edges == pytest.approx([5.5e307 / math.sqrt(10), 5.5e307, 5.5e307 * math.sqrt(10)], rel=1e-12)
+    assert histogram_counts(near, edges) == [0, 1]
     # the smallest subnormal: the decade rounds onto a handful of floats; each edge is one step up
     tiny = norms_run(5e-324)
     edges = shared_log_bins([tiny])
