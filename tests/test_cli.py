@@ -554,6 +554,25 @@ def test_default_lr_is_0_01(tmp_path):
     assert steps[steps["run"] == "unclipped"]["loss"].tolist()[1:] != [s.loss for s in other][1:]
 
 
+def test_narrow_terminal_table_names_the_columns_it_drops(tmp_path):
+    """README: "On a narrower terminal the table drops its least important columns and says which"."""
+    args = ["sweep", SCRIPTS / "stable_linear.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2"]
+    wide = invoke(*args, "--out", tmp_path / "a", env={"COLUMNS": "160"})
+    narrow = invoke(*args, "--out", tmp_path / "b", env={"COLUMNS": "72"})
+    assert wide.exit_code == 0 and narrow.exit_code == 0, narrow.output
+    assert "left out" not in wide.stdout and "p50" in wide.stdout and "p95" in wide.stdout
+    table_lines = narrow.stdout.splitlines()[:-1]  # the verdict after the table is one unwrapped line
+    assert max(len(line) for line in table_lines) <= 72
+    flat = " ".join(narrow.stdout.split())
+    named = flat.split("left out to fit the console: ")[1].split(" (see summary.csv)")[0].split(", ")
+    assert named[:2] == ["min loss", "norm p50"]  # the least important go first
+    header = " ".join(narrow.stdout.split("───")[0].split())
+    if "norm p50" in named:
+        assert "p50" not in header
+    if "norm p95" in named:
+        assert "p95" not in header
+
+
 def test_help_documents_the_defaults():
     result = invoke("sweep", "--help")
     text = " ".join(result.output.split())
