@@ -159,7 +159,7 @@ def test_recipe_fail_flags_reach_the_exit_code_independently(tmp_path, text, fla
 
     config, fail_on_nan, fail_on_divergence = _resolve_config(None, _recipe(tmp_path, text), {"steps": 3, "lr": None})
     assert (fail_on_nan, fail_on_divergence) == flags
-    assert config.script == tmp_path / "model.py" and config.steps == 3 and config.lr == 0.01
+    assert config.script == tmp_path / "model.py" and config.steps == 3 and config.lrs is None
 
 
 def test_command_line_values_override_the_recipe_and_none_means_not_given(tmp_path):
@@ -169,7 +169,7 @@ def test_command_line_values_override_the_recipe_and_none_means_not_given(tmp_pa
 
     recipe = _recipe(tmp_path, "steps = 7\nseed = 3\n")
     config, _, _ = _resolve_config(None, recipe, {"steps": 2, "seed": None})
-    assert (config.steps, config.seed) == (2, 3)
+    assert (config.steps, config.seeds) == (2, (3,))
     other = tmp_path / "other.py"
     other.write_text("# another script\n")
     config, nan, div = _resolve_config(Path(other), None, {})

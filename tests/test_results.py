@@ -195,24 +195,28 @@ def test_histogram_frame_rows_by_hand():
 
 
 def test_frames_hold_the_exact_records():
-    control = RunResult(Cell(None), STABLE, [StepRecord(1, 2.0, 4.0, 1.0), StepRecord(2, 1.0, 3.0, 1.0)], seconds=0.5)
-    clipped = RunResult(Cell(0.5, math.inf), NON_FINITE, [StepRecord(1, 2.0, 4.0, 0.125), StepRecord(2, math.nan)],
+    control = RunResult(Cell(None), STABLE, [StepRecord(1, 2.0, 4.0, 1.0, lr=0.5), StepRecord(2, 1.0, 3.0, 1.0, lr=0.25)],
+                        seconds=0.5, seed=7)
+    clipped = RunResult(Cell(0.5, math.inf), NON_FINITE, [StepRecord(1, 2.0, 4.0, 0.125, lr=0.5), StepRecord(2, math.nan)],
                         nan_step=2, nan_source="forward")
     steps = steps_frame([control, clipped]).to_dict("records")
-    assert steps[:3] == [
-        {"run": "unclipped", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 1.0},
-        {"run": "unclipped", "step": 2, "loss": 1.0, "grad_norm": 3.0, "clip_coef": 1.0},
-        {"run": "clip_0.5_inf", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 0.125},
+    assert list(steps_frame([control]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
+    assert steps[:2] == [
+        {"run": "unclipped", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 1.0, "lr": 0.5, "skipped": 0, "seed": 7},
+        {"run": "unclipped", "step": 2, "loss": 1.0, "grad_norm": 3.0, "clip_coef": 1.0, "lr": 0.25, "skipped": 0, "seed": 7},
     ]
+    assert {k: steps[2][k] for k in ("run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped")} == {
+        "run": "clip_0.5_inf", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 0.125, "lr": 0.5, "skipped": 0}
     assert steps[3]["run"] == "clip_0.5_inf" and steps[3]["step"] == 2
-    assert all(math.isnan(steps[3][k]) for k in ("loss", "grad_norm", "clip_coef"))
-    assert clipped.step_rows()[0] == steps[2]
+    assert all(math.isnan(steps[3][k]) for k in ("loss", "grad_norm", "clip_coef", "lr"))
+    assert clipped.step_rows()[0]["clip_coef"] == 0.125 and clipped.step_rows()[0]["seed"] is None
     summary = summary_frame([control, clipped])
     assert list(summary["run"]) == ["unclipped", "clip_0.5_inf"]
     row = summary.loc[0].to_dict()
     expected = {
-        "run": "unclipped", "max_norm": None, "norm_type": "2", "status": "stable", "nan_step": None,
-        "nan_source": None, "nan_param": None, "diverged_step": None, "final_loss": 1.0, "min_loss": 1.0,
+        "run": "unclipped", "max_norm": None, "norm_type": "2", "lr": None, "seed": 7, "status": "stable",
+        "nan_step": None, "nan_source": None, "nan_param": None, "nan_micro_batch": None, "diverged_step": None,
+        "skipped_steps": 0, "first_skip": None, "final_loss": 1.0, "min_loss": 1.0,
         "grad_norm_p50": 3.5, "grad_norm_p95": pytest.approx(3.95), "grad_norm_max": 4.0, "clipped_frac": 0.0,
         "steps": 2, "seconds": 0.5, "error": None,
     }
@@ -225,7 +229,7 @@ def test_frames_hold_the_exact_records():
 
 def test_empty_frames_keep_their_columns():
     assert list(summary_frame([]).columns) == SUMMARY_COLUMNS
-    assert list(steps_frame([]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef"]
+    assert list(steps_frame([]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
     assert list(histogram_frame([], []).columns) == ["run", "bin_left", "bin_right", "count"]
     assert histogram_frame([], []).empty
 
