@@ -576,7 +576,7 @@ def test_narrow_terminal_table_names_the_columns_it_drops(tmp_path):
 def test_help_documents_the_defaults():
     result = invoke("sweep", "--help")
     text = " ".join(result.output.split())
-    assert "default 0.01" in text and "gradclip-report" in text
+    assert "the default SGD uses 0.01" in text and "[default: gradclip-report]" in text
 
 
 # --- the installed console script on the samples -----------------------------------------------
