@@ -174,3 +174,22 @@ def test_command_line_values_override_the_recipe_and_none_means_not_given(tmp_pa
     other.write_text("# another script\n")
     config, nan, div = _resolve_config(Path(other), None, {})
     assert config.script == other and config.steps == 100 and (nan, div) == (False, False)
+
+
+@pytest.mark.parametrize(
+    "recipe_text, overrides, seeds",
+    [
+        ("seed = 3\n", {}, (3,)),
+        ("seeds = [1, 2]\n", {}, (1, 2)),
+        ("seed = 3\n", {"seed": 5}, (5,)),  # --seed replaces the recipe's seed ...
+        ("seeds = [1, 2]\n", {"seed": 5}, (5,)),  # ... and its seeds (no "disagree" error)
+        ("seed = 3\n", {"seeds": "4,6"}, (4, 6)),  # --seeds replaces the recipe's seed
+        ("seeds = [1, 2]\n", {"seeds": "7"}, (7,)),
+        ("seed = 3\nseeds = [3, 4]\n", {"seeds": "8,9"}, (8, 9)),
+    ],
+)
+def test_seed_options_on_the_command_line_replace_the_recipes_seeds(tmp_path, recipe_text, overrides, seeds):
+    from gradcheck_cli.cli import _resolve_config
+
+    config, _, _ = _resolve_config(None, _recipe(tmp_path, recipe_text), {"seed": None, "seeds": None, **overrides})
+    assert config.seeds == seeds

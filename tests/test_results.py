@@ -40,6 +40,10 @@ def test_run_names():
     assert Cell(0.1, 2.0).run == "clip_0.1_2"
     assert Cell(10.0, math.inf).run == "clip_10_inf"
     assert Cell(1.0, 0.5).run == "clip_1_0.5"
+    # the axes that vary follow an "@", lr first, separated by commas
+    assert Cell(1.0, 2.0, lr=0.1, seed=1).run == "clip_1_2@lr=0.1,seed=1"
+    assert Cell(None, lr=1e-5).run == "unclipped@lr=1e-05"
+    assert Cell(0.5, math.inf, seed=0).run == "clip_0.5_inf@seed=0"
 
 
 def test_summary_row_of_a_run_that_went_nan():
