@@ -20,6 +20,7 @@ from gradcheck_cli.results import (
     histogram_counts,
     histogram_frame,
     layers_frame,
+    sites_frame,
     percentile,
     shared_log_bins,
     steps_frame,
@@ -259,3 +260,18 @@ def test_layer_rows_and_frame_by_hand():
     assert list(frame.columns) == ["run", "step", "param", "grad_norm"]
     assert frame.to_dict("records") == [{"run": "unclipped", "step": 1, "param": "fc", "grad_norm": 1.0}] + expected
     assert list(layers_frame([]).columns) == ["run", "step", "param", "grad_norm"]
+
+
+def test_site_rows_and_frame_by_hand():
+    steps = [StepRecord(1, 1.0, 5.0, 1.0, sites=(("encoder", 3.0, 1.0), ("decoder", 4.0, 0.25))),
+             StepRecord(2, 0.5, 1.0, 1.0)]
+    result = RunResult(Cell(None), STABLE, steps, name="monitor")
+    assert result.run == "monitor" and result.summary_row()["run"] == "monitor"
+    expected = [
+        {"run": "monitor", "step": 1, "site": "encoder", "grad_norm": 3.0, "clip_coef": 1.0},
+        {"run": "monitor", "step": 1, "site": "decoder", "grad_norm": 4.0, "clip_coef": 0.25},
+    ]
+    assert result.site_rows() == expected
+    assert sites_frame([result]).to_dict("records") == expected
+    assert list(sites_frame([]).columns) == ["run", "step", "site", "grad_norm", "clip_coef"]
+    assert RunResult(Cell(1.0), STABLE, steps).run == "clip_1_2"  # without a name: the cell's
