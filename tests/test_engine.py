@@ -820,6 +820,7 @@ def half_rtol(p: float) -> float:
 # difference 3: accuracy on very long tensors
 
 
+@pytest.mark.slow  # a 400 MB float32 tensor
 def test_accuracy_on_1e8_element_tensor():
     n = 10**8
     g = torch.rand(n, generator=torch.Generator().manual_seed(4))
