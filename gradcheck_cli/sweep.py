@@ -151,6 +151,7 @@ def run_sweep(
     results: list[RunResult] = []
     prepared_seed: int | None = None
     model = snapshot = optimizer_failure = None
+    first_global = None  # global torch state as the first seed's runs start from it
     for index, cell in enumerate(cells, start=1):
         if cell.run in skip:
             results.append(skip[cell.run])
@@ -158,7 +159,10 @@ def run_sweep(
         seed = config.seed_of(cell)
         if model is None or seed != prepared_seed:
             model = snapshot = None  # free the previous seed's model before building the next
+            if first_global is not None:  # the next seed starts from the first seed's global state
+                first_global.restore()
             model, snapshot, optimizer_failure = _starting_state(config, experiment, device, seed)
+            first_global = first_global or snapshot.global_state
             prepared_seed = seed
         if on_run_start is not None:
             on_run_start(index, total, cell)

@@ -64,7 +64,8 @@ def batches():
 # --- global torch state does not leak from one run into the next ----------------------------------
 
 
-def test_every_run_starts_from_the_same_global_torch_state(tmp_path):
+@pytest.mark.parametrize("seeds", [(0,), (0, 1)])
+def test_every_run_starts_from_the_same_global_torch_state(tmp_path, seeds):
     script = write_script(tmp_path, LINEAR + """
 seen = []
 def loss_fn(model, batch):
@@ -81,13 +82,15 @@ def loss_fn(model, batch):
     return loss
 """)
     experiment = load_experiment(script)
-    config = SweepConfig(script=script, steps=2, max_norms=(0.5, 1.0), norm_types=(2.0,))
+    config = SweepConfig(script=script, steps=2, max_norms=(0.5, 1.0), norm_types=(2.0,), seeds=seeds)
     results = run_sweep(config, experiment)
-    assert [r.status for r in results] == ["stable"] * 3
+    n = 3 * len(seeds)
+    assert [r.status for r in results] == ["stable"] * n
     firsts = experiment.module.seen[::2]  # each run's first step
-    assert firsts == [(torch.float32, True, False, 1, False, "highest")] * 3
-    # and so the numbers: every run's step 1 loss is identical, with no state warning
-    assert len({r.steps[0].loss for r in results}) == 1
+    assert firsts == [(torch.float32, True, False, 1, False, "highest")] * n
+    # and so the numbers: within a seed every run's step 1 loss is identical, with no state warning
+    for seed in seeds:
+        assert len({r.steps[0].loss for r in results if (r.seed or 0) == seed}) == 1
     assert all(not r.warnings for r in results)
 
 
