@@ -17,14 +17,15 @@ from typing import Callable, Optional
 import typer
 
 from gradcheck_cli import __version__
-from gradcheck_cli.errors import ExitCode, GradclipError, UserCodeError
+from gradcheck_cli.errors import ExitCode, GradclipError, Stopped, UserCodeError
 
 app = typer.Typer(
     name="gradclip",
     help=(
         "Does my model need gradient clipping, which max_norm and norm_type, and where does it "
         "blow up? Exit codes: 0 ok, 1 instability found (with --fail-on-*/check), 2 usage or "
-        "input error, 3 your script raised, 4 internal error, 130 interrupted."
+        "input error, 3 your script raised, 4 internal error, 5 reports could not be written, "
+        "129/130/143 stopped by SIGHUP/Ctrl-C/SIGTERM (finished runs kept), 141 stdout closed early."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -34,9 +35,105 @@ app = typer.Typer(
 
 
 def _stderr_console():
+    """Progress, hints and errors. When stderr is not a terminal (a CI log, a file) nothing is
+    wrapped at 80 columns: every message stays on its one line, so it can be copied."""
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
+
+
+# --- stdout closed early (``gradclip sweep s.py | head -1``) -----------------------------------
+
+_stdout_state = {"broken": False}
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device: nothing more to write, and no second ``BrokenPipeError``
+    when Python flushes stdout at exit."""
+    _stdout_state["broken"] = True
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test runner)
+        pass
+
+
+def _to_stdout(write: Callable[[], None]) -> None:
+    """Run ``write``; if the reader of stdout has gone away, stop writing there and carry on
+    (report files and the JUnit file are still written)."""
+    if _stdout_state["broken"]:
+        return
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _final_code(code: int) -> int:
+    """A broken stdout turns an otherwise clean exit into 141 (as a shell reports SIGPIPE);
+    a verdict or an error code is kept."""
+    if _stdout_state["broken"] and code == int(ExitCode.OK):
+        return int(ExitCode.BROKEN_PIPE)
+    return code
+
+
+# --- SIGTERM and SIGHUP stop like Ctrl-C ------------------------------------------------------
+
+
+def _stop_signals() -> dict:
+    import signal
+
+    wanted = {"SIGTERM": ExitCode.TERMINATED, "SIGHUP": ExitCode.HANGUP}
+    return {getattr(signal, name): code for name, code in wanted.items() if hasattr(signal, name)}
+
+
+def _install_stop_handlers() -> dict:
+    """SIGTERM (CI cancellation, ``kill``) and SIGHUP (terminal closed) raise ``Stopped``, a
+    ``KeyboardInterrupt``: finished runs are kept and the resume command printed, as for
+    Ctrl-C. Returns the previous handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum, code in _stop_signals().items():
+        def handler(received, frame, code=code):
+            raise Stopped(received, code)
+
+        try:
+            if signal.getsignal(signum) is signal.SIG_IGN:  # e.g. under nohup: the user asked to ignore it
+                continue
+            previous[signum] = signal.signal(signum, handler)
+        except (OSError, ValueError):
+            pass
+    return previous
+
+
+def _restore_handlers(previous: dict) -> None:
+    import signal
+
+    for signum, handler in previous.items():
+        try:
+            signal.signal(signum, handler)
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+def _stop_code(exc: KeyboardInterrupt) -> int:
+    return int(exc.exit_code) if isinstance(exc, Stopped) else int(ExitCode.INTERRUPTED)
+
+
+def _stop_word(exc: KeyboardInterrupt) -> str:
+    if isinstance(exc, Stopped):
+        import signal
+
+        return f"stopped by {signal.Signals(exc.signum).name}"
+    return "interrupted"
 
 
 def _stdout_console():
@@ -45,7 +142,15 @@ def _stdout_console():
     from rich.console import Console
 
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
-    return Console(highlight=False, width=width)
+
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich would raise SystemExit(1), and 1 means "instability found": stop writing
+            # to stdout instead and let the command finish (see _final_code)
+            self.quiet = True
+            _silence_stdout()
+
+    return StdoutConsole(highlight=False, width=width)
 
 
 def _debug() -> bool:
@@ -57,10 +162,17 @@ def _exit_on_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        _stdout_state["broken"] = False
+        previous = _install_stop_handlers()
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
+        except typer.Exit as done:
+            raise typer.Exit(_final_code(done.exit_code)) from None
+        except typer.Abort:
             raise
+        except BrokenPipeError:  # stdout closed while writing outside _to_stdout
+            _silence_stdout()
+            raise typer.Exit(int(ExitCode.BROKEN_PIPE)) from None
         except GradclipError as err:
             console = _stderr_console()
             if isinstance(err, UserCodeError) and err.user_traceback:
@@ -71,10 +183,10 @@ def _exit_on_errors(command: Callable) -> Callable:
                 console.print(f"hint: {err.hint}", markup=False, soft_wrap=True)
             if _debug():
                 traceback.print_exc()
-            raise typer.Exit(int(err.exit_code)) from None
-        except KeyboardInterrupt:
-            _stderr_console().print("interrupted", markup=False)
-            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+            raise typer.Exit(_final_code(int(err.exit_code))) from None
+        except KeyboardInterrupt as exc:
+            _stderr_console().print(_stop_word(exc), markup=False)
+            raise typer.Exit(_stop_code(exc)) from None
         except Exception as err:  # a bug in gradclip, not in the user's input or script
             console = _stderr_console()
             console.print(f"internal error: {type(err).__name__}: {err}", style="bold red", markup=False, soft_wrap=True)
@@ -83,6 +195,8 @@ def _exit_on_errors(command: Callable) -> Callable:
             else:
                 console.print("hint: set GRADCLIP_DEBUG=1 to see the traceback, and report it", markup=False)
             raise typer.Exit(int(ExitCode.INTERNAL)) from None
+        finally:
+            _restore_handlers(previous)
 
     return wrapper
 
@@ -119,7 +233,7 @@ _AMP_INIT_SCALE = typer.Option(
 _DIVERGENCE = typer.Option(
     None, "--divergence-factor", help="A run diverged when a finite loss exceeds this x the first step's loss (default 10)."
 )
-_DEVICE = typer.Option(None, "--device", help="cpu (default) or cuda.")
+_DEVICE = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N.")
 _JUNIT = typer.Option(None, "--junit", help="Also write a JUnit XML report to this file (one test case per run).")
 _JSON = typer.Option(False, "--json", help="Print the summary as JSON on stdout instead of the table.")
 
@@ -133,7 +247,8 @@ def _resolve_config(
     from gradcheck_cli.config import SweepConfig
     from gradcheck_cli.recipes import load_recipe
 
-    values: dict = load_recipe(recipe) if recipe else {}
+    notes: list[str] = []
+    values: dict = load_recipe(recipe, notes=notes) if recipe else {}
     if overrides.get("seed") is not None or overrides.get("seeds") is not None:
         # --seed/--seeds on the command line replace the recipe's seed and seeds alike
         values.pop("seed", None)
@@ -143,7 +258,66 @@ def _resolve_config(
         values["script"] = script
     fail_on_nan = bool(values.pop("fail_on_nan", False))
     fail_on_divergence = bool(values.pop("fail_on_divergence", False))
-    return SweepConfig.from_values(values), fail_on_nan, fail_on_divergence
+    config = SweepConfig.from_values(values, notes=notes)
+    for note in notes:  # exact duplicates merged in the grid
+        _stderr_console().print(f"note: {note}", markup=False)
+    return config, fail_on_nan, fail_on_divergence
+
+
+def _absolute(path: Optional[Path]) -> Optional[Path]:
+    """Paths gradclip owns are fixed before the script runs: an ``os.chdir`` in the script must
+    not move the reports."""
+    return None if path is None else Path(os.path.abspath(path))
+
+
+def _prepare_junit(path: Optional[Path]) -> Optional[Path]:
+    """Check, before the first run, that the JUnit file can be written: its parent directory
+    is created and a probe file created and removed there."""
+    if path is None:
+        return None
+    from gradcheck_cli.errors import UsageError
+
+    path = _absolute(path)
+    fix = "choose a --junit path you can write to"
+    if path.is_dir():
+        raise UsageError(f"--junit {str(path)!r} is a directory", "give a file name, e.g. --junit gradclip-junit.xml")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.{os.getpid()}.probe"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"cannot write --junit {str(path)!r}: {exc.strerror or exc}", fix) from None
+    return path
+
+
+def _write_junit(junit: Optional[Path], results: list, suite_name: str, code: int) -> int:
+    """Write the JUnit file after the verdict is out; a failure is one line on stderr and never
+    hides the verdict: its exit code stays, and only a clean exit becomes 5."""
+    if junit is None:
+        return code
+    from gradcheck_cli.report.junit import write_junit
+
+    try:
+        write_junit(junit, results, suite_name=suite_name)
+    except GradclipError as err:
+        err_console = _stderr_console()
+        err_console.print(f"error: {err.message}", style="bold red", markup=False, soft_wrap=True)
+        if err.hint:
+            err_console.print(f"hint: {err.hint}", markup=False, soft_wrap=True)
+        return code if code != int(ExitCode.OK) else int(ExitCode.REPORTS_NOT_WRITTEN)
+    return code
+
+
+def _fingerprint(config) -> dict:
+    """The sweep's options plus what else decides its numbers on CPU: the script's content,
+    torch's version and torch's thread count (read before the script runs)."""
+    import torch
+
+    fingerprint = config.fingerprint()
+    fingerprint["torch_version"] = torch.__version__
+    fingerprint["torch_threads"] = torch.get_num_threads()
+    return fingerprint
 
 
 def _run_progress():
@@ -247,58 +421,87 @@ def sweep(
 
     from gradcheck_cli.report import files
 
-    out_dir = files.prepare_out_dir(out)
-    fingerprint = config.fingerprint()
-    finished = files.load_finished(out_dir, fingerprint) if resume else {}
+    shown_out = out
+    out_dir = files.prepare_out_dir(_absolute(out))
+    junit = _prepare_junit(junit)
+    with files.OutDirLock(out_dir):
+        fingerprint = _fingerprint(config)
+        finished = files.load_finished(out_dir, fingerprint) if resume else {}
+        code = _run_sweep_command(
+            config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence
+        )
+    raise typer.Exit(code)
 
+
+def _run_sweep_command(config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence) -> int:
+    from gradcheck_cli.errors import ReportWriteError
+    from gradcheck_cli.guard import guarded
     from gradcheck_cli.loader import load_experiment
+    from gradcheck_cli.report import files
     from gradcheck_cli.sweep import run_sweep
 
-    with _user_output_to_stderr(json_out):
-        experiment = load_experiment(config.script)
     cells = config.cells()
+    writer = files.ReportWriter(out_dir, fingerprint, [c.run for c in cells], finished.values())
     err = _stderr_console()
-    if finished:
-        err.print(f"resuming: {len(finished)} of {len(cells)} runs already finished in {out_dir}", markup=False)
+    with guarded():
+        with _user_output_to_stderr(json_out):
+            experiment = load_experiment(config.script)
+        if finished:
+            err.print(f"resuming: {len(finished)} of {len(cells)} runs already finished in {shown_out}", markup=False)
 
-    done: list = list(finished.values())
-    with _run_progress() as progress:
-        runs_task = progress.add_task("runs", total=len(cells), completed=len(finished))
-        steps_task = progress.add_task("steps", total=config.steps)
+        with _run_progress() as progress:
+            runs_task = progress.add_task("runs", total=len(cells), completed=len(finished))
+            steps_task = progress.add_task("steps", total=config.steps)
 
-        def on_run_start(index, total, cell):
-            progress.update(steps_task, description=f"{cell.run}", completed=0)
+            def on_run_start(index, total, cell):
+                progress.update(steps_task, description=f"{cell.run}", completed=0)
 
-        def on_step(step):
-            progress.update(steps_task, completed=step)
+            def on_step(step):
+                progress.update(steps_task, completed=step)
 
-        def on_run_done(index, total, result):
-            done.append(result)
-            _save(out_dir, fingerprint, _in_cell_order(cells, done))
-            progress.advance(runs_task)
+            unsaved: list = []
 
-        try:
-            with _user_output_to_stderr(json_out):
-                results = run_sweep(
-                    config, experiment, skip=finished, on_run_start=on_run_start, on_run_done=on_run_done, on_step=on_step
+            def on_run_done(index, total, result):
+                try:
+                    writer.add(result)
+                except ReportWriteError:
+                    unsaved.append(result)
+                    raise
+                progress.advance(runs_task)
+
+            try:
+                with _user_output_to_stderr(json_out):
+                    results = run_sweep(
+                        config, experiment, skip=finished, on_run_start=on_run_start, on_run_done=on_run_done, on_step=on_step
+                    )
+                writer.flush()
+            except KeyboardInterrupt as exc:
+                progress.stop()
+                err.print(
+                    f"{_stop_word(exc)}: {len(writer.results)} of {len(cells)} runs finished and saved in {shown_out}/",
+                    markup=False,
                 )
-        except KeyboardInterrupt:
-            progress.stop()
-            err.print(
-                f"interrupted: {len(done)} of {len(cells)} runs finished and saved in {out_dir}/\n"
-                f"resume with: {_resume_command(sys.argv[1:])}",
-                markup=False,
-            )
-            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+                # one line, whatever the terminal's width: it is copied from CI logs
+                err.print(f"resume with: {_resume_command(sys.argv[1:])}", markup=False, soft_wrap=True)
+                return _stop_code(exc)
+            except ReportWriteError as failure:
+                progress.stop()
+                saved = writer.results
+                _print_results(_in_cell_order(cells, saved + unsaved), json_out)
+                err.print(f"error: {failure.message}", style="bold red", markup=False, soft_wrap=True)
+                err.print(
+                    f"stopped after {len(saved) + len(unsaved)} of {len(cells)} runs, {len(saved)} of them saved in {shown_out}/",
+                    markup=False,
+                    soft_wrap=True,
+                )
+                err.print(f"hint: {failure.hint}", markup=False, soft_wrap=True)
+                return int(ExitCode.REPORTS_NOT_WRITTEN)
 
-    _save(out_dir, fingerprint, results)
     _print_results(results, json_out)
-    if junit is not None:
-        from gradcheck_cli.report.junit import write_junit
-
-        write_junit(junit, results, suite_name=f"gradclip.{config.script.stem}")
-    err.print(f"reports written to {out_dir}/ (summary.csv, steps.csv, histograms.csv)", markup=False)
-    raise typer.Exit(_exit_code(results, fail_on_nan, fail_on_divergence))
+    code = _exit_code(results, fail_on_nan, fail_on_divergence)
+    code = _write_junit(junit, results, f"gradclip.{config.script.stem}", code)
+    err.print(f"reports written to {shown_out}/ (summary.csv, steps.csv, histograms.csv)", markup=False)
+    return code
 
 
 def _in_cell_order(cells: list, results: list) -> list:
@@ -306,33 +509,46 @@ def _in_cell_order(cells: list, results: list) -> list:
     return [by_run[c.run] for c in cells if c.run in by_run]
 
 
-def _save(out_dir: Path, fingerprint: dict, results: list) -> None:
-    from gradcheck_cli.report import files
-    from gradcheck_cli.results import shared_log_bins
+def _print_errors(results: list) -> None:
+    """The errored runs' tracebacks on stderr: in panels on a terminal, as plain unwrapped text
+    otherwise (CI logs)."""
+    from gradcheck_cli.report.terminal import error_blocks, error_panels
 
-    files.write_reports(out_dir, results, shared_log_bins(results))
-    files.write_manifest(out_dir, fingerprint, [r.run for r in results])
+    err = _stderr_console()
+    if err.is_terminal:
+        for panel in error_panels(results):
+            err.print(panel)
+        return
+    for title, body in error_blocks(results):
+        err.print(f"--- {title} ---\n{body}", markup=False, soft_wrap=True)
 
 
 def _print_results(results: list, json_out: bool) -> None:
-    from gradcheck_cli.report.terminal import error_panels, stability_map, summary_table, verdict_line
+    from gradcheck_cli.report.terminal import stability_map, summary_table, verdict_line, warning_lines
     from gradcheck_cli.results import shared_log_bins
 
     err = _stderr_console()
-    for panel in error_panels(results):
-        err.print(panel)
+    _print_errors(results)
     if json_out:
         from gradcheck_cli.report.jsonout import summary_json
 
-        sys.stdout.write(summary_json(results) + "\n")
+        _to_stdout(lambda: sys.stdout.write(summary_json(results) + "\n"))
+        for line in warning_lines(results):
+            err.print(line, markup=False, soft_wrap=True)
         err.print(verdict_line(results), markup=False, soft_wrap=True)
         return
     out = _stdout_console()
-    out.print(summary_table(results, shared_log_bins(results)))
-    grid = stability_map(results)
-    if grid is not None:
-        out.print(grid)
-    out.print(verdict_line(results), markup=False, soft_wrap=True)
+
+    def write() -> None:
+        out.print(summary_table(results, shared_log_bins(results)))
+        grid = stability_map(results)
+        if grid is not None:
+            out.print(grid)
+        for line in warning_lines(results):  # the note under the table
+            out.print(line, markup=False, soft_wrap=True)
+        out.print(verdict_line(results), markup=False, soft_wrap=True)
+
+    _to_stdout(write)
 
 
 @app.command(short_help="CI gate: one run; exit 1 on NaN/inf or divergence.")
@@ -340,7 +556,7 @@ def _print_results(results: list, json_out: bool) -> None:
 def check(
     script: Path = typer.Argument(..., help="Your model script.", show_default=False),
     max_norm: Optional[float] = typer.Option(None, "--max-norm", help="Clip at this max_norm; without it the run is unclipped."),
-    norm_type: str = typer.Option("2", "--norm-type", help="Norm type for clipping: a number or inf (default 2)."),
+    norm_type: Optional[str] = typer.Option(None, "--norm-type", help="Norm type for clipping, with --max-norm: a number or inf (default 2)."),
     steps: Optional[int] = _STEPS,
     seed: Optional[int] = _SEED,
     lr: Optional[float] = typer.Option(
@@ -356,13 +572,17 @@ def check(
 ) -> None:
     """CI gate: one training run; exit 0 when stable, 1 on NaN/inf or divergence (naming step and parameter)."""
     from gradcheck_cli import config as cfg
+    from gradcheck_cli.errors import UsageError
     from gradcheck_cli.results import Cell
 
-    norm_types = cfg.parse_norm_types(norm_type)
+    norm_types = cfg.parse_norm_types(norm_type if norm_type is not None else "2")
     if len(norm_types) != 1:
-        from gradcheck_cli.errors import UsageError
-
         raise UsageError(f"--norm-type {norm_type!r} gives several values; check runs one configuration", "use gradclip sweep for a grid")
+    if norm_type is not None and max_norm is None:
+        raise UsageError(
+            f"--norm-type {norm_type} only applies to a clipped run, and check runs unclipped without --max-norm",
+            f"add --max-norm, e.g. gradclip check {script} --max-norm 1 --norm-type {norm_type}",
+        )
     max_norms = cfg.parse_max_norms([max_norm]) if max_norm is not None else cfg.DEFAULT_MAX_NORMS
     config, _, _ = _resolve_config(
         script,
@@ -372,36 +592,43 @@ def check(
              amp_init_scale=amp_init_scale),
     )
     cell = Cell(max_norms[0], norm_types[0]) if max_norm is not None else Cell(None, 2.0)
+    junit = _prepare_junit(junit)
 
+    from gradcheck_cli.guard import guarded
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.sweep import run_sweep
 
-    with _user_output_to_stderr(json_out):
-        experiment = load_experiment(config.script)
-    with _run_progress() as progress, _user_output_to_stderr(json_out):
-        task = progress.add_task(cell.run, total=config.steps)
-        results = run_sweep(
-            config, experiment, cells=[cell], on_step=lambda step: progress.update(task, completed=step)
-        )
+    with guarded():
+        with _user_output_to_stderr(json_out):
+            experiment = load_experiment(config.script)
+        with _run_progress() as progress, _user_output_to_stderr(json_out):
+            task = progress.add_task(cell.run, total=config.steps)
+            results = run_sweep(
+                config, experiment, cells=[cell], on_step=lambda step: progress.update(task, completed=step)
+            )
     result = results[0]
 
-    from gradcheck_cli.report.terminal import check_line
+    from gradcheck_cli.report.terminal import check_line, warning_lines
 
-    if junit is not None:
-        from gradcheck_cli.report.junit import write_junit
-
-        write_junit(junit, results, suite_name=f"gradclip.{config.script.stem}")
+    # The verdict first; only then any file.
+    _print_errors(results)
     if json_out:
         from gradcheck_cli.report.jsonout import summary_json
 
-        sys.stdout.write(summary_json(results) + "\n")
+        _to_stdout(lambda: sys.stdout.write(summary_json(results) + "\n"))
+        for line in warning_lines(results):
+            _stderr_console().print(line, markup=False, soft_wrap=True)
     else:
-        from gradcheck_cli.report.terminal import error_panels
+        out = _stdout_console()
 
-        for panel in error_panels(results):
-            _stderr_console().print(panel)
-        _stdout_console().print(check_line(result), markup=False, soft_wrap=True)
-    raise typer.Exit(_exit_code(results, fail_on_nan=True, fail_on_divergence=True))
+        def write() -> None:
+            out.print(check_line(result), markup=False, soft_wrap=True)
+            for line in warning_lines(results):
+                out.print(line, markup=False, soft_wrap=True)
+
+        _to_stdout(write)
+    code = _exit_code(results, fail_on_nan=True, fail_on_divergence=True)
+    raise typer.Exit(_write_junit(junit, results, f"gradclip.{config.script.stem}", code))
 
 
 @app.command("recipes", short_help="List the bundled sweep recipes.")

@@ -6,7 +6,9 @@ and the fix, so the CLI and the recipe loader reject bad input with the same wor
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,9 +44,10 @@ class SweepConfig:
     amp_init_scale: float = DEFAULT_AMP_INIT_SCALE
 
     @classmethod
-    def from_values(cls, values: dict) -> "SweepConfig":
+    def from_values(cls, values: dict, notes: list | None = None) -> "SweepConfig":
         """A validated config from raw values (a recipe's, overridden by the command line's);
-        missing keys take the defaults above. Raises ``UsageError`` naming the bad value."""
+        missing keys take the defaults above. Raises ``UsageError`` naming the bad value.
+        Duplicates merged in the grid are described in ``notes`` (see ``parse_max_norms``)."""
         if "script" not in values:
             raise UsageError(
                 "no script given", "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE"
@@ -53,8 +56,8 @@ class SweepConfig:
         lrs = values.get("lr")
         config = cls(
             script=check_script(values["script"]),
-            max_norms=parse_max_norms(values.get("max_norms", d["max_norms"].default)),
-            norm_types=parse_norm_types(values.get("norm_types", d["norm_types"].default)),
+            max_norms=parse_max_norms(values.get("max_norms", d["max_norms"].default), notes=notes),
+            norm_types=parse_norm_types(values.get("norm_types", d["norm_types"].default), notes=notes),
             steps=check_steps(values.get("steps", d["steps"].default)),
             seeds=resolve_seeds(values.get("seed"), values.get("seeds")),
             lrs=parse_lrs(lrs) if lrs is not None else None,
@@ -111,6 +114,7 @@ class SweepConfig:
         """JSON-safe description used to refuse resuming with different options."""
         d = asdict(self)
         d["script"] = str(Path(self.script).resolve())
+        d["script_sha256"] = script_sha256(self.script)
         d["max_norms"] = [float(m) for m in self.max_norms]
         d["norm_types"] = [format_float(p) for p in self.norm_types]
         d["lrs"] = [float(x) for x in self.lrs] if self.lrs is not None else None
@@ -119,7 +123,19 @@ class SweepConfig:
 
 
 def format_float(x: float) -> str:
-    return f"{x:g}" if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+    """Shortest exact spelling (``results.format_float``): 2 and 2.0000001 stay apart."""
+    from gradcheck_cli.results import format_float as shortest
+
+    return shortest(x)
+
+
+def script_sha256(script: str | Path) -> str | None:
+    """The script's content hash, part of the fingerprint: a resumed sweep must run the same
+    code as the interrupted one. ``None`` when the file cannot be read."""
+    try:
+        return hashlib.sha256(Path(script).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _split(value: str | list | tuple, option: str) -> list:
@@ -132,8 +148,15 @@ def _split(value: str | list | tuple, option: str) -> list:
     return items
 
 
-def parse_max_norms(value: str | list | tuple, option: str = "--max-norm") -> tuple[float, ...]:
-    """Comma-separated positive finite floats, kept in the given order, duplicates dropped."""
+def _note_duplicate(notes: list | None, option: str, item, kept: float) -> None:
+    if notes is not None:
+        notes.append(f"{option} {item!s} equals {format_float(kept)}, already in the grid: one run for both")
+
+
+def parse_max_norms(value: str | list | tuple, option: str = "--max-norm", notes: list | None = None) -> tuple[float, ...]:
+    """Comma-separated positive finite floats, kept in the given order. Exact duplicates
+    (``1`` and ``1.0``) are merged, each with a line appended to ``notes``; values that differ
+    in the last bit are distinct runs with distinct names."""
     out: list[float] = []
     for item in _split(value, option):
         try:
@@ -144,11 +167,14 @@ def parse_max_norms(value: str | list | tuple, option: str = "--max-norm") -> tu
             raise UsageError(f"{option} value {item!r} must be a positive finite number", f"use values above 0, e.g. {option} 0.1,1,10")
         if x not in out:
             out.append(x)
+        else:
+            _note_duplicate(notes, option, item, x)
     return tuple(out)
 
 
-def parse_norm_types(value: str | list | tuple, option: str = "--norm-type") -> tuple[float, ...]:
-    """Comma-separated floats or ``inf``; kept in order, duplicates dropped."""
+def parse_norm_types(value: str | list | tuple, option: str = "--norm-type", notes: list | None = None) -> tuple[float, ...]:
+    """Comma-separated floats or ``inf``; kept in order, exact duplicates merged (noted in
+    ``notes``, as for ``parse_max_norms``)."""
     out: list[float] = []
     for item in _split(value, option):
         try:
@@ -159,6 +185,8 @@ def parse_norm_types(value: str | list | tuple, option: str = "--norm-type") -> 
             raise UsageError(f"{option} value {item!r} is not a valid norm type", f"use e.g. {option} 2,inf")
         if p not in out:
             out.append(p)
+        else:
+            _note_duplicate(notes, option, item, p)
     return tuple(out)
 
 
@@ -233,9 +261,17 @@ def check_positive(value: float, option: str) -> float:
     return x
 
 
+_DEVICE_FORM = re.compile(r"cpu|cuda|cuda:[0-9]+")
+
+
 def check_device(device: str, option: str = "--device") -> str:
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise UsageError(f"{option} {device!r} is not supported", f"use {option} cpu or {option} cuda")
+    """``cpu``, ``cuda`` or ``cuda:N`` (N = 0, 1, ...); anything else is refused here, before
+    torch would raise its own message about it."""
+    if not isinstance(device, str) or not _DEVICE_FORM.fullmatch(device):
+        raise UsageError(
+            f"{option} {device!r} is not supported: gradclip accepts cpu, cuda and cuda:N",
+            f"use {option} cpu, {option} cuda or {option} cuda:N with N = 0, 1, ... (e.g. cuda:0)",
+        )
     return device
 
 
@@ -245,4 +281,9 @@ def check_script(script: str | Path) -> Path:
         raise UsageError(f"script {str(path)!r} does not exist", "check the path, or run from the directory that holds it")
     if not path.is_file():
         raise UsageError(f"script {str(path)!r} is not a file", "point gradclip at a .py file that defines build_model, batches and loss_fn")
+    if path.suffix.lower() in (".pyc", ".pyo"):
+        raise UsageError(
+            f"script {str(path)!r} is compiled bytecode, not Python source",
+            "give the .py file it was compiled from",
+        )
     return path

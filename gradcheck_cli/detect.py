@@ -67,3 +67,54 @@ def first_index(values, predicate) -> int | None:
         if predicate(v):
             return i
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Degenerate training: not an error, almost surely a mistake
+# --------------------------------------------------------------------------------------------
+
+ZERO_GRADIENTS = "zero_gradients"
+CONSTANT_LOSS = "constant_loss"
+FOREIGN_PARAMETERS = "foreign_parameters"
+NO_MODEL_PARAMETERS = "no_model_parameters"
+STEP1_LOSS_DIFFERS = "step1_loss_differs"  # written as "step1_loss_differs:<reference run>"
+
+WARNING_TEXT = {
+    ZERO_GRADIENTS: "every gradient was zero at every step: the loss does not depend on the trained parameters",
+    CONSTANT_LOSS: "the loss never changed: nothing was learned",
+    FOREIGN_PARAMETERS: "the optimizer holds parameters the model does not own (built from another model?)",
+    NO_MODEL_PARAMETERS: "the optimizer holds none of the model's parameters: the model is never updated",
+    STEP1_LOSS_DIFFERS: (
+        "step 1's loss differs from that of run {ref}, although every run starts identical: "
+        "the script carries state from one run into the next (a global, a counter, a cache)"
+    ),
+}
+
+
+def step1_warning(reference_run: str) -> str:
+    return f"{STEP1_LOSS_DIFFERS}:{reference_run}"
+
+
+def explain_warning(code: str) -> str:
+    """The sentence for a warning code (``step1_loss_differs:unclipped`` names its run)."""
+    name, _, ref = code.partition(":")
+    text = WARNING_TEXT.get(name)
+    if text is None:
+        return code
+    return text.format(ref=ref) if ref else text
+
+
+def degenerate_training(losses: list[float], norms: list[float], norm_type: float) -> list[str]:
+    """Warning codes for a run's numbers (losses and pre-clip norms of its recorded steps).
+
+    ``zero_gradients``: every step's norm is exactly 0 (judged only for norm types >= 0, whose
+    norm is 0 only when every gradient element is). ``constant_loss``: at least two steps and
+    every loss identical. Runs that stopped on a non-finite value are judged on what they
+    recorded; nothing is said about a run without steps."""
+    found: list[str] = []
+    finite_norms = [n for n in norms if not math.isnan(n)]
+    if finite_norms and norm_type >= 0 and all(n == 0 for n in finite_norms):
+        found.append(ZERO_GRADIENTS)
+    if len(losses) >= 2 and all(is_finite(x) for x in losses) and all(x == losses[0] for x in losses):
+        found.append(CONSTANT_LOSS)
+    return found

@@ -13,7 +13,23 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad option, bad script path, bad recipe: the user's input
     USER_CODE = 3  # the user's script raised
     INTERNAL = 4  # a bug in gradclip
-    INTERRUPTED = 130  # Ctrl-C; finished runs are kept
+    REPORTS_NOT_WRITTEN = 5  # a report file could not be written (disk full, permission lost, ...)
+    HANGUP = 129  # SIGHUP (terminal closed): stopped like Ctrl-C, finished runs are kept
+    INTERRUPTED = 130  # Ctrl-C (SIGINT); finished runs are kept
+    BROKEN_PIPE = 141  # stdout was closed early (``| head``); the report files are complete
+    TERMINATED = 143  # SIGTERM (CI cancellation, ``kill``): stopped like Ctrl-C
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: stop exactly as for Ctrl-C, with the signal's exit code.
+
+    A ``KeyboardInterrupt`` so that every place that lets Ctrl-C through (the runner never
+    catches it) lets these through as well."""
+
+    def __init__(self, signum: int, exit_code: ExitCode) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = exit_code
 
 
 class GradclipError(Exception):
@@ -31,6 +47,12 @@ class UsageError(GradclipError):
     """Bad input from the user: options, paths, recipes, a script that breaks the contract."""
 
     exit_code = ExitCode.USAGE
+
+
+class ReportWriteError(GradclipError):
+    """A report file could not be written: the path and the OS error, exit 5."""
+
+    exit_code = ExitCode.REPORTS_NOT_WRITTEN
 
 
 class UserCodeError(GradclipError):

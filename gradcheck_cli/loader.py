@@ -84,10 +84,31 @@ def _is_library_path(filename: str) -> bool:
     return "site-packages" in filename or "dist-packages" in filename
 
 
-def _is_user_frame(filename: str, user_dir: Path) -> bool:
-    """A frame is the user's when it is a real file in the script's directory tree that is
-    not gradclip itself and not an installed library (a ``.venv`` beside the script)."""
+def _library_dirs() -> list[Path]:
+    """Where the standard library and torch live: their frames are not the user's."""
+    import sysconfig
+
+    dirs = []
+    for key in ("stdlib", "platstdlib"):
+        try:
+            dirs.append(Path(sysconfig.get_paths()[key]).resolve())
+        except (KeyError, OSError):
+            pass
+    torch = sys.modules.get("torch")
+    torch_file = getattr(torch, "__file__", None)
+    if torch_file:
+        dirs.append(Path(torch_file).resolve().parent)
+    return dirs
+
+
+def _is_user_frame(filename: str, user_dir: Path | None = None) -> bool:
+    """A frame is the user's when it is a real file that is not gradclip itself, not the
+    standard library, not torch and not an installed library (site-packages): the script, the
+    modules beside it and code it imports from anywhere else (a ``model.py`` in a training
+    repository). ``user_dir`` is accepted for compatibility and not needed."""
     if not filename or filename.startswith("<"):
+        return False
+    if _is_library_path(filename):
         return False
     try:
         path = Path(filename).resolve()
@@ -95,9 +116,7 @@ def _is_user_frame(filename: str, user_dir: Path) -> bool:
         return False
     if path == _PACKAGE_DIR or _PACKAGE_DIR in path.parents:
         return False
-    if _is_library_path(filename):
-        return False
-    return path.parent == user_dir or user_dir in path.parents
+    return not any(d in path.parents for d in _library_dirs())
 
 
 def _is_internal_frame(filename: str) -> bool:
@@ -122,13 +141,17 @@ def _trim_stack(stack: traceback.StackSummary, user_dir: Path) -> traceback.Stac
 def format_user_traceback(exc: BaseException, script_path: str | os.PathLike) -> str:
     """The traceback of ``exc`` as text, trimmed to the frames that matter to the user.
 
-    Kept: frames in files of the script's directory tree (the script and the modules beside it
-    that it imports). Dropped: gradclip's own frames, ``importlib`` and installed libraries
-    (torch's internals); the final ``ExceptionType: message`` line still says what the library
-    reported. When no frame is the user's, every frame except gradclip's and importlib's is
-    kept. Chained exceptions (``raise ... from ...``) are trimmed the same way. Ends with
-    ``ExceptionType: message``.
+    Kept: every frame of the user's code, wherever it lives (the script, the modules beside
+    it, a package it imports from another folder). Dropped: gradclip's own frames, the
+    standard library (``importlib`` included), torch and installed libraries; the final
+    ``ExceptionType: message`` line still says what the library reported. When no frame is the
+    user's, every frame except gradclip's and importlib's is kept. Chained exceptions
+    (``raise ... from ...``) are trimmed the same way. Ends with ``ExceptionType: message``.
+
+    With ``GRADCLIP_DEBUG=1`` nothing is trimmed: the full traceback, gradclip's frames too.
     """
+    if os.environ.get("GRADCLIP_DEBUG", "") not in ("", "0"):
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip("\n")
     user_dir = Path(script_path).resolve().parent
     te = traceback.TracebackException.from_exception(exc)
     seen: set[int] = set()
@@ -300,9 +323,10 @@ def _check_contract(module: ModuleType, path: Path) -> None:
 def load_experiment(path: str | os.PathLike) -> Experiment:
     """Import the script at ``path`` and return its checked ``Experiment``.
 
-    The script runs under a unique module name (``gradclip_user_<stem>_<n>``), so its
-    ``__main__`` block does not run and loading the same file twice gives two independent
-    modules. Its directory is on ``sys.path`` only for the duration of the import.
+    The script runs under a unique module name (``gradcheck_cli.user_scripts.<stem>_<n>``), so
+    its ``__main__`` block does not run and loading the same file twice gives two independent
+    modules; child processes started with ``spawn`` can import that name too
+    (``user_scripts``). Its directory is on ``sys.path`` only for the duration of the import.
 
     Raises ``UsageError`` for a missing or unreadable file, a syntax error (file, line and the
     offending text) and contract problems (all of them in one message); ``UserCodeError`` for
@@ -326,8 +350,10 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     except ValueError as exc:  # e.g. null bytes in the source
         raise UsageError(f"cannot compile {script}: {exc}", "is this a Python source file?") from None
 
+    from gradcheck_cli import user_scripts
+
     stem = "".join(c if c.isalnum() else "_" for c in script.stem)
-    mod_name = f"gradclip_user_{stem}_{next(_module_counter)}"
+    mod_name = f"{user_scripts.__name__}.{stem}_{next(_module_counter)}"
     spec = importlib.util.spec_from_file_location(mod_name, script)
     if spec is None:
         raise UsageError(f"cannot import {script}", "give a path to a .py file")
@@ -335,6 +361,7 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
 
     script_dir = str(script.parent)
     sys.modules[mod_name] = module  # dataclasses, pickling and typing look modules up here
+    user_scripts.register(mod_name, str(script))  # and spawned DataLoader workers find it too
     sys.path.insert(0, script_dir)
     # Nothing is written outside --out: no __pycache__ beside the user's modules either.
     write_bytecode = sys.dont_write_bytecode

@@ -147,7 +147,7 @@ def _reraise(file: Path, key: str, err: UsageError, example: str) -> UsageError:
     return UsageError(f"recipe {file}: {err.message}", f"fix {key!r} in {file}, e.g. {example}")
 
 
-def load_recipe(value: str | os.PathLike) -> dict:
+def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
     """Read and validate a recipe, given a path or a bundled recipe's name.
 
     Returns the values present, under the keys ``SweepConfig.from_values`` reads: ``script``
@@ -162,7 +162,8 @@ def load_recipe(value: str | os.PathLike) -> dict:
     """
     file = find_recipe(value)
     try:
-        text = file.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark, as some Windows editors save one, is not part of the TOML
+        text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UsageError(f"recipe {file} is not UTF-8 text", "save the recipe as a UTF-8 TOML file") from None
     except OSError as exc:
@@ -220,14 +221,14 @@ def load_recipe(value: str | os.PathLike) -> dict:
             if not (isinstance(raw, str) or (isinstance(raw, list) and all(_is_number(v) for v in raw))):
                 raise _type_error(file, key, raw)
             try:
-                out[field] = cfg.parse_max_norms(raw, option="max_norm")
+                out[field] = cfg.parse_max_norms(raw, option="max_norm", notes=notes)
             except UsageError as err:
                 raise _reraise(file, key, err, "max_norm = [0.1, 1, 10]") from None
         elif key == "norm_type":
             if not (isinstance(raw, str) or (isinstance(raw, list) and all(_is_number(v) or isinstance(v, str) for v in raw))):
                 raise _type_error(file, key, raw)
             try:
-                out[field] = cfg.parse_norm_types(raw, option="norm_type")
+                out[field] = cfg.parse_norm_types(raw, option="norm_type", notes=notes)
             except UsageError as err:
                 raise _reraise(file, key, err, 'norm_type = [2, "inf"]') from None
         elif key in ("steps", "seed", "accumulate"):
@@ -239,7 +240,10 @@ def load_recipe(value: str | os.PathLike) -> dict:
                 except UsageError as err:
                     raise _reraise(file, key, err, f"{key} = {100 if key == 'steps' else 4}") from None
             else:
-                out[field] = raw
+                try:
+                    out[field] = cfg.check_seed(raw, option="seed")
+                except UsageError as err:
+                    raise _reraise(file, key, err, "seed = 0") from None
         elif key in ("divergence_factor", "amp_init_scale"):
             if not _is_number(raw):
                 raise _type_error(file, key, raw)

@@ -7,6 +7,7 @@ status words are never the bare word ``nan``, so pandas never reads a status as 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ SUMMARY_COLUMNS = [
     "steps",
     "seconds",
     "error",
+    "warnings",
 ]
 STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
 # One row per (run, step, layer group): the group's pre-clip gradient norm in the run's norm type
@@ -59,14 +61,23 @@ HISTOGRAM_COLUMNS = ["run", "bin_left", "bin_right", "count"]
 SITE_COLUMNS = ["run", "step", "site", "grad_norm", "clip_coef"]
 
 
+def format_float(x: float) -> str:
+    """The shortest text that reads back as exactly ``x``, without a trailing ``.0``:
+    ``2.0 -> '2'``, ``0.1 -> '0.1'``, ``1.0000001 -> '1.0000001'``, ``inf -> 'inf'``. Distinct
+    floats always get distinct spellings (``repr`` round-trips), so run names never collide."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def format_norm_type(norm_type: float) -> str:
     """``2.0 -> '2'``, ``inf -> 'inf'``: the spelling used in run names, tables and CSV."""
-    return f"{norm_type:g}"
+    return format_float(norm_type)
 
 
 def format_name_number(x: float) -> str:
-    """How a number is spelled inside a run name (``0.1``, ``10``, ``1e-05``): the one place."""
-    return f"{x:g}"
+    """How a number is spelled inside a run name (``0.1``, ``10``, ``1e-05``, ``1.0000001``):
+    the one place. Shortest exact form (``format_float``): distinct values, distinct names."""
+    return format_float(x)
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,7 @@ class Cell:
     lr: float | None = None
     seed: int | None = None
 
-    @property
+    @functools.cached_property  # asked for per row when reports are written
     def run(self) -> str:
         """Stable, human-readable run id (see ``run_name``)."""
         return run_name(self)
@@ -151,6 +162,8 @@ class RunResult:
     lr: float | None = None  # the lr the run started at when gradclip set it; None: the script's own
     seed: int | None = None  # the seed the run started from
     name: str | None = None  # run name when it is not the cell's (a monitored run: ``monitor``)
+    # Degenerate-training codes (``detect.WARNING_TEXT`` explains each); not errors, not healthy.
+    warnings: tuple[str, ...] = ()
 
     @property
     def run(self) -> str:
@@ -196,6 +209,7 @@ class RunResult:
             "steps": len(self.steps),
             "seconds": round(self.seconds, 4),
             "error": self.error,
+            "warnings": ";".join(self.warnings) or None,
         }
 
     def layer_rows(self) -> list[dict]:
@@ -240,36 +254,64 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+@dataclass(frozen=True)
+class NormRange:
+    """What the shared histogram bins need from one run: its smallest positive and largest
+    finite norm, and whether it has a norm of exactly 0 (``None`` when there is none)."""
+
+    min_positive: float | None
+    max_positive: float | None
+    has_zero: bool
+    has_finite: bool
+
+    @classmethod
+    def of(cls, result: "RunResult") -> "NormRange":
+        norms = result.finite_norms()
+        positive = [n for n in norms if n > 0]
+        return cls(
+            min(positive) if positive else None,
+            max(positive) if positive else None,
+            any(n == 0 for n in norms),
+            bool(norms),
+        )
+
+
 def shared_log_bins(results: list[RunResult], n_bins: int = 8) -> list[float]:
     """Log-spaced bin edges shared by every run, spanning all finite norms of the sweep.
 
     Norms of exactly 0 cannot sit on a log axis: when any run has one, the first edge is 0 so
     that every finite norm falls in some bin. Returns ``[]`` when no run has a finite norm.
     """
-    norms = [n for r in results for n in r.finite_norms()]
-    if not norms:
+    return log_bins([NormRange.of(r) for r in results], n_bins)
+
+
+def log_bins(ranges: list[NormRange], n_bins: int = 8) -> list[float]:
+    """``shared_log_bins`` from each run's ``NormRange``: cheap to recompute after every run."""
+    if not any(r.has_finite for r in ranges):
         return []
-    positive = [n for n in norms if n > 0]
-    if not positive:
+    lows = [r.min_positive for r in ranges if r.min_positive is not None]
+    highs = [r.max_positive for r in ranges if r.max_positive is not None]
+    if not lows:
         return [0.0, 1.0]
-    lo, hi = math.log10(min(positive)), math.log10(max(positive))
+    low, high = min(lows), max(highs)
+    lo, hi = math.log10(low), math.log10(high)
     if hi - lo < 1e-12:
         # One distinct value: a decade centred on it, or the top decade of the floats when the
         # centred one would overflow.
-        v = min(positive)
+        v = low
         if v * 10**0.5 <= sys.float_info.max:
             edges = [v * 10 ** (i / n_bins - 0.5) for i in range(n_bins + 1)]
         else:
             edges = [sys.float_info.max * 10 ** (i / n_bins - 1) for i in range(n_bins)] + [sys.float_info.max]
     else:
         # Exact ends, so no value falls outside by rounding; inner edges lie strictly between.
-        edges = [min(positive)] + [10 ** (lo + (hi - lo) * i / n_bins) for i in range(1, n_bins)] + [max(positive)]
+        edges = [low] + [10 ** (lo + (hi - lo) * i / n_bins) for i in range(1, n_bins)] + [high]
     # Subnormal norms are too coarse for log spacing (edges round onto each other): step each
     # such edge up to the next float, so the edges stay strictly increasing.
     for i in range(1, len(edges)):
         if edges[i] <= edges[i - 1]:
             edges[i] = math.nextafter(edges[i - 1], math.inf)
-    if any(n == 0 for n in norms):
+    if any(r.has_zero for r in ranges):
         edges[0] = 0.0
     return edges
 

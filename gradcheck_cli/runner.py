@@ -63,7 +63,15 @@ import torch
 
 from gradcheck_cli import engine
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig
-from gradcheck_cli.detect import clip_coefficient, first_index, is_diverged, is_non_finite
+from gradcheck_cli.detect import (
+    FOREIGN_PARAMETERS,
+    NO_MODEL_PARAMETERS,
+    clip_coefficient,
+    degenerate_training,
+    first_index,
+    is_diverged,
+    is_non_finite,
+)
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
 from gradcheck_cli.results import (
@@ -322,6 +330,20 @@ def _first_non_finite_param(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _step(experiment: Experiment, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """``optimizer.step()``; a failure of the default SGD is said to come from ``--lr``."""
+    if experiment.build_optimizer_fn is not None:
+        call_user(experiment, optimizer.step)
+        return
+    try:
+        optimizer.step()
+    except Exception as exc:
+        raise UserFailure(
+            f"the default SGD with --lr {lr!r} failed: {describe_exception(exc)}; "
+            "choose a smaller --lr, or define build_optimizer(model) in the script"
+        ) from exc
+
+
 def run_cell(
     experiment: Experiment,
     model: torch.nn.Module,
@@ -358,17 +380,32 @@ def run_cell(
     lr = config.lr_of(cell)
     reported = dict(lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
 
+    optimizer_warnings: list[str] = []
+
     def finish(status: str, **kw: Any) -> RunResult:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return RunResult(cell=cell, status=status, steps=records, seconds=time.perf_counter() - start, **reported, **kw)
+        warnings = optimizer_warnings + degenerate_training(
+            [r.loss for r in records], [r.grad_norm for r in records], cell.norm_type
+        )
+        return RunResult(
+            cell=cell, status=status, steps=records, seconds=time.perf_counter() - start,
+            warnings=tuple(warnings), **reported, **kw,
+        )
 
     try:
         if snapshot is not None:
+            snapshot.restore_global_state()
             snapshot.restore_model(model)
             snapshot.restore_rng()
         model.train()
         optimizer = make_optimizer(experiment, model, lr if lr is not None else DEFAULT_LR)
+        if snapshot is not None and snapshot.optimizer_class is not None and type(optimizer) is not snapshot.optimizer_class:
+            raise UserFailure(
+                "build_optimizer(model) returned an optimizer that does not match the first one it built "
+                f"({type(optimizer).__name__}, first {snapshot.optimizer_class.__name__}); it must build the same optimizer on every call",
+                definition_site(experiment.build_optimizer_fn, "build_optimizer") if experiment.build_optimizer_fn else None,
+            )
         if snapshot is not None:
             try:
                 snapshot.restore_optimizer(optimizer)
@@ -391,6 +428,11 @@ def run_cell(
         # (they would inflate the measured norm); zero them too, but only when there are any.
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         zero_model_too = any(id(p) not in held for p in params)
+        owned = {id(p) for p in params}
+        if held - owned:
+            optimizer_warnings.append(FOREIGN_PARAMETERS)
+        if not held & owned:
+            optimizer_warnings.append(NO_MODEL_PARAMETERS)
         stream = BatchStream(experiment)
         first_loss: float | None = None
         skips_in_a_row = 0
@@ -487,7 +529,7 @@ def run_cell(
                 engine.clip_grads_with_norm_(params, cell.max_norm, norm)
             else:
                 coef = 1.0  # the control run only measures; it never clips
-            call_user(experiment, optimizer.step)
+            _step(experiment, optimizer, lr if lr is not None else DEFAULT_LR)
             precision.update()
             if scheduler is not None:
                 call_user(experiment, scheduler.step)

@@ -13,6 +13,7 @@ match), so both capturing and restoring copy; otherwise a run would train the sn
 from __future__ import annotations
 
 import copy
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,74 @@ def _count(state: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Global torch state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """Process-wide settings a script can change while it runs, and that would otherwise leak
+    from one run into the next: torch's default dtype, grad mode, deterministic-algorithms
+    flags, intra-op thread count, anomaly detection, the CPU autocast switch, float32 matmul
+    precision, and the working directory (``os.chdir`` in ``batches()``)."""
+
+    default_dtype: torch.dtype
+    grad_enabled: bool
+    deterministic: bool
+    deterministic_warn_only: bool
+    num_threads: int
+    anomaly: bool
+    anomaly_check_nan: bool
+    autocast_cpu: bool
+    matmul_precision: str
+    cwd: str | None
+
+    @classmethod
+    def capture(cls) -> "GlobalState":
+        try:
+            cwd = os.getcwd()
+        except OSError:  # the directory was deleted under us
+            cwd = None
+        return cls(
+            default_dtype=torch.get_default_dtype(),
+            grad_enabled=torch.is_grad_enabled(),
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+            deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+            num_threads=torch.get_num_threads(),
+            anomaly=torch.is_anomaly_enabled(),
+            anomaly_check_nan=torch.is_anomaly_check_nan_enabled(),
+            autocast_cpu=torch.is_autocast_enabled("cpu"),
+            matmul_precision=torch.get_float32_matmul_precision(),
+            cwd=cwd,
+        )
+
+    def restore(self) -> None:
+        """Set every captured setting back; cheap, so it runs before every run."""
+        if torch.get_default_dtype() != self.default_dtype:
+            torch.set_default_dtype(self.default_dtype)
+        torch.set_grad_enabled(self.grad_enabled)
+        if (
+            torch.are_deterministic_algorithms_enabled() != self.deterministic
+            or torch.is_deterministic_algorithms_warn_only_enabled() != self.deterministic_warn_only
+        ):
+            torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        if torch.is_anomaly_enabled() != self.anomaly or torch.is_anomaly_check_nan_enabled() != self.anomaly_check_nan:
+            torch.set_anomaly_enabled(self.anomaly, self.anomaly_check_nan)
+        if torch.is_autocast_enabled("cpu") != self.autocast_cpu:
+            torch.set_autocast_enabled("cpu", self.autocast_cpu)
+        if torch.get_float32_matmul_precision() != self.matmul_precision:
+            torch.set_float32_matmul_precision(self.matmul_precision)
+        if self.cwd is not None:
+            try:
+                if os.getcwd() != self.cwd:
+                    os.chdir(self.cwd)
+            except OSError:
+                pass
+
+
+# --------------------------------------------------------------------------------------------
 # All of it together
 # --------------------------------------------------------------------------------------------
 
@@ -161,6 +230,8 @@ class Snapshot:
     model_state: dict[str, Any]
     optimizer_state: dict[str, Any] | None
     rng: RngState
+    global_state: GlobalState | None = None
+    optimizer_class: type | None = None  # every run's optimizer must be of this class
 
     @classmethod
     def capture(
@@ -174,6 +245,8 @@ class Snapshot:
             model_state=capture_model(model),
             optimizer_state=capture_optimizer(optimizer) if optimizer is not None else None,
             rng=capture_rng(device),
+            global_state=GlobalState.capture(),
+            optimizer_class=type(optimizer) if optimizer is not None else None,
         )
 
     def restore_model(self, model: torch.nn.Module) -> None:
@@ -186,6 +259,10 @@ class Snapshot:
 
     def restore_rng(self) -> None:
         restore_rng(self.rng)
+
+    def restore_global_state(self) -> None:
+        if self.global_state is not None:
+            self.global_state.restore()
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore model, optimizer (when given and captured) and RNG state."""

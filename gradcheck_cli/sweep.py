@@ -10,10 +10,11 @@ on).
 Order of events, per seed (cells come seed-major, so one snapshot is held at a time)::
 
     seed(s) -> build_model() -> model.to(device) -> build the optimizer once
-    seed(s) -> snapshot(model, optimizer state, RNG)
-    for each cell of seed s: restore model + RNG -> build the optimizer afresh -> load its
-                   snapshot state -> set the run's lr -> build the scheduler -> train
-                   (runner.run_cell)
+    seed(s) -> snapshot(model, optimizer state, RNG, global torch state)
+    for each cell of seed s: restore global torch state + model + RNG -> build the optimizer
+                   afresh -> load its snapshot state -> set the run's lr -> build the
+                   scheduler -> train (runner.run_cell) -> warn when step 1's loss differs
+                   from the first run's of that seed
 
 The optimizer is built once up front to capture its starting state (and to find out early
 whether ``build_optimizer`` works at all), then built afresh for every run from the restored
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig
+from gradcheck_cli.detect import step1_warning
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.loader import Experiment
 from gradcheck_cli.results import Cell, RunResult
@@ -48,6 +50,66 @@ def _check_device(device: torch.device) -> None:
                 f"--device {device} was given but only {torch.cuda.device_count()} CUDA device(s) exist",
                 "use --device cuda:0",
             )
+
+
+def _move_model(model: torch.nn.Module, device: torch.device, script_name: str) -> None:
+    """Move the model to ``--device``; a model that cannot be moved is a usage error that says
+    what to do, never torch's own message."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_meta for t in tensors):
+        names = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        raise UsageError(
+            f"build_model() in {script_name} returned a model on the meta device (no data in {', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}): there are no weights to train",
+            "materialise it before returning it, e.g. model.to_empty(device='cpu') and then initialise its "
+            "weights (or build it without the meta device); gradclip moves it to --device itself",
+        )
+    try:
+        model.to(device)
+    except Exception as exc:  # e.g. a parameter on a device that does not exist here
+        raise UsageError(
+            f"build_model() in {script_name} returned a model gradclip cannot move to --device {device}: "
+            f"{type(exc).__name__}: {exc}",
+            f"build the model on the CPU (gradclip moves it to --device {device}), or choose the --device it is on",
+        ) from None
+    elsewhere = sorted({str(t.device) for t in list(model.parameters()) + list(model.buffers()) if t.device.type != device.type})
+    if elsewhere:
+        raise UsageError(
+            f"build_model() in {script_name} returned a model that stays on {', '.join(elsewhere)} after model.to({str(device)!r})",
+            f"build the model on the CPU and let gradclip move it to --device {device}",
+        )
+
+
+def _check_default_lr(experiment: Experiment, model: torch.nn.Module, lr: float) -> None:
+    """The default SGD multiplies by ``-lr`` in each parameter's dtype: an ``--lr`` beyond that
+    dtype's range makes torch fail inside ``optimizer.step()``. Say so up front, naming --lr."""
+    if experiment.build_optimizer_fn is not None:
+        return
+    for p in model.parameters():
+        if p.is_floating_point() and lr > torch.finfo(p.dtype).max:
+            raise UsageError(
+                f"--lr {lr!r} is too large for the default SGD: the model has {p.dtype} parameters, whose largest value is "
+                f"{torch.finfo(p.dtype).max:.4g}",
+                "choose a smaller --lr, or define build_optimizer(model) in the script",
+            )
+
+
+def _step1_reference(results: list[RunResult], seed: int | None) -> RunResult | None:
+    """The first run of the same seed with a step 1 (the lr does not change step 1's loss)."""
+    return next((r for r in results if r.seed == seed and r.steps and r.steps[0].step == 1), None)
+
+
+def _with_step1_warning(result: RunResult, reference: RunResult | None) -> RunResult:
+    """Every run starts from the same state and the same first batch, so step 1's loss is the
+    same in every run. When it is not, the script carries state between runs: say so, naming
+    the run it differs from."""
+    if reference is None or reference is result or not result.steps or result.steps[0].step != 1:
+        return result
+    a, b = reference.steps[0].loss, result.steps[0].loss
+    if a == b or (a != a and b != b):  # equal, or both NaN
+        return result
+    result.warnings = result.warnings + (step1_warning(reference.run),)
+    return result
 
 
 def run_sweep(
@@ -89,6 +151,7 @@ def run_sweep(
     results: list[RunResult] = []
     prepared_seed: int | None = None
     model = snapshot = optimizer_failure = None
+    first_global = None  # global torch state as the first seed's runs start from it
     for index, cell in enumerate(cells, start=1):
         if cell.run in skip:
             results.append(skip[cell.run])
@@ -96,7 +159,10 @@ def run_sweep(
         seed = config.seed_of(cell)
         if model is None or seed != prepared_seed:
             model = snapshot = None  # free the previous seed's model before building the next
+            if first_global is not None:  # the next seed starts from the first seed's global state
+                first_global.restore()
             model, snapshot, optimizer_failure = _starting_state(config, experiment, device, seed)
+            first_global = first_global or snapshot.global_state
             prepared_seed = seed
         if on_run_start is not None:
             on_run_start(index, total, cell)
@@ -104,9 +170,12 @@ def run_sweep(
             result = error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=seed)
         else:
             result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
+        result = _with_step1_warning(result, _step1_reference(results + [result], result.seed))
         results.append(result)
         if on_run_done is not None:
             on_run_done(index, total, result)
+    if snapshot is not None:
+        snapshot.restore_global_state()  # what the last run changed does not leak into the reports
     return results
 
 
@@ -115,7 +184,8 @@ def _starting_state(config: SweepConfig, experiment: Experiment, device: torch.d
     device, and the snapshot every run of this seed starts from."""
     seed_everything(seed, device)
     model = experiment.build_model()
-    model.to(device)
+    _move_model(model, device, experiment.name)
+    _check_default_lr(experiment, model, max(config.lrs) if config.lrs else DEFAULT_LR)
     optimizer_failure: UserFailure | None = None
     optimizer = None
     try:

@@ -136,8 +136,9 @@ def test_axes_from_values_and_their_checks(tmp_path):
     assert SweepConfig.from_values({"script": script, "seed": 4, "seeds": "4"}).seeds == (4,)
     with pytest.raises(UsageError, match="disagree"):
         SweepConfig.from_values({"script": script, "seed": 4, "seeds": "4,5"})
-    with pytest.raises(UsageError, match="too close to tell apart"):
-        SweepConfig.from_values({"script": script, "lr": "0.1,0.1000001", "max_norms": "1"})
+    # values that differ in the last digits get names that differ too (shortest exact form)
+    close = SweepConfig.from_values({"script": script, "lr": "0.1,0.1000001", "max_norms": "1", "norm_types": "2"})
+    assert [c.run for c in close.cells()] == ["unclipped@lr=0.1", "clip_1_2@lr=0.1", "unclipped@lr=0.1000001", "clip_1_2@lr=0.1000001"]
     fingerprint = config.fingerprint()
     assert (fingerprint["lrs"], fingerprint["seeds"], fingerprint["amp"], fingerprint["accumulate"]) == ([0.1, 1.0], [2, 0], "bf16", 4)
     assert json.loads(json.dumps(fingerprint)) == fingerprint

@@ -23,7 +23,8 @@ def results(*statuses: str) -> list[RunResult]:
 
 def test_documented_exit_code_values():
     assert {c.name: int(c) for c in ExitCode} == {
-        "OK": 0, "INSTABILITY": 1, "USAGE": 2, "USER_CODE": 3, "INTERNAL": 4, "INTERRUPTED": 130}
+        "OK": 0, "INSTABILITY": 1, "USAGE": 2, "USER_CODE": 3, "INTERNAL": 4, "REPORTS_NOT_WRITTEN": 5,
+        "HANGUP": 129, "INTERRUPTED": 130, "BROKEN_PIPE": 141, "TERMINATED": 143}
 
 
 # Every combination of the two flags over each kind of sweep, written out by hand from the

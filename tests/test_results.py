@@ -223,7 +223,7 @@ def test_frames_hold_the_exact_records():
         "nan_step": None, "nan_source": None, "nan_param": None, "nan_micro_batch": None, "diverged_step": None,
         "skipped_steps": 0, "first_skip": None, "final_loss": 1.0, "min_loss": 1.0,
         "grad_norm_p50": 3.5, "grad_norm_p95": pytest.approx(3.95), "grad_norm_max": 4.0, "clipped_frac": 0.0,
-        "steps": 2, "seconds": 0.5, "error": None,
+        "steps": 2, "seconds": 0.5, "error": None, "warnings": None,
     }
     assert list(row) == list(expected)
     for key, value in expected.items():

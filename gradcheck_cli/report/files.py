@@ -39,12 +39,15 @@ import os
 import secrets
 from pathlib import Path
 
-from gradcheck_cli.errors import UsageError
+from gradcheck_cli.errors import ReportWriteError, UsageError
 from gradcheck_cli.results import (
     Cell,
     RunResult,
+    NormRange,
     StepRecord,
+    format_float,
     histogram_frame,
+    log_bins,
     layers_frame,
     sites_frame,
     steps_frame,
@@ -57,7 +60,10 @@ LAYERS_FILE = "layers.csv"
 HISTOGRAMS_FILE = "histograms.csv"
 SITES_FILE = "clip_sites.csv"
 MANIFEST_FILE = "gradclip-sweep.json"
-MANIFEST_FORMAT = 1
+LOCK_FILE = ".gradclip.lock"
+# 2: the manifest records the committed byte length of every appended file ("committed").
+MANIFEST_FORMAT = 2
+READABLE_MANIFEST_FORMATS = (1, 2)
 
 # Columns holding whole numbers; pandas would write them as floats (``37.0``) once a blank
 # appears, so they are written through the nullable ``Int64`` dtype.
@@ -87,6 +93,9 @@ _OPTION_NAMES = {
     "amp": "--amp",
     "accumulate": "--accumulate",
     "amp_init_scale": "--amp-init-scale",
+    "script_sha256": "script content",
+    "torch_version": "torch version",
+    "torch_threads": "torch thread count",
 }
 
 
@@ -124,13 +133,124 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 
 
 def _remove_stale_temp_files(out: Path) -> None:
-    """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``); only ours."""
+    """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``): only ours,
+    and only those of processes that are gone; a live sweep's temp file is never touched."""
     for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, HISTOGRAMS_FILE, SITES_FILE, MANIFEST_FILE):
         for stale in out.glob(f".{name}.*.tmp"):
+            pid = stale.name[len(name) + 2 :].split(".", 1)[0]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue
             try:
                 stale.unlink()
             except OSError:
                 pass
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine. Where that cannot be asked
+    (Windows), every process counts as alive: nothing of another process is ever removed."""
+    if pid <= 0:
+        return False
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# One sweep per output directory
+# --------------------------------------------------------------------------------------------
+
+
+class OutDirLock:
+    """``--out/.gradclip.lock``, created with ``O_EXCL`` and holding the sweep's pid: a second
+    sweep on the same directory is refused with the holder's pid. A lock whose process is gone
+    (a sweep killed with ``kill -9``) is taken over. Released (deleted) by ``release``.
+
+    Creating the lock is also the first write into ``--out``, so an ``--out`` that cannot be
+    written (a read-only file system) is refused here, before any run."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.path = Path(out_dir) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> "OutDirLock":
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and holder != os.getpid() and pid_alive(holder):
+                    raise UsageError(
+                        f"--out {str(self.path.parent)!r} is in use by another gradclip sweep (pid {holder})",
+                        f"wait for it to finish, or use another --out directory; if no sweep is running, delete {self.path}",
+                    ) from None
+                try:  # stale: its process is gone (or the file is unreadable garbage)
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    raise _write_error(self.path, exc) from None
+                continue
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot write in --out {str(self.path.parent)!r}: {exc.strerror or exc}",
+                    "choose an --out directory you can write to",
+                ) from None
+            try:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:
+                os.close(fd)
+                try:
+                    self.path.unlink()
+                except OSError:
+                    pass
+                raise UsageError(
+                    f"cannot write in --out {str(self.path.parent)!r}: {exc.strerror or exc}",
+                    "choose an --out directory you can write to",
+                ) from None
+            os.close(fd)
+            self.held = True
+            return self
+        raise UsageError(f"cannot take the lock {self.path}", "another sweep keeps taking it; use another --out directory")
+
+    def _holder(self) -> int | None:
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace").strip()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                if self._holder() == os.getpid():
+                    self.path.unlink()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "OutDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _write_error(path: Path, exc: OSError) -> ReportWriteError:
+    return ReportWriteError(
+        f"cannot write {path}: {exc.strerror or exc}",
+        "free disk space or fix the permissions, then rerun with --resume to keep the finished runs",
+    )
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -198,17 +318,218 @@ def _csv_bytes(frame) -> bytes:
 def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges: list[float]) -> None:
     """Write ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv`` and ``clip_sites.csv`` for ``results`` (all runs
     finished so far, in sweep order), each atomically. ``edges`` are the shared histogram bins
-    (``results.shared_log_bins(results)``)."""
+    (``results.shared_log_bins(results)``). A sweep writes through ``ReportWriter`` instead,
+    which costs per run only that run's rows."""
     out = Path(out_dir)
     atomic_write_bytes(out / SUMMARY_FILE, _csv_bytes(summary_frame(results)))
-    atomic_write_bytes(out / STEPS_FILE, _csv_bytes(steps_frame(results)))
-    atomic_write_bytes(out / LAYERS_FILE, _csv_bytes(layers_frame(results)))
+    for name, frame_of in APPENDED_FILES.items():
+        _write_whole(out / name, frame_of(results))
     atomic_write_bytes(out / HISTOGRAMS_FILE, _csv_bytes(histogram_frame(results, edges)))
-    sites = sites_frame(results)
-    if len(sites):
-        atomic_write_bytes(out / SITES_FILE, _csv_bytes(sites))
-    elif (out / SITES_FILE).exists():
-        (out / SITES_FILE).unlink()
+
+
+def _write_whole(path: Path, frame) -> int | None:
+    """Replace ``path`` with ``frame``'s CSV and return its length; a file written only when it
+    has rows (``ONLY_WITH_ROWS``) is removed instead when there are none (``None``)."""
+    if path.name in ONLY_WITH_ROWS and not len(frame):
+        if path.exists():
+            path.unlink()
+        return None
+    data = _csv_bytes(frame)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+# Files whose rows belong to one run and never change once that run has finished: a sweep
+# appends each finished run's rows to them instead of rewriting every row, and the manifest
+# records how many bytes of each are committed. A new per-run file is one more entry here.
+APPENDED_FILES = {STEPS_FILE: steps_frame, LAYERS_FILE: layers_frame, SITES_FILE: sites_frame}
+# Of those, the files that exist only when some run has rows for them.
+ONLY_WITH_ROWS = {SITES_FILE}
+
+
+def _csv_header(frame_of) -> bytes:
+    return _csv_bytes(frame_of([]))
+
+
+def _csv_body(frame) -> bytes:
+    """The CSV rows without the header line: per-run chunks concatenate to the whole file."""
+    data = _csv_bytes(frame)
+    return data[data.index(b"\n") + 1 :]
+
+
+def append_bytes(path: str | os.PathLike, data: bytes, committed: int) -> int:
+    """Append ``data`` (complete CSV lines) to ``path`` whose first ``committed`` bytes are the
+    committed content, fsync, and return the new committed length.
+
+    Anything past ``committed`` (the torn tail of a write that failed, or the rows of a run a
+    ``kill -9`` cut off before its manifest) is cut first. If the append fails, the file is
+    cut back to ``committed`` again (best effort) and the ``OSError`` propagates."""
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.ftruncate(fd, committed)
+        os.lseek(fd, committed, os.SEEK_SET)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, committed)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+    return committed + len(data)
+
+
+class ReportWriter:
+    """Keeps the report files in ``out_dir`` current while a sweep runs, at a cost per finished
+    run in proportion to that run's rows.
+
+    * ``steps.csv`` and ``layers.csv`` (``APPENDED_FILES``): the run's rows are appended (one
+      ``write`` of complete lines, then fsync); their committed byte lengths go into the
+      manifest. The first write of a sweep (and of a resumed one) replaces each file
+      atomically with the header and every finished run's rows.
+    * ``summary.csv`` and ``histograms.csv`` (a row or a few per run): replaced atomically
+      from cached per-run rows; the histogram rows are recomputed only when the shared bins
+      move.
+    * the manifest last, so it never names a run or a byte the other files lack.
+
+    Runs are kept in sweep order (``run_order``); a run finishing out of order makes the next
+    write a full rewrite. A failing write raises ``ReportWriteError`` naming the file.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, fingerprint: dict, run_order: list[str], finished=()) -> None:
+        self.out = Path(out_dir)
+        self.fingerprint = fingerprint
+        self._position = {run: i for i, run in enumerate(run_order)}
+        self._results: list[RunResult] = sorted(finished, key=self._where)
+        self._committed: dict[str, int] | None = None  # None: rewrite the appended files whole
+        self._summary_rows: dict[str, bytes] = {}
+        self._ranges: dict[str, NormRange] = {}
+        self._histogram_rows: dict[str, bytes] = {}
+        self._sorted_norms: dict[str, list[float]] = {}
+        self._edges: list[float] | None = None
+        self._bin_text: list[str] = []
+
+    def _where(self, result: RunResult) -> int:
+        return self._position.get(result.run, len(self._position))
+
+    @property
+    def results(self) -> list[RunResult]:
+        """The runs saved so far, in sweep order."""
+        return list(self._results)
+
+    def add(self, result: RunResult) -> None:
+        """Record one more finished run and bring every file up to date."""
+        if self._results and self._where(result) < self._where(self._results[-1]):
+            self._committed = None  # out of order: appending would break the sweep order
+            self._results.append(result)
+            self._results.sort(key=self._where)
+        else:
+            self._results.append(result)
+        try:
+            self._write(result)
+        except ReportWriteError:
+            self._results.remove(result)  # ``results`` lists the saved runs only
+            raise
+
+    def flush(self) -> None:
+        """Write every file whole, once, if this writer has not written yet (e.g. a resumed
+        sweep whose runs had all finished)."""
+        if self._committed is None:
+            self._write(None)
+
+    def _write(self, new: RunResult | None) -> None:
+        out = self.out
+        path = out / SUMMARY_FILE
+        try:
+            if self._committed is None or new is None:
+                committed = {}
+                for name, frame_of in APPENDED_FILES.items():
+                    path = out / name
+                    size = _write_whole(path, frame_of(self._results))
+                    if size is not None:
+                        committed[name] = size
+                self._committed = committed
+            else:
+                for name, frame_of in APPENDED_FILES.items():
+                    path = out / name
+                    frame = frame_of([new])
+                    if name not in self._committed:  # a file that had no rows until this run
+                        size = _write_whole(path, frame)
+                        if size is not None:
+                            self._committed[name] = size
+                        continue
+                    self._committed[name] = append_bytes(path, _csv_body(frame), self._committed[name])
+            path = out / SUMMARY_FILE
+            atomic_write_bytes(path, self._summary_bytes())
+            path = out / HISTOGRAMS_FILE
+            atomic_write_bytes(path, self._histogram_bytes())
+            path = out / MANIFEST_FILE
+            write_manifest(out, self.fingerprint, [r.run for r in self._results], committed=self._committed)
+        except OSError as exc:
+            self._committed = None  # the next write (if any) starts from scratch
+            raise _write_error(path, exc) from exc
+
+    def _summary_bytes(self) -> bytes:
+        parts = [_header(SUMMARY_FILE)]
+        for r in self._results:
+            row = self._summary_rows.get(r.run)
+            if row is None:
+                row = self._summary_rows[r.run] = _csv_body(summary_frame([r]))
+            parts.append(row)
+        return b"".join(parts)
+
+    def _histogram_bytes(self) -> bytes:
+        """Recomputed from each run's cached sorted norms when the shared bins move (a few
+        bisections per run), formatted without pandas: the bins can move after every run."""
+        ranges = []
+        for r in self._results:
+            if r.run not in self._ranges:
+                self._ranges[r.run] = NormRange.of(r)
+                self._sorted_norms[r.run] = sorted(r.finite_norms())
+            ranges.append(self._ranges[r.run])
+        edges = log_bins(ranges)
+        if edges != self._edges:
+            self._edges = edges
+            self._histogram_rows = {}
+            # "left,right," of every bin, shared by all runs; repr is pandas' float format
+            self._bin_text = [f"{float(edges[i])!r},{float(edges[i + 1])!r}," for i in range(len(edges) - 1)]
+        parts = [_header(HISTOGRAMS_FILE)]
+        for r in self._results:
+            row = self._histogram_rows.get(r.run)
+            if row is None:
+                row = self._histogram_rows[r.run] = _histogram_csv_rows(r.run, self._sorted_norms[r.run], edges, self._bin_text)
+            parts.append(row)
+        return b"".join(parts)
+
+
+_HEADERS: dict[str, bytes] = {}
+
+
+def _header(name: str) -> bytes:
+    if name not in _HEADERS:
+        frame_of = {SUMMARY_FILE: summary_frame, HISTOGRAMS_FILE: lambda rs: histogram_frame(rs, [])}[name]
+        _HEADERS[name] = _csv_header(frame_of)
+    return _HEADERS[name]
+
+
+def _histogram_csv_rows(run: str, sorted_norms: list[float], edges: list[float], bin_text: list[str]) -> bytes:
+    """The run's ``histograms.csv`` rows, byte-identical to ``histogram_frame`` written by
+    pandas: bins are [left, right), the last one closed, as ``results.histogram_counts``.
+    Quoted as pandas quotes (only a name with a comma, quote or newline needs it)."""
+    import bisect
+
+    if len(edges) < 2:
+        return b""
+    below = [bisect.bisect_left(sorted_norms, e) for e in edges[1:-1]]  # norms under each inner edge
+    bounds = [0, *below, len(sorted_norms)]
+    if any(c in run for c in ',"\r\n'):  # a name of its own (a monitored run) may need quoting
+        run = '"' + run.replace('"', '""') + '"'
+    return "".join(f"{run},{bin_text[i]}{bounds[i + 1] - bounds[i]}\n" for i in range(len(edges) - 1)).encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,9 +542,12 @@ def _json_normal(value):
     return json.loads(json.dumps(value))
 
 
-def write_manifest(out_dir: str | os.PathLike, fingerprint: dict, finished_runs: list[str]) -> None:
+def write_manifest(
+    out_dir: str | os.PathLike, fingerprint: dict, finished_runs: list[str], committed: dict[str, int] | None = None
+) -> None:
     """Record, atomically, which runs of the sweep described by ``fingerprint``
-    (``SweepConfig.fingerprint()``) have finished. Write it after ``write_reports``."""
+    (``SweepConfig.fingerprint()``) have finished, and (``committed``) how many bytes of each
+    appended file hold them: a reader ignores anything past that. Write it after the reports."""
     from gradcheck_cli import __version__
 
     manifest = {
@@ -232,6 +556,8 @@ def write_manifest(out_dir: str | os.PathLike, fingerprint: dict, finished_runs:
         "fingerprint": fingerprint,
         "finished_runs": list(finished_runs),
     }
+    if committed is not None:
+        manifest["committed"] = dict(committed)
     text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_bytes(Path(out_dir) / MANIFEST_FILE, text.encode("utf-8"))
 
@@ -240,7 +566,7 @@ def _show(value) -> str:
     if isinstance(value, list):
         return ",".join(_show(v) for v in value)
     if isinstance(value, float):
-        return f"{value:g}"
+        return format_float(value)
     return str(value)
 
 
@@ -250,25 +576,80 @@ def _fingerprint_differences(saved: dict, now: dict) -> list[str]:
     keys += sorted((set(saved) | set(now)) - set(keys))
     for key in keys:
         a, b = saved.get(key), now.get(key)
-        if a != b:
+        if a != b and key == "script_sha256" and saved.get("script") == now.get("script"):
+            diffs.append(f"the script {now.get('script')} has changed since the interrupted sweep (its content differs)")
+        elif a != b:
             name = _OPTION_NAMES.get(key, key)
             diffs.append(f"{name} {_show(a)} (saved) vs {_show(b)} (now)")
     return diffs
 
 
 _RESUME_HINT = (
-    "to resume, rerun with the same options; or use a new --out directory; or drop --resume "
-    "to start over (the reports in this directory will be overwritten)"
+    "to resume, rerun with the same options (and script, torch version and thread count, e.g. "
+    "OMP_NUM_THREADS); or use a new --out directory; or drop --resume to start over (the "
+    "reports in this directory will be overwritten)"
 )
+
+
+_START_OVER = "drop --resume to start over, or use a new --out directory"
+
+# Columns resume needs; files of an older gradclip may lack the later additions (warnings).
+_SUMMARY_NEEDED = ["run", "max_norm", "norm_type", "status", "nan_step", "nan_source", "nan_param", "diverged_step", "seconds", "error"]
+_STEPS_NEEDED = ["run", "step", "loss", "grad_norm", "clip_coef"]
+_LAYERS_NEEDED = ["run", "step", "param", "grad_norm"]
+_SITES_NEEDED = ["run", "step", "site", "grad_norm", "clip_coef"]
+
+
+class _Corrupt(Exception):
+    """A resume file that cannot be trusted: ``problem`` says what is wrong in it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.problem = problem
+
+
+def _cannot_resume(err: _Corrupt) -> UsageError:
+    return UsageError(f"cannot resume: {err.path}: {err.problem}", _START_OVER)
+
+
+def _read_manifest(path: Path) -> tuple[dict, list[str], dict[str, int] | None]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"cannot resume from {path}: the manifest is unreadable ({type(exc).__name__}: {exc})", _START_OVER
+        ) from None
+    if not isinstance(manifest, dict):
+        raise _Corrupt(path, "the manifest is unreadable: not a JSON object")
+    version = manifest.get("format", 1)
+    if version not in READABLE_MANIFEST_FORMATS:
+        raise _Corrupt(path, f"manifest format {version!r} is not one this gradclip reads ({READABLE_MANIFEST_FORMATS})")
+    saved, finished, committed = manifest.get("fingerprint"), manifest.get("finished_runs"), manifest.get("committed")
+    if not isinstance(saved, dict):
+        raise _Corrupt(path, "the manifest is unreadable: 'fingerprint' is missing or not an object")
+    if not isinstance(finished, list) or not all(isinstance(r, str) for r in finished):
+        raise _Corrupt(path, "the manifest is unreadable: 'finished_runs' is missing or not a list of run names")
+    if committed is not None and not (
+        isinstance(committed, dict)
+        and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in committed.items())
+    ):
+        raise _Corrupt(path, "the manifest is unreadable: 'committed' is not a map of file names to byte counts")
+    return saved, finished, committed
 
 
 def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, RunResult]:
     """The runs already finished in ``out_dir`` by a sweep with this ``fingerprint``, keyed by
-    run name in sweep order, rebuilt from ``summary.csv`` and ``steps.csv``.
+    run name in sweep order, rebuilt from ``summary.csv``, ``steps.csv`` and ``layers.csv``.
 
-    Returns ``{}`` when there is no manifest. Raises ``UsageError`` when the manifest belongs
-    to a sweep with different options (naming each option that differs), or when the manifest
-    or the reports it refers to are missing or unreadable.
+    Returns ``{}`` when there is no manifest. Raises ``UsageError`` (exit 2) when the manifest
+    belongs to a sweep with different options (naming each option that differs), and
+    ``cannot resume: FILE: problem`` when a file is missing, malformed or hand-edited: a
+    missing column, a number that does not parse, an unknown status word, a row whose numbers
+    do not match its run name, a file shorter than the manifest records.
+
+    Of ``steps.csv`` and ``layers.csv`` only the bytes the manifest records as committed are
+    read; rows past them (a run cut off by ``kill -9`` before its manifest) are ignored.
 
     Rebuilt exactly: floats are parsed with ``float()`` from their round-trip text, blanks
     become ``None`` (summary fields) or NaN (step numbers). ``error_traceback`` is not kept in
@@ -279,96 +660,139 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
     if not manifest_path.exists():
         return {}
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        saved = manifest["fingerprint"]
-        finished = [str(r) for r in manifest["finished_runs"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(
-            f"cannot resume from {manifest_path}: the manifest is unreadable ({type(exc).__name__}: {exc})",
-            "drop --resume to start over, or use a new --out directory",
-        ) from None
-    diffs = _fingerprint_differences(saved, _json_normal(fingerprint))
-    if diffs:
-        raise UsageError(f"cannot resume in {str(out)!r}: the options differ from the saved sweep: " + "; ".join(diffs), _RESUME_HINT)
-    if not finished:
-        return {}
-    summary_rows = _read_csv_rows(out / SUMMARY_FILE)
-    step_rows = _read_csv_rows(out / STEPS_FILE)
+        saved, finished, committed = _read_manifest(manifest_path)
+        diffs = _fingerprint_differences(saved, _json_normal(fingerprint))
+        if diffs:
+            raise UsageError(
+                f"cannot resume in {str(out)!r}: the options differ from the saved sweep: " + "; ".join(diffs), _RESUME_HINT
+            )
+        if not finished:
+            return {}
+        return _load_runs(out, saved, finished, committed or {})
+    except _Corrupt as err:
+        raise _cannot_resume(err) from None
+
+
+def _load_runs(out: Path, saved: dict, finished: list[str], committed: dict[str, int]) -> dict[str, RunResult]:
+    wanted = set(finished)
+    summary_path, steps_path, layers_path = out / SUMMARY_FILE, out / STEPS_FILE, out / LAYERS_FILE
+    summary_rows = _read_csv_rows(summary_path, _SUMMARY_NEEDED)
     layers_by_step: dict[tuple[str, int], list[tuple[str, float]]] = {}
-    if (out / LAYERS_FILE).exists():  # reports of gradclip 0.1 have none
-        for row in _read_csv_rows(out / LAYERS_FILE):
-            layers_by_step.setdefault((row["run"], int(row["step"])), []).append(
-                (row["param"], _float_or_nan(row["grad_norm"]))
-            )
+    if layers_path.exists():  # reports of gradclip 0.1 have none
+        for line, row in _read_csv_rows(layers_path, _LAYERS_NEEDED, committed.get(LAYERS_FILE)):
+            if row["run"] in wanted:
+                key = (row["run"], _parse(layers_path, line, "step", row["step"], int))
+                layers_by_step.setdefault(key, []).append((row["param"], _parse(layers_path, line, "grad_norm", row["grad_norm"], _float_or_nan)))
+    sites_path = out / SITES_FILE
     sites_by_step: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
-    if (out / SITES_FILE).exists():  # older reports have none
-        for row in _read_csv_rows(out / SITES_FILE):
-            sites_by_step.setdefault((row["run"], int(row["step"])), []).append(
-                (row["site"], _float_or_nan(row["grad_norm"]), _float_or_nan(row["clip_coef"]))
-            )
+    if sites_path.exists():  # written only by train_step scripts; older reports have none
+        for line, row in _read_csv_rows(sites_path, _SITES_NEEDED, committed.get(SITES_FILE)):
+            if row["run"] in wanted:
+                sites_by_step.setdefault((row["run"], _parse(sites_path, line, "step", row["step"], int)), []).append(
+                    (row["site"], _parse(sites_path, line, "grad_norm", row["grad_norm"], _float_or_nan),
+                     _parse(sites_path, line, "clip_coef", row["clip_coef"], _float_or_nan))
+                )
     steps_by_run: dict[str, list[StepRecord]] = {}
-    for row in step_rows:
+    for line, row in _read_csv_rows(steps_path, _STEPS_NEEDED, committed.get(STEPS_FILE)):
+        if row["run"] not in wanted:
+            continue
+        step = _parse(steps_path, line, "step", row["step"], int)
         steps_by_run.setdefault(row["run"], []).append(
             StepRecord(
-                step=int(row["step"]),
-                loss=_float_or_nan(row["loss"]),
-                grad_norm=_float_or_nan(row["grad_norm"]),
-                clip_coef=_float_or_nan(row["clip_coef"]),
-                layers=tuple(layers_by_step.get((row["run"], int(row["step"])), ())),
-                lr=_float_or_nan(row.get("lr", "")),
+                step=step,
+                loss=_parse(steps_path, line, "loss", row["loss"], _float_or_nan),
+                grad_norm=_parse(steps_path, line, "grad_norm", row["grad_norm"], _float_or_nan),
+                clip_coef=_parse(steps_path, line, "clip_coef", row["clip_coef"], _float_or_nan),
+                layers=tuple(layers_by_step.get((row["run"], step), ())),
+                lr=_parse(steps_path, line, "lr", row.get("lr", ""), _float_or_nan),
                 skipped=row.get("skipped", "") == "1",
-                sites=tuple(sites_by_step.get((row["run"], int(row["step"])), ())),
+                sites=tuple(sites_by_step.get((row["run"], step), ())),
             )
         )
-    by_run = {row["run"]: row for row in summary_rows}
+    by_run = {row["run"]: (line, row) for line, row in summary_rows}
     # A cell names its lr and seed only when the sweep varies them (see SweepConfig.cells).
     lr_varies = len(saved.get("lrs") or ()) > 1
     seed_varies = len(saved.get("seeds") or ()) > 1
     loaded: dict[str, RunResult] = {}
     for run in finished:
-        row = by_run.get(run)
-        if row is None:  # not in the reports: it simply runs again
+        if run not in by_run:  # not in the reports: it simply runs again
             continue
-        lr = _float_or_none(row.get("lr", ""))
-        seed = _int_or_none(row.get("seed", ""))
-        cell = Cell(
-            _float_or_none(row["max_norm"]),
-            float(row["norm_type"]),
-            lr=lr if lr_varies else None,
-            seed=seed if seed_varies else None,
-        )
-        loaded[run] = RunResult(
-            cell=cell,
-            status=row["status"],
-            steps=steps_by_run.get(run, []),
-            nan_step=_int_or_none(row["nan_step"]),
-            nan_source=row["nan_source"] or None,
-            nan_param=row["nan_param"] or None,
-            nan_micro_batch=_int_or_none(row.get("nan_micro_batch", "")),
-            diverged_step=_int_or_none(row["diverged_step"]),
-            seconds=_float_or_none(row["seconds"]) or 0.0,
-            error=row["error"] or None,
-            lr=lr,
-            seed=seed,
-            name=run if run != cell.run else None,
-        )
+        line, row = by_run[run]
+        loaded[run] = _summary_result(summary_path, line, row, steps_by_run.get(run, []), lr_varies, seed_varies)
     return loaded
 
 
-def _read_csv_rows(path: Path) -> list[dict[str, str]]:
-    """Every cell as the exact text written (no type inference, no NA guessing)."""
+def _summary_result(
+    path: Path, line: int, row: dict[str, str], steps: list[StepRecord], lr_varies: bool, seed_varies: bool
+) -> RunResult:
+    from gradcheck_cli.results import CONTROL_RUN, SOURCE_BACKWARD, SOURCE_FORWARD, STATUSES
+
+    lr = _parse(path, line, "lr", row.get("lr", ""), _float_or_none)
+    seed = _parse(path, line, "seed", row.get("seed", ""), _int_or_none)
+    cell = Cell(
+        _parse(path, line, "max_norm", row["max_norm"], _float_or_none),
+        _parse(path, line, "norm_type", row["norm_type"], float),
+        lr=lr if lr_varies else None,
+        seed=seed if seed_varies else None,
+    )
+    looks_like_a_cell = row["run"].startswith(("clip_", CONTROL_RUN))
+    if cell.run != row["run"] and looks_like_a_cell:  # a name of its own (``monitor``) is not checked
+        raise _Corrupt(path, f"line {line}: run {row['run']!r} has max_norm {row['max_norm']!r} and norm_type {row['norm_type']!r}, which name run {cell.run!r}")
+    if row["status"] not in STATUSES:
+        raise _Corrupt(path, f"line {line}: unknown status {row['status']!r} (expected one of {', '.join(STATUSES)})")
+    if row["nan_source"] not in ("", SOURCE_FORWARD, SOURCE_BACKWARD):
+        raise _Corrupt(path, f"line {line}: unknown nan_source {row['nan_source']!r} (expected {SOURCE_FORWARD} or {SOURCE_BACKWARD})")
+    warnings = row.get("warnings", "")
+    return RunResult(
+        cell=cell,
+        status=row["status"],
+        steps=steps,
+        nan_step=_parse(path, line, "nan_step", row["nan_step"], _int_or_none),
+        nan_source=row["nan_source"] or None,
+        nan_param=row["nan_param"] or None,
+        nan_micro_batch=_parse(path, line, "nan_micro_batch", row.get("nan_micro_batch", ""), _int_or_none),
+        diverged_step=_parse(path, line, "diverged_step", row["diverged_step"], _int_or_none),
+        seconds=_parse(path, line, "seconds", row["seconds"], _float_or_none) or 0.0,
+        error=row["error"] or None,
+        lr=lr,
+        seed=seed,
+        name=row["run"] if row["run"] != cell.run else None,
+        warnings=tuple(w for w in warnings.split(";") if w),
+    )
+
+
+def _parse(path: Path, line: int, column: str, text: str, kind):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise _Corrupt(path, f"line {line}: {column} {text!r} is not a valid number") from None
+
+
+def _read_csv_rows(path: Path, needed: list[str], committed: int | None = None) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` pairs, every cell as the exact text written (no type inference,
+    no NA guessing). With ``committed``, only that many bytes of the file are read."""
+    import io
+
     import pandas as pd
 
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        with open(path, "rb") as f:
+            data = f.read() if committed is None else f.read(committed)
     except FileNotFoundError:
-        raise UsageError(
-            f"cannot resume: {path} is missing although the manifest lists finished runs",
-            "drop --resume to start over, or use a new --out directory",
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot resume: {path} is unreadable ({exc})", "drop --resume to start over, or use a new --out directory") from None
-    return frame.to_dict("records")
+        raise UsageError(f"cannot resume: {path} is missing although the manifest lists finished runs", _START_OVER) from None
+    except OSError as exc:
+        raise _Corrupt(path, f"unreadable ({exc.strerror or exc})") from None
+    if committed is not None and len(data) < committed:
+        raise _Corrupt(path, f"the file has {len(data)} bytes but the manifest records {committed} committed bytes")
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, na_filter=False)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise _Corrupt(path, f"unreadable CSV ({str(exc).strip()})") from None
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise _Corrupt(path, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    # line 1 is the header; rows with embedded newlines make this approximate, which is fine for a message
+    return [(i + 2, row) for i, row in enumerate(frame.to_dict("records"))]
 
 
 def _float_or_none(text: str) -> float | None:

@@ -23,9 +23,9 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from gradcheck_cli.errors import UsageError
+from gradcheck_cli.errors import ReportWriteError, UsageError
 from gradcheck_cli.report import describe_result, format_number
-from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, RunResult, format_norm_type
+from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, RunResult, format_float, format_norm_type
 
 
 # Characters XML 1.0 forbids even when escaped (most C0 controls, e.g. the ESC of colour codes).
@@ -42,7 +42,7 @@ def _classname(suite_name: str) -> str:
 
 def _details(r: RunResult) -> str:
     row = r.summary_row()
-    max_norm = "none (unclipped)" if r.cell.max_norm is None else f"{r.cell.max_norm:g}"
+    max_norm = "none (unclipped)" if r.cell.max_norm is None else format_float(r.cell.max_norm)
     lr = format_number(r.lr) if r.lr is not None else "set by the script's optimizer"
     return (
         f"run: {r.run}\n"
@@ -90,7 +90,7 @@ def write_junit(path: str | os.PathLike, results: list[RunResult], suite_name: s
     """Write the JUnit XML report to ``path`` atomically (UTF-8, with an XML declaration).
 
     The parent directory is created if missing. Raises ``UsageError`` when ``path`` is a
-    directory or cannot be written.
+    directory and ``ReportWriteError`` (exit 5) when it cannot be written.
     """
     from gradcheck_cli.report.files import atomic_write_bytes
 
@@ -103,4 +103,4 @@ def write_junit(path: str | os.PathLike, results: list[RunResult], suite_name: s
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, data)
     except OSError as exc:
-        raise UsageError(f"cannot write --junit {str(target)!r}: {exc.strerror or exc}", "choose a path you can write to") from None
+        raise ReportWriteError(f"cannot write --junit {str(target)!r}: {exc.strerror or exc}", "choose a path you can write to") from None

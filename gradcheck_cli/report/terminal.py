@@ -22,6 +22,7 @@ from gradcheck_cli.results import (
     NON_FINITE,
     STABLE,
     RunResult,
+    format_float,
     format_norm_type,
     histogram_counts,
 )
@@ -274,7 +275,7 @@ def _setting(r: RunResult) -> str:
 
 
 def _cell_setting(cell) -> str:
-    text = f"max_norm={cell.max_norm:g} norm_type={format_norm_type(cell.norm_type)}"
+    text = f"max_norm={format_float(cell.max_norm)} norm_type={format_norm_type(cell.norm_type)}"
     return text + (f" lr={format_number(cell.lr)}" if cell.lr is not None else "")
 
 
@@ -393,20 +394,32 @@ def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-def error_panels(results: list[RunResult]) -> list[Panel]:
-    """One panel per errored run with its trimmed traceback (or the error line if none)."""
-    panels = []
+def error_blocks(results: list[RunResult]) -> list[tuple[str, str]]:
+    """``(title, body)`` for each errored run: its trimmed traceback, and the error's
+    explanation when the traceback does not already end with it (a broken contract, such as
+    an empty ``batches()``, has only the line where the function is defined)."""
+    blocks = []
     for r in results:
         if r.status != ERROR:
             continue
-        body = r.error_traceback or r.error or "no details recorded"
+        body = (r.error_traceback or "").rstrip()
+        if r.error and not body.endswith(r.error):
+            body = f"{body}\n{r.error}" if body else r.error
         where = f" after {_steps(len(r.steps))}" if r.steps else ""
-        panels.append(
-            Panel(
-                Text(body.rstrip()),
-                title=Text(f"{r.run}: error{where}"),
-                title_align="left",
-                border_style=STATUS_STYLES[ERROR],
-            )
-        )
-    return panels
+        blocks.append((f"{r.run}: error{where}", body or "no details recorded"))
+    return blocks
+
+
+def error_panels(results: list[RunResult]) -> list[Panel]:
+    """One panel per errored run (``error_blocks``)."""
+    return [
+        Panel(Text(body), title=Text(title), title_align="left", border_style=STATUS_STYLES[ERROR])
+        for title, body in error_blocks(results)
+    ]
+
+
+def warning_lines(results: list[RunResult]) -> list[str]:
+    """One line per warning of each run, in words: ``warning: clip_1_2: the loss never changed: ...``."""
+    from gradcheck_cli.detect import explain_warning
+
+    return [f"warning: {r.run}: {explain_warning(code)}" for r in results for code in r.warnings]
