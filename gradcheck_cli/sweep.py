@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from gradcheck_cli.analysis import annotate_spike
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.loader import Experiment
@@ -103,7 +104,9 @@ def run_sweep(
         if optimizer_failure is not None:
             result = error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=seed)
         else:
-            result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
+            result = annotate_spike(
+                run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step), config.spike_factor
+            )
         results.append(result)
         if on_run_done is not None:
             on_run_done(index, total, result)

@@ -124,14 +124,26 @@ def test_sweep_steps_csv_is_exact(nan_sweep):
 
 def test_sweep_histograms_count_every_finite_norm(nan_sweep):
     _, out = nan_sweep
-    hist = pd.read_csv(out / "histograms.csv")
+    hist = pd.read_csv(out / "histograms.csv", dtype={"norm_type": str})
     steps = pd.read_csv(out / "steps.csv")
-    edges = sorted(set(hist["bin_left"]) | set(hist["bin_right"]))
-    for run, rows in hist.groupby("run"):
-        assert rows["count"].sum() == steps[(steps["run"] == run)]["grad_norm"].notna().sum()
-        assert list(rows["bin_left"]) == edges[:-1] and list(rows["bin_right"]) == edges[1:]
-    ratios = [b / a for a, b in zip(edges[:-1], edges[1:]) if a > 0]
-    assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # log-spaced
+    summary = pd.read_csv(out / "summary.csv", dtype={"norm_type": str})
+    control = pd.read_csv(out / "control_norms.csv", dtype={"norm_type": str})
+    own = dict(zip(summary["run"], summary["norm_type"]))
+    assert set(hist["norm_type"]) == {"2", "inf"}
+    for norm_type, per_type in hist.groupby("norm_type"):
+        # bins are shared by the runs of one norm type only: L2 and inf never share an axis
+        edges = sorted(set(per_type["bin_left"]) | set(per_type["bin_right"]))
+        for run, rows in per_type.groupby("run"):
+            if own[run] == norm_type:
+                expected = steps[steps["run"] == run]["grad_norm"].notna().sum()
+            else:  # the control run, in the grid's other norm type
+                assert run == "unclipped"
+                expected = control[(control["run"] == run) & (control["norm_type"] == norm_type)]["grad_norm"].notna().sum()
+            assert rows["count"].sum() == expected
+            assert list(rows["bin_left"]) == edges[:-1] and list(rows["bin_right"]) == edges[1:]
+        ratios = [b / a for a, b in zip(edges[:-1], edges[1:]) if a > 0]
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # log-spaced
+    assert set(hist[hist["run"] == "unclipped"]["norm_type"]) == {"2", "inf"}
 
 
 def test_sweep_fail_on_nan_exits_1(tmp_path):
@@ -476,7 +488,8 @@ def test_nothing_is_written_outside_out(tmp_path):
     assert sorted(p.name for p in user.iterdir()) == ["data_helper.py", "stable_linear.py"]
     assert list(work.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "gradclip-sweep.json", "histograms.csv", "layers.csv", "steps.csv", "summary.csv"]
+        "control_norms.csv", "gradclip-sweep.json", "histograms.csv", "layers.csv", "recommendation.json", "report.html",
+        "steps.csv", "summary.csv"]
 
 
 def test_a_bug_in_gradclip_exits_4_without_traceback(tmp_path, monkeypatch):

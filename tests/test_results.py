@@ -78,4 +78,4 @@ def test_frames_have_the_documented_columns():
     assert list(summary_frame(results).columns) == SUMMARY_COLUMNS
     assert list(steps_frame(results).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
     hist = histogram_frame(results, shared_log_bins(results))
-    assert list(hist.columns) == ["run", "bin_left", "bin_right", "count"] and hist["count"].sum() == 2
+    assert list(hist.columns) == ["run", "norm_type", "bin_left", "bin_right", "count"] and hist["count"].sum() == 2

@@ -7,11 +7,16 @@ Files (all in ``out_dir``; nothing is ever written anywhere else):
 ``steps.csv``              one row per optimizer step of every run (``results.STEP_COLUMNS``)
 ``layers.csv``             one row per (run, step, layer group): pre-clip per-layer norms
                            (``results.LAYER_COLUMNS``)
-``histograms.csv``         each run's pre-clip norm counts on the sweep's shared log-spaced bins
-                           (``results.HISTOGRAM_COLUMNS``)
+``control_norms.csv``      one row per (control run, step, norm type): the control's pre-clip
+                           total norm in every norm type of the grid
+                           (``results.CONTROL_NORM_COLUMNS``)
+``histograms.csv``         each run's pre-clip norm counts on log-spaced bins shared per norm
+                           type (``results.HISTOGRAM_COLUMNS``)
 ``clip_sites.csv``         one row per (run, step, ``clip`` call) of ``train_step`` scripts
                            (``results.SITE_COLUMNS``); only when there are such rows (a stale
                            one from an earlier sweep in the same directory is removed)
+``recommendation.json``    ``analysis.recommend``'s verdict with its evidence
+``report.html``            the visual report (``report/html.py``)
 ``gradclip-sweep.json``    the resume manifest: the sweep's fingerprint and its finished runs
 =========================  =====================================================================
 
@@ -44,6 +49,7 @@ from gradcheck_cli.results import (
     Cell,
     RunResult,
     StepRecord,
+    control_norms_frame,
     histogram_frame,
     layers_frame,
     sites_frame,
@@ -56,6 +62,9 @@ STEPS_FILE = "steps.csv"
 LAYERS_FILE = "layers.csv"
 HISTOGRAMS_FILE = "histograms.csv"
 SITES_FILE = "clip_sites.csv"
+CONTROL_NORMS_FILE = "control_norms.csv"
+RECOMMENDATION_FILE = "recommendation.json"
+HTML_FILE = "report.html"
 MANIFEST_FILE = "gradclip-sweep.json"
 MANIFEST_FORMAT = 1
 
@@ -64,6 +73,7 @@ MANIFEST_FORMAT = 1
 _INT_COLUMNS = {
     "nan_step",
     "diverged_step",
+    "spike_step",
     "steps",
     "step",
     "count",
@@ -87,6 +97,9 @@ _OPTION_NAMES = {
     "amp": "--amp",
     "accumulate": "--accumulate",
     "amp_init_scale": "--amp-init-scale",
+    "layer_depth": "--layer-depth",
+    "spike_factor": "--spike-factor",
+    "refine": "--refine",
 }
 
 
@@ -125,7 +138,8 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 
 def _remove_stale_temp_files(out: Path) -> None:
     """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``); only ours."""
-    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, HISTOGRAMS_FILE, SITES_FILE, MANIFEST_FILE):
+    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, CONTROL_NORMS_FILE, HISTOGRAMS_FILE, SITES_FILE, MANIFEST_FILE,
+                 RECOMMENDATION_FILE, HTML_FILE):
         for stale in out.glob(f".{name}.*.tmp"):
             try:
                 stale.unlink()
@@ -195,20 +209,28 @@ def _csv_bytes(frame) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges: list[float]) -> None:
-    """Write ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv`` and ``clip_sites.csv`` for ``results`` (all runs
-    finished so far, in sweep order), each atomically. ``edges`` are the shared histogram bins
-    (``results.shared_log_bins(results)``)."""
+def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges) -> None:
+    """Write ``summary.csv``, ``steps.csv``, ``layers.csv``, ``control_norms.csv``,
+    ``histograms.csv`` and ``clip_sites.csv`` for ``results`` (all runs finished so far, in
+    sweep order), each atomically. ``edges`` are the histogram bins: per norm type
+    (``results.log_bins_by_norm_type(results)``) or one shared list."""
     out = Path(out_dir)
     atomic_write_bytes(out / SUMMARY_FILE, _csv_bytes(summary_frame(results)))
     atomic_write_bytes(out / STEPS_FILE, _csv_bytes(steps_frame(results)))
     atomic_write_bytes(out / LAYERS_FILE, _csv_bytes(layers_frame(results)))
+    atomic_write_bytes(out / CONTROL_NORMS_FILE, _csv_bytes(control_norms_frame(results)))
     atomic_write_bytes(out / HISTOGRAMS_FILE, _csv_bytes(histogram_frame(results, edges)))
     sites = sites_frame(results)
     if len(sites):
         atomic_write_bytes(out / SITES_FILE, _csv_bytes(sites))
     elif (out / SITES_FILE).exists():
         (out / SITES_FILE).unlink()
+
+
+def write_recommendation(out_dir: str | os.PathLike, recommendation: dict) -> None:
+    """``recommendation.json`` (``analysis.Recommendation.as_json()``), strict JSON, atomically."""
+    text = json.dumps(recommendation, indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(out_dir) / RECOMMENDATION_FILE, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,83 +314,140 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
         raise UsageError(f"cannot resume in {str(out)!r}: the options differ from the saved sweep: " + "; ".join(diffs), _RESUME_HINT)
     if not finished:
         return {}
-    summary_rows = _read_csv_rows(out / SUMMARY_FILE)
-    step_rows = _read_csv_rows(out / STEPS_FILE)
+    try:
+        results = read_results(
+            out,
+            missing_hint="drop --resume to start over, or use a new --out directory",
+            lr_varies=len(saved.get("lrs") or ()) > 1,
+            seed_varies=len(saved.get("seeds") or ()) > 1,
+        )
+    except UsageError as err:
+        raise UsageError(f"cannot resume: {err.message} although the manifest lists finished runs", err.hint) from None
+    by_run = {r.run: r for r in results}
+    # A run the manifest lists but the reports lack simply runs again.
+    return {run: by_run[run] for run in finished if run in by_run}
+
+
+def read_results(
+    out_dir: str | os.PathLike,
+    missing_hint: str | None = None,
+    lr_varies: bool | None = None,
+    seed_varies: bool | None = None,
+) -> list[RunResult]:
+    """Every run in ``out_dir``'s reports, in ``summary.csv``'s order, rebuilt exactly from
+    ``summary.csv``, ``steps.csv`` and, when present, ``layers.csv`` and ``control_norms.csv``
+    (reports of older versions, or of a single monitored run, may lack the optional files and
+    columns: they come back empty).
+
+    Floats are parsed with ``float()`` from their round-trip text, blanks become ``None``
+    (summary fields) or NaN (step numbers). ``error_traceback`` is not kept in the CSV files
+    and comes back as ``None``. Raises ``UsageError`` when ``summary.csv`` is missing or a file
+    is unreadable."""
+    out = Path(out_dir)
+    hint = missing_hint or f"point at a directory written by gradclip sweep --out (it holds {SUMMARY_FILE})"
+    summary_rows = _read_csv_rows(out / SUMMARY_FILE, hint)
+    step_rows = _read_csv_rows(out / STEPS_FILE, hint) if (out / STEPS_FILE).exists() or missing_hint else []
     layers_by_step: dict[tuple[str, int], list[tuple[str, float]]] = {}
     if (out / LAYERS_FILE).exists():  # reports of gradclip 0.1 have none
-        for row in _read_csv_rows(out / LAYERS_FILE):
+        for row in _read_csv_rows(out / LAYERS_FILE, hint):
             layers_by_step.setdefault((row["run"], int(row["step"])), []).append(
                 (row["param"], _float_or_nan(row["grad_norm"]))
             )
     sites_by_step: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
     if (out / SITES_FILE).exists():  # older reports have none
-        for row in _read_csv_rows(out / SITES_FILE):
+        for row in _read_csv_rows(out / SITES_FILE, hint):
             sites_by_step.setdefault((row["run"], int(row["step"])), []).append(
                 (row["site"], _float_or_nan(row["grad_norm"]), _float_or_nan(row["clip_coef"]))
             )
+    norms_by_step: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    if (out / CONTROL_NORMS_FILE).exists():
+        for row in _read_csv_rows(out / CONTROL_NORMS_FILE, hint):
+            norms_by_step.setdefault((row["run"], int(row["step"])), []).append(
+                (float(row["norm_type"]), _float_or_nan(row["grad_norm"]))
+            )
     steps_by_run: dict[str, list[StepRecord]] = {}
     for row in step_rows:
+        key = (row["run"], int(row["step"]))
         steps_by_run.setdefault(row["run"], []).append(
             StepRecord(
                 step=int(row["step"]),
                 loss=_float_or_nan(row["loss"]),
                 grad_norm=_float_or_nan(row["grad_norm"]),
                 clip_coef=_float_or_nan(row["clip_coef"]),
-                layers=tuple(layers_by_step.get((row["run"], int(row["step"])), ())),
+                layers=tuple(layers_by_step.get(key, ())),
                 lr=_float_or_nan(row.get("lr", "")),
                 skipped=row.get("skipped", "") == "1",
-                sites=tuple(sites_by_step.get((row["run"], int(row["step"])), ())),
+                sites=tuple(sites_by_step.get(key, ())),
+                norms=tuple(norms_by_step.get(key, ())),
             )
         )
-    by_run = {row["run"]: row for row in summary_rows}
-    # A cell names its lr and seed only when the sweep varies them (see SweepConfig.cells).
-    lr_varies = len(saved.get("lrs") or ()) > 1
-    seed_varies = len(saved.get("seeds") or ()) > 1
-    loaded: dict[str, RunResult] = {}
-    for run in finished:
-        row = by_run.get(run)
-        if row is None:  # not in the reports: it simply runs again
-            continue
-        lr = _float_or_none(row.get("lr", ""))
-        seed = _int_or_none(row.get("seed", ""))
-        cell = Cell(
-            _float_or_none(row["max_norm"]),
-            float(row["norm_type"]),
-            lr=lr if lr_varies else None,
-            seed=seed if seed_varies else None,
-        )
-        loaded[run] = RunResult(
-            cell=cell,
-            status=row["status"],
-            steps=steps_by_run.get(run, []),
-            nan_step=_int_or_none(row["nan_step"]),
-            nan_source=row["nan_source"] or None,
-            nan_param=row["nan_param"] or None,
-            nan_micro_batch=_int_or_none(row.get("nan_micro_batch", "")),
-            diverged_step=_int_or_none(row["diverged_step"]),
-            seconds=_float_or_none(row["seconds"]) or 0.0,
-            error=row["error"] or None,
-            lr=lr,
-            seed=seed,
-            name=run if run != cell.run else None,
-        )
-    return loaded
+    # A cell names its lr and seed only when the sweep varies them (see SweepConfig.cells); without
+    # the manifest's word for it, an axis varies when the summary holds several of its values.
+    if lr_varies is None:
+        lr_varies = len({row.get("lr", "") for row in summary_rows} - {""}) > 1
+    if seed_varies is None:
+        seed_varies = len({row.get("seed", "") for row in summary_rows} - {""}) > 1
+    results = []
+    try:
+        for row in summary_rows:
+            run = row["run"]
+            lr = _float_or_none(row.get("lr", ""))
+            seed = _int_or_none(row.get("seed", ""))
+            cell = Cell(
+                _float_or_none(row.get("max_norm", "")),
+                float(row.get("norm_type") or 2.0),
+                lr=lr if lr_varies else None,
+                seed=seed if seed_varies else None,
+            )
+            results.append(
+                RunResult(
+                    cell=cell,
+                    status=row["status"],
+                    steps=steps_by_run.get(run, []),
+                    nan_step=_int_or_none(row.get("nan_step", "")),
+                    nan_source=row.get("nan_source") or None,
+                    nan_param=row.get("nan_param") or None,
+                    nan_micro_batch=_int_or_none(row.get("nan_micro_batch", "")),
+                    diverged_step=_int_or_none(row.get("diverged_step", "")),
+                    seconds=_float_or_none(row.get("seconds", "")) or 0.0,
+                    error=row.get("error") or None,
+                    lr=lr,
+                    seed=seed,
+                    divergence_checked=_bool_or_none(row.get("divergence_checked", "")),
+                    spike_step=_int_or_none(row.get("spike_step", "")),
+                    spike_param=row.get("spike_param") or None,
+                    eval_metric=_float_or_none(row.get("eval_metric", "")),
+                    eval_higher_is_better=_bool_or_none(row.get("eval_higher_is_better", "")),
+                    refined=_bool_or_none(row.get("refined", "")) or False,
+                    name=run if run != cell.run else None,  # another producer's name (a monitored run)
+                )
+            )
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"{out / SUMMARY_FILE} is not a gradclip summary ({type(exc).__name__}: {exc})", hint) from None
+    return results
 
 
-def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+def _read_csv_rows(path: Path, hint: str) -> list[dict[str, str]]:
     """Every cell as the exact text written (no type inference, no NA guessing)."""
     import pandas as pd
 
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except FileNotFoundError:
-        raise UsageError(
-            f"cannot resume: {path} is missing although the manifest lists finished runs",
-            "drop --resume to start over, or use a new --out directory",
-        ) from None
+        raise UsageError(f"{path} is missing", hint) from None
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"{path} is empty", hint) from None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot resume: {path} is unreadable ({exc})", "drop --resume to start over, or use a new --out directory") from None
+        raise UsageError(f"{path} is unreadable ({exc})", hint) from None
     return frame.to_dict("records")
+
+
+def _bool_or_none(text: str) -> bool | None:
+    if text in ("True", "true", "1"):
+        return True
+    if text in ("False", "false", "0"):
+        return False
+    return None
 
 
 def _float_or_none(text: str) -> float | None:
