@@ -394,9 +394,11 @@ def _print_results(results: list, json_out: bool, recommendation=None) -> None:
 def report(
     directory: Path = typer.Argument(..., help="An --out directory written by gradclip sweep (or a monitor).", show_default=False),
     json_out: bool = _JSON,
+    spike_factor: Optional[float] = _SPIKE_FACTOR,
 ) -> None:
     """Read the CSV files in DIRECTORY (after a resume, or from a CI artifact) and re-render the summary table, the
-    verdict, recommendation.json and report.html there. Exit 2 when DIRECTORY is not a gradclip output."""
+    verdict, recommendation.json and report.html there; spikes are found again from layers.csv (give the sweep's
+    --spike-factor if it was not the default). Exit 2 when DIRECTORY is not a gradclip output."""
     from gradcheck_cli.errors import UsageError
     from gradcheck_cli.report import files
 
@@ -407,9 +409,16 @@ def report(
             f"{str(directory)!r} is not a gradclip output: it has no {files.SUMMARY_FILE}",
             "give the --out directory of a gradclip sweep, e.g. gradclip report gradclip-report",
         )
+    from gradcheck_cli.analysis import DEFAULT_SPIKE_FACTOR, annotate_spike
+    from gradcheck_cli.config import check_spike_factor
+
+    factor = check_spike_factor(spike_factor) if spike_factor is not None else DEFAULT_SPIKE_FACTOR
     results = files.read_results(directory)
     if not results:
         raise UsageError(f"{directory / files.SUMMARY_FILE} holds no runs", "run gradclip sweep (or --resume it) first")
+    for r in results:  # the spike is re-derived from layers.csv (a monitor does not judge it)
+        if any(s.layers for s in r.steps):
+            annotate_spike(r, factor)
     try:
         recommendation = _write_derived(directory, results, title=directory.resolve().name)
     except OSError as exc:

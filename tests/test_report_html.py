@@ -149,3 +149,35 @@ def test_report_on_a_read_only_directory_is_a_usage_error(sweep_dir, tmp_path, m
     monkeypatch.setattr(files, "atomic_write_bytes", refuse)
     result = invoke("report", sweep_dir)
     assert result.exit_code == 2 and "cannot write the report" in result.output
+
+
+def test_report_on_a_real_monitored_loop(tmp_path):
+    """The monitor's own files (one run named ``monitor``, per-layer norms, no control norms)
+    render: the spike injected at step 6 is found by the report's analysis of those files."""
+    import torch
+
+    from gradcheck_cli.loader import load_experiment
+    from gradcheck_cli.monitor import GradMonitor
+
+    exp = load_experiment(SCRIPTS / "spike_at_step.py")
+    torch.manual_seed(0)
+    model = exp.build_model_fn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    out = tmp_path / "mon"
+    with GradMonitor(model, optimizer, out=out) as monitor:
+        for batch in list(exp.batches_fn())[:10]:
+            optimizer.zero_grad()
+            loss = exp.loss_fn(model, batch)
+            loss.backward()
+            monitor.record_loss(loss)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+    result = invoke("report", out)
+    assert result.exit_code == 0, result.output
+    assert_self_contained(out / "report.html")
+    # loss, norm, the map (the loop clips at max_norm 1), the layer heatmap (the monitored run is
+    # its own control), histogram
+    assert len(images(parse(out / "report.html"))) == 5
+    assert "monitor" in result.stdout
+    # the monitor does not judge spikes; the report finds the injected one in layers.csv
+    assert "<td>6</td><td>body.2.weight</td>" in (out / "report.html").read_text()  # spike step, spike param
