@@ -6,6 +6,9 @@ runs written the plain way (seed, build the model, SGD; per step: forward, backw
 took. Repetitions alternate between the two so that machine noise hits both alike; the medians
 are compared. Target: overhead (sweep / bare - 1) at most 10%.
 
+The sweep runs as ``gradclip sweep`` does: per-layer norms recorded every step (``--layer-depth
+auto``), the control run measuring every norm type of the grid, spikes located after each run.
+
     python benchmarks/sweep_overhead.py            # 5 repetitions
     python benchmarks/sweep_overhead.py --reps 3 --steps 50
 """
@@ -84,7 +87,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--samples", default=",".join(SAMPLES))
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps, {args.steps} steps, grid 0.1,1 x 2,inf + control")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps, {args.steps} steps, "
+        "grid 0.1,1 x 2,inf + control, per-layer norms on (layer depth auto)"
+    )
     for sample in args.samples.split(","):
         sweep_s, bare_s = measure(sample, args.reps, args.steps)
         overhead = sweep_s / bare_s - 1.0

@@ -231,7 +231,17 @@ _AMP_INIT_SCALE = typer.Option(
     None, "--amp-init-scale", help="Initial scale of the fp16 gradient scaler (default 65536, torch's)."
 )
 _DIVERGENCE = typer.Option(
-    None, "--divergence-factor", help="A run diverged when a finite loss exceeds this x the first step's loss (default 10)."
+    None,
+    "--divergence-factor",
+    help="A run diverged when a finite loss exceeds this x the first step's loss (default 10; inf turns the check off).",
+)
+_LAYER_DEPTH = typer.Option(
+    None,
+    "--layer-depth",
+    help="Per-layer norms grouped by module depth: auto (default: per parameter up to 64 tensors, else the deepest depth with at most 64 groups), param, or N.",
+)
+_SPIKE_FACTOR = typer.Option(
+    None, "--spike-factor", help="A layer's gradient spikes when its norm exceeds this x its running median (default 10)."
 )
 _DEVICE = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N.")
 _JUNIT = typer.Option(None, "--junit", help="Also write a JUnit XML report to this file (one test case per run).")
@@ -392,6 +402,11 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Skip runs already finished in --out by a sweep with the same options."),
     junit: Optional[Path] = _JUNIT,
     json_out: bool = _JSON,
+    layer_depth: Optional[str] = _LAYER_DEPTH,
+    spike_factor: Optional[float] = _SPIKE_FACTOR,
+    refine: Optional[int] = typer.Option(
+        None, "--refine", help="Up to this many extra runs per norm type, bisecting the stability boundary (default 0)."
+    ),
 ) -> None:
     """Run short training bursts unclipped and per max_norm x norm_type cell; report which clipping setting is stable.
 
@@ -414,6 +429,9 @@ def sweep(
             amp=amp,
             accumulate=accumulate,
             amp_init_scale=amp_init_scale,
+            layer_depth=layer_depth,
+            spike_factor=spike_factor,
+            refine=refine,
         ),
     )
     fail_on_nan = fail_on_nan or recipe_fail_nan
@@ -446,11 +464,13 @@ def _run_sweep_command(config, finished, fingerprint, out_dir, shown_out, junit,
     with guarded():
         with _user_output_to_stderr(json_out):
             experiment = load_experiment(config.script)
+        most = len(cells) + config.refine * len(config.norm_types)  # refined runs come after the grid
         if finished:
-            err.print(f"resuming: {len(finished)} of {len(cells)} runs already finished in {shown_out}", markup=False)
+            of = f"{len(cells)}" if not config.refine else f"up to {most}"
+            err.print(f"resuming: {len(finished)} of {of} runs already finished in {shown_out}", markup=False)
 
         with _run_progress() as progress:
-            runs_task = progress.add_task("runs", total=len(cells), completed=len(finished))
+            runs_task = progress.add_task("runs", total=most, completed=len(finished))
             steps_task = progress.add_task("steps", total=config.steps)
 
             def on_run_start(index, total, cell):
@@ -474,6 +494,19 @@ def _run_sweep_command(config, finished, fingerprint, out_dir, shown_out, junit,
                     results = run_sweep(
                         config, experiment, skip=finished, on_run_start=on_run_start, on_run_done=on_run_done, on_step=on_step
                     )
+                    if config.refine:
+                        from gradcheck_cli.refine import run_refinement
+
+                        results = run_refinement(
+                            config,
+                            experiment,
+                            results,
+                            skip=finished,
+                            on_run_start=lambda cell: on_run_start(0, 0, cell),
+                            on_run_done=lambda result: on_run_done(0, 0, result),
+                            on_step=on_step,
+                        )
+                        progress.update(runs_task, total=len(results), completed=len(results))
                 writer.flush()
             except KeyboardInterrupt as exc:
                 progress.stop()
@@ -497,16 +530,31 @@ def _run_sweep_command(config, finished, fingerprint, out_dir, shown_out, junit,
                 err.print(f"hint: {failure.hint}", markup=False, soft_wrap=True)
                 return int(ExitCode.REPORTS_NOT_WRITTEN)
 
-    _print_results(results, json_out)
+    try:
+        recommendation = _write_derived(out_dir, results, title=config.script.name)
+    except OSError as exc:
+        from gradcheck_cli.report.files import _write_error
+
+        failure = _write_error(Path(out_dir) / "report.html", exc)
+        _print_results(results, json_out)
+        err.print(f"error: {failure.message}", style="bold red", markup=False, soft_wrap=True)
+        err.print(f"hint: {failure.hint}", markup=False, soft_wrap=True)
+        return int(ExitCode.REPORTS_NOT_WRITTEN)
+    _print_results(results, json_out, recommendation)
     code = _exit_code(results, fail_on_nan, fail_on_divergence)
     code = _write_junit(junit, results, f"gradclip.{config.script.stem}", code)
-    err.print(f"reports written to {shown_out}/ (summary.csv, steps.csv, histograms.csv)", markup=False)
+    err.print(
+        f"reports written to {shown_out}/ (report.html, summary.csv, steps.csv, layers.csv, recommendation.json, ...)",
+        markup=False,
+    )
     return code
 
 
 def _in_cell_order(cells: list, results: list) -> list:
+    """The grid's runs in cell order, then the others (refined runs) in the order they ran."""
     by_run = {r.run: r for r in results}
-    return [by_run[c.run] for c in cells if c.run in by_run]
+    grid = {c.run for c in cells}
+    return [by_run[c.run] for c in cells if c.run in by_run] + [r for r in results if r.run not in grid]
 
 
 def _print_errors(results: list) -> None:
@@ -523,32 +571,81 @@ def _print_errors(results: list) -> None:
         err.print(f"--- {title} ---\n{body}", markup=False, soft_wrap=True)
 
 
-def _print_results(results: list, json_out: bool) -> None:
+def _write_derived(out_dir: Path, results: list, title: str):
+    """``recommendation.json`` and ``report.html``, both derived from the results alone."""
+    from gradcheck_cli.analysis import recommend
+    from gradcheck_cli.report import files
+    from gradcheck_cli.report.html import write_html
+
+    recommendation = recommend(results)
+    files.write_recommendation(out_dir, recommendation.as_json())
+    write_html(Path(out_dir) / files.HTML_FILE, results, recommendation, title=title)
+    return recommendation
+
+
+def _print_results(results: list, json_out: bool, recommendation=None) -> None:
     from gradcheck_cli.report.terminal import stability_map, summary_table, verdict_line, warning_lines
-    from gradcheck_cli.results import shared_log_bins
+    from gradcheck_cli.results import log_bins_by_norm_type
 
     err = _stderr_console()
     _print_errors(results)
+    lines = [verdict_line(results)] + ([recommendation.line()] if recommendation is not None else [])
     if json_out:
         from gradcheck_cli.report.jsonout import summary_json
 
         _to_stdout(lambda: sys.stdout.write(summary_json(results) + "\n"))
-        for line in warning_lines(results):
+        for line in warning_lines(results) + lines:
             err.print(line, markup=False, soft_wrap=True)
-        err.print(verdict_line(results), markup=False, soft_wrap=True)
         return
     out = _stdout_console()
 
     def write() -> None:
-        out.print(summary_table(results, shared_log_bins(results)))
+        out.print(summary_table(results, log_bins_by_norm_type(results)))
         grid = stability_map(results)
         if grid is not None:
             out.print(grid)
-        for line in warning_lines(results):  # the note under the table
+        for line in warning_lines(results) + lines:  # the note under the table, then the verdict
             out.print(line, markup=False, soft_wrap=True)
-        out.print(verdict_line(results), markup=False, soft_wrap=True)
 
     _to_stdout(write)
+
+
+@app.command(short_help="Re-render table, verdict and report.html from an --out dir.")
+@_exit_on_errors
+def report(
+    directory: Path = typer.Argument(..., help="An --out directory written by gradclip sweep (or a monitor).", show_default=False),
+    json_out: bool = _JSON,
+    spike_factor: Optional[float] = _SPIKE_FACTOR,
+) -> None:
+    """Read the CSV files in DIRECTORY (after a resume, or from a CI artifact) and re-render the summary table, the
+    verdict, recommendation.json and report.html there; spikes are found again from layers.csv (give the sweep's
+    --spike-factor if it was not the default). Exit 2 when DIRECTORY is not a gradclip output."""
+    from gradcheck_cli.errors import UsageError
+    from gradcheck_cli.report import files
+
+    if not directory.is_dir():
+        raise UsageError(f"{str(directory)!r} is not a directory", "give the --out directory of a gradclip sweep, e.g. gradclip report gradclip-report")
+    if not (directory / files.SUMMARY_FILE).is_file():
+        raise UsageError(
+            f"{str(directory)!r} is not a gradclip output: it has no {files.SUMMARY_FILE}",
+            "give the --out directory of a gradclip sweep, e.g. gradclip report gradclip-report",
+        )
+    from gradcheck_cli.analysis import DEFAULT_SPIKE_FACTOR, annotate_spike
+    from gradcheck_cli.config import check_spike_factor
+
+    factor = check_spike_factor(spike_factor) if spike_factor is not None else DEFAULT_SPIKE_FACTOR
+    results = files.read_results(directory)
+    if not results:
+        raise UsageError(f"{directory / files.SUMMARY_FILE} holds no runs", "run gradclip sweep (or --resume it) first")
+    for r in results:  # the spike is re-derived from layers.csv (a monitor does not judge it)
+        if any(s.layers for s in r.steps):
+            annotate_spike(r, factor)
+    try:
+        recommendation = _write_derived(directory, results, title=directory.resolve().name)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report into {str(directory)!r}: {exc.strerror or exc}", "copy the directory somewhere writable first") from None
+    _print_results(results, json_out, recommendation)
+    _stderr_console().print(f"report written to {directory / files.HTML_FILE}", markup=False)
 
 
 @app.command(short_help="CI gate: one run; exit 1 on NaN/inf or divergence.")

@@ -37,11 +37,14 @@ class SweepConfig:
     # keeps its lr. Given (even one value), it is an axis: every run at each lr, overriding
     # the lr of every param group of the script's optimizer too.
     lrs: tuple[float, ...] | None = None
-    divergence_factor: float = 10.0
+    divergence_factor: float = 10.0  # inf turns the divergence check off
     device: str = "cpu"
     amp: str = "off"
     accumulate: int = 1
     amp_init_scale: float = DEFAULT_AMP_INIT_SCALE
+    layer_depth: int | str | None = "auto"  # layers.py: "auto", None (per parameter) or a depth
+    spike_factor: float = 10.0  # analysis.find_spike: a jump above this x the running median
+    refine: int = 0  # extra bisection runs per norm type (refine.py)
 
     @classmethod
     def from_values(cls, values: dict, notes: list | None = None) -> "SweepConfig":
@@ -62,12 +65,15 @@ class SweepConfig:
             seeds=resolve_seeds(values.get("seed"), values.get("seeds")),
             lrs=parse_lrs(lrs) if lrs is not None else None,
             divergence_factor=check_positive(
-                values.get("divergence_factor", d["divergence_factor"].default), "--divergence-factor"
+                values.get("divergence_factor", d["divergence_factor"].default), "--divergence-factor", allow_inf=True
             ),
             device=check_device(values.get("device", d["device"].default)),
             amp=check_amp(values.get("amp", d["amp"].default)),
             accumulate=check_steps(values.get("accumulate", d["accumulate"].default), "--accumulate"),
             amp_init_scale=check_positive(values.get("amp_init_scale", d["amp_init_scale"].default), "--amp-init-scale"),
+            layer_depth=check_layer_depth(values.get("layer_depth", d["layer_depth"].default)),
+            spike_factor=check_spike_factor(values.get("spike_factor", d["spike_factor"].default)),
+            refine=check_refine(values.get("refine", d["refine"].default)),
         )
         config.check_run_names()
         return config
@@ -119,6 +125,8 @@ class SweepConfig:
         d["norm_types"] = [format_float(p) for p in self.norm_types]
         d["lrs"] = [float(x) for x in self.lrs] if self.lrs is not None else None
         d["seeds"] = [int(s) for s in self.seeds]
+        d["divergence_factor"] = format_float(self.divergence_factor) if math.isinf(self.divergence_factor) else self.divergence_factor
+        d["layer_depth"] = "param" if self.layer_depth is None else self.layer_depth
         return d
 
 
@@ -251,14 +259,43 @@ def check_seed(seed: int, option: str = "--seed") -> int:
     return seed
 
 
-def check_positive(value: float, option: str) -> float:
+def check_positive(value: float, option: str, allow_inf: bool = False) -> float:
+    """A positive finite number (``allow_inf``: ``inf`` too, e.g. to turn a check off)."""
     try:
         x = float(value)
     except (TypeError, ValueError):
         raise UsageError(f"{option} {value!r} is not a number", f"give a positive number for {option}") from None
+    if allow_inf and x == math.inf:
+        return x
     if not (x > 0) or not math.isfinite(x):
-        raise UsageError(f"{option} {value!r} must be a positive finite number", f"give a positive number for {option}")
+        off = f" (or inf to turn the check off)" if allow_inf else ""
+        raise UsageError(f"{option} {value!r} must be a positive finite number{off}", f"give a positive number for {option}{off}")
     return x
+
+
+def check_layer_depth(value, option: str = "--layer-depth") -> int | str | None:
+    """``auto``, ``param`` (one group per parameter) or a module depth >= 1 (see layers.py)."""
+    from gradcheck_cli.layers import parse_depth
+
+    try:
+        return parse_depth(value)
+    except ValueError:
+        raise UsageError(
+            f"{option} {value!r} is not a layer depth", f"use {option} auto, {option} param or a whole number from 1, e.g. {option} 2"
+        ) from None
+
+
+def check_spike_factor(value, option: str = "--spike-factor") -> float:
+    x = check_positive(value, option)
+    if x <= 1.0:
+        raise UsageError(f"{option} {value!r} must be above 1", f"a jump is a factor above the running median, e.g. {option} 10")
+    return x
+
+
+def check_refine(value, option: str = "--refine") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (0 <= value <= 20):
+        raise UsageError(f"{option} {value!r} must be a whole number from 0 to 20", f"e.g. {option} 3")
+    return value
 
 
 _DEVICE_FORM = re.compile(r"cpu|cuda|cuda:[0-9]+")

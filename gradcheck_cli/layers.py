@@ -105,8 +105,14 @@ class LayerGrouping:
         return hit
 
     def combine(self, names: tuple[str, ...], norms: Tensor, norm_type: float) -> tuple[tuple[str, ...], Tensor]:
-        """(group names, group norms in float64) from per-tensor ``norms`` named ``names``."""
+        """(group names, group norms) from per-tensor ``norms`` named ``names``: in float64, or
+        ``norms`` itself when every group is one parameter."""
         groups, index = self.groups(names, norms.device)
+        if len(groups) == len(names) and norm_type != 0:
+            # One group per parameter (the default for small models): each group's norm is its
+            # tensor's norm, with no scatter kernels to pay per step. (For p = 0 a group counts
+            # its nonzero members, which differs from a tensor's own count of nonzero elements.)
+            return groups, norms
         return groups, combine_grouped(norms, index, len(groups), norm_type)
 
 

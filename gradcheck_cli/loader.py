@@ -18,6 +18,10 @@ b, optimizers, clip)``           (several optimizers, alternating updates) and c
 ``build_scheduler(o)`` no        returns a ``torch.optim.lr_scheduler.LRScheduler`` for the
                                  optimizer; built afresh per run, stepped after every
                                  optimizer step taken
+``evaluate(model)``    no        returns a number (a held-out loss, a reward) computed at
+                                 the end of every stable run; runs are ranked by it
+``EVALUATE_HIGHER_     no        ``True`` when a higher ``evaluate`` is better (default:
+IS_BETTER``                      lower is better)
 =====================  ========  ==========================================================
 
 (*) exactly one of ``loss_fn`` and ``train_step``.
@@ -52,12 +56,21 @@ from typing import Any, Callable
 from gradcheck_cli.errors import UsageError, UserCodeError
 
 REQUIRED = ("build_model", "batches", "loss_fn")
-OPTIONAL = ("build_optimizer", "build_scheduler")
+OPTIONAL = ("build_optimizer", "build_scheduler", "evaluate")
+HIGHER_IS_BETTER = "EVALUATE_HIGHER_IS_BETTER"
 # ``train_step`` replaces ``loss_fn``: a script defines exactly one of the two.
 ALTERNATIVES = {"loss_fn": "train_step"}
 
 # How each contract function is called, for the signature check and the hint.
-_CALL_ARGS = {"build_model": 0, "batches": 0, "loss_fn": 2, "build_optimizer": 1, "build_scheduler": 1, "train_step": 4}
+_CALL_ARGS = {
+    "build_model": 0,
+    "batches": 0,
+    "loss_fn": 2,
+    "build_optimizer": 1,
+    "build_scheduler": 1,
+    "train_step": 4,
+    "evaluate": 1,
+}
 _EXAMPLES = {
     "build_model": "def build_model():\n    return torch.nn.Linear(4, 1)",
     "batches": "def batches():\n    return [(x, y)]  # any iterable of batches",
@@ -69,6 +82,7 @@ _EXAMPLES = {
         "    optimizers.zero_grad()\n    loss = model(batch).mean()\n    loss.backward()\n"
         "    clip(model.parameters())\n    optimizers.step()\n    return loss"
     ),
+    "evaluate": "def evaluate(model):\n    return float(held_out_loss(model))  # a number",
 }
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -218,6 +232,8 @@ class Experiment:
     build_scheduler_fn: Callable[[Any], Any] | None = None
     # ``train_step(model, batch, optimizers, clip)`` when the script defines it instead of loss_fn
     train_step_fn: Callable[..., Any] | None = None
+    evaluate_fn: Callable[[Any], Any] | None = None
+    evaluate_higher_is_better: bool = False
 
     @property
     def name(self) -> str:
@@ -312,6 +328,10 @@ def _check_contract(module: ModuleType, path: Path) -> None:
             }[n]
             problems.append(f"{name}{sig} must accept {want}")
             fixes.append(_EXAMPLES[name])
+    flag = getattr(module, HIGHER_IS_BETTER, False)
+    if not isinstance(flag, bool):
+        problems.append(f"{HIGHER_IS_BETTER} must be True or False (it is {type_name(flag)})")
+        fixes.append(f"{HIGHER_IS_BETTER} = True  # evaluate() is a reward: higher is better")
     if problems:
         listing = "; ".join(problems)
         raise UsageError(
@@ -398,4 +418,6 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         module=module,
         build_scheduler_fn=getattr(module, "build_scheduler", None),
         train_step_fn=getattr(module, "train_step", None),
+        evaluate_fn=getattr(module, "evaluate", None),
+        evaluate_higher_is_better=getattr(module, HIGHER_IS_BETTER, False),
     )

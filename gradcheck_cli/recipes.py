@@ -22,6 +22,9 @@ key                      type                                    sweep option
 ``amp``                  ``"off"``, ``"fp16"`` or ``"bf16"``     ``--amp``
 ``accumulate``           integer                                 ``--accumulate``
 ``amp_init_scale``       number                                  ``--amp-init-scale``
+``layer_depth``          ``"auto"``, ``"param"`` or integer      ``--layer-depth``
+``spike_factor``         number                                  ``--spike-factor``
+``refine``               integer                                 ``--refine``
 ``fail_on_nan``          boolean                                 ``--fail-on-nan``
 ``fail_on_divergence``   boolean                                 ``--fail-on-divergence``
 =======================  ======================================  ==================================
@@ -62,6 +65,9 @@ RECIPE_KEYS = {
     "amp": ("amp", 'a string, "off", "fp16" or "bf16"'),
     "accumulate": ("accumulate", "an integer"),
     "amp_init_scale": ("amp_init_scale", "a number"),
+    "layer_depth": ("layer_depth", 'a string ("auto" or "param") or an integer'),
+    "spike_factor": ("spike_factor", "a number"),
+    "refine": ("refine", "an integer"),
     "fail_on_nan": ("fail_on_nan", "a boolean (true or false)"),
     "fail_on_divergence": ("fail_on_divergence", "a boolean (true or false)"),
 }
@@ -248,9 +254,25 @@ def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
             if not _is_number(raw):
                 raise _type_error(file, key, raw)
             try:
-                out[field] = cfg.check_positive(raw, key)
+                out[field] = cfg.check_positive(raw, key, allow_inf=key == "divergence_factor")
             except UsageError as err:
                 raise _reraise(file, key, err, f"{key} = {10.0 if key == 'divergence_factor' else 65536.0}") from None
+        elif key == "layer_depth":
+            if not (isinstance(raw, str) or _is_int(raw)):
+                raise _type_error(file, key, raw)
+            try:
+                cfg.check_layer_depth(raw, option=key)
+                out[field] = raw  # parsed by SweepConfig.from_values, as the command line's text
+            except UsageError as err:
+                raise _reraise(file, key, err, 'layer_depth = "auto"') from None
+        elif key in ("spike_factor", "refine"):
+            if not (_is_int(raw) if key == "refine" else _is_number(raw)):
+                raise _type_error(file, key, raw)
+            try:
+                check = cfg.check_refine if key == "refine" else cfg.check_spike_factor
+                out[field] = check(raw, option=key)
+            except UsageError as err:
+                raise _reraise(file, key, err, f"{key} = {3 if key == 'refine' else 10}") from None
         else:  # fail_on_nan, fail_on_divergence
             if not isinstance(raw, bool):
                 raise _type_error(file, key, raw)

@@ -40,12 +40,20 @@ SUMMARY_COLUMNS = [
     "diverged_step",
     "skipped_steps",
     "first_skip",
+    "divergence_checked",
+    "spike_step",
+    "spike_param",
     "final_loss",
     "min_loss",
+    "smoothed_loss",
+    "smoothed_loss_sd",
+    "eval_metric",
+    "eval_higher_is_better",
     "grad_norm_p50",
     "grad_norm_p95",
     "grad_norm_max",
     "clipped_frac",
+    "refined",
     "steps",
     "seconds",
     "error",
@@ -55,7 +63,11 @@ STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped"
 # One row per (run, step, layer group): the group's pre-clip gradient norm in the run's norm type
 # (``layers.py`` says how parameters are grouped). ``param`` is a parameter or group name.
 LAYER_COLUMNS = ["run", "step", "param", "grad_norm"]
-HISTOGRAM_COLUMNS = ["run", "bin_left", "bin_right", "count"]
+# One row per (control run, step, norm type): the control's pre-clip total norm in every norm
+# type of the grid, so each clipped cell can be compared with the control on its own norm.
+CONTROL_NORM_COLUMNS = ["run", "step", "norm_type", "grad_norm"]
+# Bins are per norm type: an L2 norm and an inf norm never share an axis.
+HISTOGRAM_COLUMNS = ["run", "norm_type", "bin_left", "bin_right", "count"]
 # One row per (run, step, clip call site) of a ``train_step`` script: the pre-clip norm of the
 # parameters given to that ``clip(parameters, name=...)`` call and the coefficient applied.
 SITE_COLUMNS = ["run", "step", "site", "grad_norm", "clip_coef"]
@@ -142,6 +154,8 @@ class StepRecord:
     skipped: bool = False  # the fp16 gradient scaler skipped this step
     # (site, pre-clip norm, clip coefficient) per ``clip`` call of a ``train_step`` script
     sites: tuple[tuple[str, float, float], ...] = ()
+    # (norm_type, pre-clip total norm) in every norm type of the grid; the control run only.
+    norms: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass
@@ -161,6 +175,14 @@ class RunResult:
     error_traceback: str | None = None  # trimmed to the user's frames; terminal only, not CSV
     lr: float | None = None  # the lr the run started at when gradclip set it; None: the script's own
     seed: int | None = None  # the seed the run started from
+    # False when divergence could not be judged (first loss not positive, or the check turned
+    # off with --divergence-factor inf); None when no step was recorded.
+    divergence_checked: bool | None = None
+    spike_step: int | None = None  # analysis.find_spike: first step a layer's norm jumped
+    spike_param: str | None = None  # the layer (group) with the largest jump at spike_step
+    eval_metric: float | None = None  # the script's evaluate(model) at the end of a stable run
+    eval_higher_is_better: bool | None = None  # None when there is no eval_metric
+    refined: bool = False  # a --refine bisection run rather than a grid cell
     name: str | None = None  # run name when it is not the cell's (a monitored run: ``monitor``)
     # Degenerate-training codes (``detect.WARNING_TEXT`` explains each); not errors, not healthy.
     warnings: tuple[str, ...] = ()
@@ -181,11 +203,34 @@ class RunResult:
     def first_skip(self) -> int | None:
         return next((s.step for s in self.steps if s.skipped), None)
 
+    def norm_types(self) -> list[float]:
+        """Norm types this run measured: its own, then the control's extra ones."""
+        out = [self.cell.norm_type]
+        for s in self.steps:
+            for p, _ in s.norms:
+                if p not in out:
+                    out.append(p)
+        return out
+
+    def finite_norms_in(self, norm_type: float) -> list[float]:
+        """The run's finite pre-clip total norms in ``norm_type``: its own norm, or for the
+        control run any norm type of the grid; ``[]`` when the run did not measure it."""
+        if norm_type == self.cell.norm_type:
+            return self.finite_norms()
+        return [v for s in self.steps for p, v in s.norms if p == norm_type and math.isfinite(v)]
+
+    def stop_step(self) -> int | None:
+        """The step that stopped the run (non-finite onset or divergence), if any."""
+        return self.nan_step if self.nan_step is not None else self.diverged_step
+
     def summary_row(self) -> dict:
         """One row of ``summary.csv``; keys are exactly ``SUMMARY_COLUMNS``."""
         norms = sorted(self.finite_norms())
         finite_losses = [s.loss for s in self.steps if math.isfinite(s.loss)]
         coefs = [s.clip_coef for s in self.steps if not s.skipped and not math.isnan(s.clip_coef)]
+        from gradcheck_cli.analysis import smoothed_loss
+
+        smoothed = smoothed_loss(self)
         return {
             "run": self.run,
             "max_norm": self.cell.max_norm,
@@ -200,12 +245,20 @@ class RunResult:
             "diverged_step": self.diverged_step,
             "skipped_steps": self.skipped_steps,
             "first_skip": self.first_skip,
+            "divergence_checked": self.divergence_checked,
+            "spike_step": self.spike_step,
+            "spike_param": self.spike_param,
             "final_loss": self.steps[-1].loss if self.steps else None,
             "min_loss": min(finite_losses) if finite_losses else None,
+            "smoothed_loss": smoothed.mean if smoothed else None,
+            "smoothed_loss_sd": smoothed.sd if smoothed else None,
+            "eval_metric": self.eval_metric,
+            "eval_higher_is_better": self.eval_higher_is_better if self.eval_metric is not None else None,
             "grad_norm_p50": percentile(norms, 50),
             "grad_norm_p95": percentile(norms, 95),
             "grad_norm_max": norms[-1] if norms else None,
             "clipped_frac": (sum(c < 1.0 for c in coefs) / len(coefs)) if coefs else None,
+            "refined": self.refined,
             "steps": len(self.steps),
             "seconds": round(self.seconds, 4),
             "error": self.error,
@@ -226,6 +279,15 @@ class RunResult:
             {"run": self.run, "step": s.step, "site": site, "grad_norm": norm, "clip_coef": coef}
             for s in self.steps
             for site, norm, coef in s.sites
+        ]
+
+    def control_norm_rows(self) -> list[dict]:
+        """Rows of ``control_norms.csv``: one per (step, norm type) the run measured besides
+        its own norm (the control run measures every norm type of the grid)."""
+        return [
+            {"run": self.run, "step": s.step, "norm_type": format_norm_type(p), "grad_norm": v}
+            for s in self.steps
+            for p, v in s.norms
         ]
 
     def step_rows(self) -> list[dict]:
@@ -265,8 +327,9 @@ class NormRange:
     has_finite: bool
 
     @classmethod
-    def of(cls, result: "RunResult") -> "NormRange":
-        norms = result.finite_norms()
+    def of(cls, result: "RunResult", norm_type: float | None = None) -> "NormRange":
+        """The run's range in its own norm type, or in ``norm_type`` (``finite_norms_in``)."""
+        norms = result.finite_norms() if norm_type is None else result.finite_norms_in(norm_type)
         positive = [n for n in norms if n > 0]
         return cls(
             min(positive) if positive else None,
@@ -283,6 +346,26 @@ def shared_log_bins(results: list[RunResult], n_bins: int = 8) -> list[float]:
     that every finite norm falls in some bin. Returns ``[]`` when no run has a finite norm.
     """
     return log_bins([NormRange.of(r) for r in results], n_bins)
+
+
+def log_bins_by_norm_type(results: list[RunResult], n_bins: int = 8) -> dict[float, list[float]]:
+    """``shared_log_bins`` per norm type: bins spanning every run's finite norms in that norm
+    type (the control run's extra norms included), so L2 and inf norms never share an axis.
+    Norm types in order of first appearance; one without finite norms maps to ``[]``."""
+    return ranges_to_bins(norm_ranges_by_type(results), n_bins)
+
+
+def norm_ranges_by_type(results: list[RunResult]) -> dict[float, list[NormRange]]:
+    """Each norm type's ``NormRange`` of every run that has norms in it, in first-appearance order."""
+    by_type: dict[float, list[NormRange]] = {}
+    for r in results:
+        for p in r.norm_types():
+            by_type.setdefault(p, []).append(NormRange.of(r, p))
+    return by_type
+
+
+def ranges_to_bins(by_type: dict[float, list[NormRange]], n_bins: int = 8) -> dict[float, list[float]]:
+    return {p: log_bins(ranges, n_bins) for p, ranges in by_type.items()}
 
 
 def log_bins(ranges: list[NormRange], n_bins: int = 8) -> list[float]:
@@ -316,12 +399,17 @@ def log_bins(ranges: list[NormRange], n_bins: int = 8) -> list[float]:
     return edges
 
 
-def histogram_counts(result: RunResult, edges: list[float]) -> list[int]:
-    """Counts of the run's finite norms per bin; bins are [left, right), the last one closed."""
+def histogram_counts(result: RunResult, edges, norm_type: float | None = None) -> list[int]:
+    """Counts of the run's finite norms in ``norm_type`` (default: the run's own) per bin; bins
+    are [left, right), the last one closed. ``edges`` is a list of edges or the per-norm-type
+    dict of ``log_bins_by_norm_type``."""
+    p = result.cell.norm_type if norm_type is None else norm_type
+    if isinstance(edges, dict):
+        edges = edges.get(p, [])
     counts = [0] * max(len(edges) - 1, 0)
     if not counts:
         return counts
-    for n in result.finite_norms():
+    for n in result.finite_norms_in(p):
         i = _bin_index(n, edges)
         counts[i] += 1
     return counts
@@ -358,12 +446,24 @@ def sites_frame(results: list[RunResult]):
     return pd.DataFrame([row for r in results for row in r.site_rows()], columns=SITE_COLUMNS)
 
 
-def histogram_frame(results: list[RunResult], edges: list[float]):
+def control_norms_frame(results: list[RunResult]):
     import pandas as pd
 
-    rows = [
-        {"run": r.run, "bin_left": edges[i], "bin_right": edges[i + 1], "count": c}
-        for r in results
-        for i, c in enumerate(histogram_counts(r, edges))
-    ]
+    return pd.DataFrame([row for r in results for row in r.control_norm_rows()], columns=CONTROL_NORM_COLUMNS)
+
+
+def histogram_frame(results: list[RunResult], edges):
+    """One row per (run, norm type, bin). With per-norm-type ``edges`` (a dict) the control run
+    gets rows in every norm type it measured; with one list of edges, each run's own only."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        types = r.norm_types() if isinstance(edges, dict) else [r.cell.norm_type]
+        for p in types:
+            e = edges.get(p, []) if isinstance(edges, dict) else edges
+            for i, c in enumerate(histogram_counts(r, e, p)):
+                rows.append(
+                    {"run": r.run, "norm_type": format_norm_type(p), "bin_left": e[i], "bin_right": e[i + 1], "count": c}
+                )
     return pd.DataFrame(rows, columns=HISTOGRAM_COLUMNS)

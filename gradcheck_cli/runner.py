@@ -12,10 +12,14 @@ Per step (numbered from 1, ``config.steps`` optimizer steps):
    tensors, also inside tuples, lists and dicts, move to ``config.device``),
    ``loss = loss_fn(model, batch)`` under autocast (``--amp``), check it is a scalar tensor,
    and backward ``loss / accumulate`` (times the scale with fp16);
-2. with fp16, unscale the gradients; then the pre-clip total norm of the gradients in the
-   cell's norm type (``engine.get_total_norm``; the control run measures L2);
-3. **one host sync**: the micro-batch losses, the norm and the scaler's inf flag come to the
-   host together (``.tolist()`` once); the step's loss is the mean of the micro-batch losses;
+2. with fp16, unscale the gradients; then the pre-clip gradient norms in the cell's norm type
+   from one pass (``engine.measure_grad_norms``): the total and each tensor's norm; the
+   tensors' norms are combined into per-layer norms on the device (``layers.LayerGrouping``,
+   ``--layer-depth``). The control run measures L2 and, besides, the total in every other norm
+   type of the grid;
+3. **one host sync**: the micro-batch losses, the total, the control's extra totals, the
+   scaler's inf flag and the per-layer norms come to the host together (``_to_host``); the
+   step's loss is the mean of the micro-batch losses;
 4. judge, from those numbers only:
 
    * loss non-finite: status ``non_finite``, source ``forward`` (with accumulation,
@@ -36,8 +40,11 @@ Per step (numbered from 1, ``config.steps`` optimizer steps):
 5. clipped cells scale the gradients by ``min(max_norm / (norm + 1e-6), 1)``
    (``engine.clip_grads_with_norm_``); the control run never clips (its coefficient is 1.0);
 6. ``optimizer.step()``, the scaler's update (fp16), ``scheduler.step()``, and record
-   ``StepRecord(step, loss, grad_norm, clip_coef, lr=..., skipped=...)``; ``lr`` is the first
-   param group's learning rate used by this step.
+   ``StepRecord(step, loss, grad_norm, clip_coef, layers=..., lr=..., skipped=..., norms=...)``;
+   ``lr`` is the first param group's learning rate used by this step.
+
+After the last step of a stable run, the script's optional ``evaluate(model)`` is called once
+(``model.eval()``, ``torch.no_grad()``) and its number kept as ``eval_metric``.
 
 A step that stops the run is recorded too, with its loss; its ``grad_norm`` is NaN when the loss
 stopped it, and the non-finite norm when the gradients did; ``clip_coef`` is NaN in both cases.
@@ -66,12 +73,14 @@ from gradcheck_cli.config import DEFAULT_LR, SweepConfig
 from gradcheck_cli.detect import (
     FOREIGN_PARAMETERS,
     NO_MODEL_PARAMETERS,
+    can_judge_divergence,
     clip_coefficient,
     degenerate_training,
     first_index,
     is_diverged,
     is_non_finite,
 )
+from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
 from gradcheck_cli.results import (
@@ -342,6 +351,36 @@ def _step(experiment: Experiment, optimizer: torch.optim.Optimizer, lr: float) -
             f"the default SGD with --lr {lr!r} failed: {describe_exception(exc)}; "
             "choose a smaller --lr, or define build_optimizer(model) in the script"
         ) from exc
+def evaluate_model(experiment: Experiment, model: torch.nn.Module) -> float:
+    """The script's ``evaluate(model)`` as a float, in eval mode without gradients. Raises
+    ``UserFailure`` when it raises or returns something that is not a single number."""
+    fn = experiment.evaluate_fn
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = call_user(experiment, fn, model)
+    finally:
+        model.train()
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserFailure(
+            f"evaluate(model) must return a number, got {type_name(value)}", definition_site(fn, "evaluate")
+        ) from None
+
+
+def _to_host(scalars: list[torch.Tensor], vector: torch.Tensor, on_cpu: bool) -> list[float]:
+    """``scalars`` then ``vector``'s elements as Python floats (exact: float32 and float64 both
+    convert exactly). On an accelerator this is the step's one host sync: everything is stacked
+    on the device in float64 and copied over at once. On the CPU there is nothing to
+    synchronise, and reading each number directly saves the conversion kernels."""
+    if on_cpu:
+        return [t.item() for t in scalars] + vector.tolist()
+    device = scalars[0].device
+    parts = [t.to(device, torch.float64).reshape(1) for t in scalars] + [vector.to(device, torch.float64)]
+    return torch.cat(parts).tolist()
 
 
 def run_cell(
@@ -388,6 +427,11 @@ def run_cell(
         warnings = optimizer_warnings + degenerate_training(
             [r.loss for r in records], [r.grad_norm for r in records], cell.norm_type
         )
+        if records:
+            kw.setdefault(
+                "divergence_checked",
+                can_judge_divergence(records[0].loss) and math.isfinite(config.divergence_factor),
+            )
         return RunResult(
             cell=cell, status=status, steps=records, seconds=time.perf_counter() - start,
             warnings=tuple(warnings), **reported, **kw,
@@ -424,6 +468,11 @@ def run_cell(
         accumulate = config.accumulate
 
         params = list(model.parameters())
+        named = list(model.named_parameters())
+        grouping = LayerGrouping(config.layer_depth)
+        # The control run also measures the total in every norm type of the grid, so that each
+        # clipped cell can be compared with it on its own norm.
+        extra_types = [] if cell.clipped else list(dict.fromkeys(config.norm_types))
         # Gradients of parameters the optimizer does not hold must not pile up across steps
         # (they would inflate the measured norm); zero them too, but only when there are any.
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -460,6 +509,9 @@ def run_cell(
             step_lr = current_lr(optimizer)
 
             found_inf = None
+            inf_flag = 0.0
+            layers: tuple = ()
+            extra: tuple = ()
             if backward_error is None:
                 try:
                     precision.unscale_(optimizer)
@@ -468,14 +520,24 @@ def run_cell(
                         f"--amp fp16 cannot unscale this model's gradients ({describe_exception(exc)}); "
                         "keep the model's parameters in float32: autocast lowers the precision of the forward itself"
                     ) from exc
-                grads = [p.grad for p in params if p.grad is not None]
-                norm = engine.get_total_norm(grads, cell.norm_type)
+                measured = engine.measure_grad_norms(named, cell.norm_type)
+                norm = measured.total_norm
+                groups, group_norms = grouping.combine(measured.names, measured.norms, cell.norm_type)
                 found_inf = precision.found_inf(optimizer)
-                host = losses[0].device
-                parts = [*losses, norm.detach()] + ([found_inf] if found_inf is not None else [])
-                # The one host sync of the step: losses, pre-clip norm (and inf flag) together.
-                values = torch.stack([t.to(host, torch.float64) for t in parts]).tolist()
-                loss_values, norm_f = values[: len(losses)], values[len(losses)]
+                scalars = [*losses, norm]
+                if extra_types:
+                    grads = [p.grad for p in params if p.grad is not None]
+                    scalars += [norm if q == cell.norm_type else engine.get_total_norm(grads, q) for q in extra_types]
+                if found_inf is not None:
+                    scalars.append(found_inf)
+                # The one host sync of the step: losses, totals, inf flag and per-layer norms together.
+                values = _to_host(scalars, group_norms, on_cpu)
+                n = len(losses)
+                loss_values, norm_f = values[:n], values[n]
+                extra = tuple(zip(extra_types, values[n + 1 : n + 1 + len(extra_types)]))
+                if found_inf is not None:
+                    inf_flag = values[len(scalars) - 1]
+                layers = tuple(zip(groups, values[len(scalars) :]))
             else:
                 loss_values, norm_f = [float(x) for x in losses], math.nan
             loss_f = loss_values[0] if len(loss_values) == 1 else sum(loss_values) / len(loss_values)
@@ -498,7 +560,7 @@ def run_cell(
             if backward_error is not None:
                 raise backward_error
 
-            if found_inf is not None and values[-1] > 0:
+            if found_inf is not None and inf_flag > 0:
                 # The scaler skips this step: no clipping, no optimizer or scheduler step.
                 records.append(StepRecord(step, loss_f, norm_f, lr=step_lr, skipped=True))
                 precision.update()
@@ -516,7 +578,7 @@ def run_cell(
             skips_in_a_row = 0
 
             if is_non_finite(norm_f):
-                records.append(StepRecord(step, loss_f, norm_f, lr=step_lr))
+                records.append(StepRecord(step, loss_f, norm_f, layers=layers, lr=step_lr, norms=extra))
                 return finish(
                     NON_FINITE,
                     nan_step=step,
@@ -533,10 +595,16 @@ def run_cell(
             precision.update()
             if scheduler is not None:
                 call_user(experiment, scheduler.step)
-            records.append(StepRecord(step, loss_f, norm_f, coef, lr=step_lr))
+            records.append(StepRecord(step, loss_f, norm_f, coef, layers=layers, lr=step_lr, norms=extra))
             if on_step is not None:
                 on_step(step)
 
+        if experiment.evaluate_fn is not None:
+            return finish(
+                STABLE,
+                eval_metric=evaluate_model(experiment, model),
+                eval_higher_is_better=experiment.evaluate_higher_is_better,
+            )
         return finish(STABLE)
     except UserFailure as failure:
         return finish(ERROR, error=failure.error, error_traceback=failure.user_traceback)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from gradcheck_cli.analysis import annotate_spike
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig
 from gradcheck_cli.detect import step1_warning
 from gradcheck_cli.errors import UsageError
@@ -171,6 +172,7 @@ def run_sweep(
         else:
             result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
         result = _with_step1_warning(result, _step1_reference(results + [result], result.seed))
+        result = annotate_spike(result, config.spike_factor)
         results.append(result)
         if on_run_done is not None:
             on_run_done(index, total, result)

@@ -124,14 +124,26 @@ def test_sweep_steps_csv_is_exact(nan_sweep):
 
 def test_sweep_histograms_count_every_finite_norm(nan_sweep):
     _, out = nan_sweep
-    hist = pd.read_csv(out / "histograms.csv")
+    hist = pd.read_csv(out / "histograms.csv", dtype={"norm_type": str})
     steps = pd.read_csv(out / "steps.csv")
-    edges = sorted(set(hist["bin_left"]) | set(hist["bin_right"]))
-    for run, rows in hist.groupby("run"):
-        assert rows["count"].sum() == steps[(steps["run"] == run)]["grad_norm"].notna().sum()
-        assert list(rows["bin_left"]) == edges[:-1] and list(rows["bin_right"]) == edges[1:]
-    ratios = [b / a for a, b in zip(edges[:-1], edges[1:]) if a > 0]
-    assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # log-spaced
+    summary = pd.read_csv(out / "summary.csv", dtype={"norm_type": str})
+    control = pd.read_csv(out / "control_norms.csv", dtype={"norm_type": str})
+    own = dict(zip(summary["run"], summary["norm_type"]))
+    assert set(hist["norm_type"]) == {"2", "inf"}
+    for norm_type, per_type in hist.groupby("norm_type"):
+        # bins are shared by the runs of one norm type only: L2 and inf never share an axis
+        edges = sorted(set(per_type["bin_left"]) | set(per_type["bin_right"]))
+        for run, rows in per_type.groupby("run"):
+            if own[run] == norm_type:
+                expected = steps[steps["run"] == run]["grad_norm"].notna().sum()
+            else:  # the control run, in the grid's other norm type
+                assert run == "unclipped"
+                expected = control[(control["run"] == run) & (control["norm_type"] == norm_type)]["grad_norm"].notna().sum()
+            assert rows["count"].sum() == expected
+            assert list(rows["bin_left"]) == edges[:-1] and list(rows["bin_right"]) == edges[1:]
+        ratios = [b / a for a, b in zip(edges[:-1], edges[1:]) if a > 0]
+        assert max(ratios) == pytest.approx(min(ratios), rel=1e-6)  # log-spaced
+    assert set(hist[hist["run"] == "unclipped"]["norm_type"]) == {"2", "inf"}
 
 
 def test_sweep_fail_on_nan_exits_1(tmp_path):
@@ -173,15 +185,27 @@ def test_sweep_fail_on_divergence_and_best_of_a_grid(tmp_path):
         "unclipped": "diverged", "clip_0.1_2": "stable", "clip_0.1_inf": "stable", "clip_1_2": "stable",
         "clip_1_inf": "stable", "clip_10_2": "diverged", "clip_10_inf": "diverged"}
     assert summary.loc[0, "diverged_step"] == 2
-    # Four stable candidates with different final losses: the verdict must name the lowest one,
-    # worked out here from summary.csv alone.
+    # Four stable candidates with different smoothed losses (the mean of the last 10): the verdict
+    # must name the lowest one, worked out here from summary.csv alone, and the runs whose
+    # difference from it is within noise (2 standard errors of the two means).
     candidates = summary[(summary["status"] == "stable") & summary["max_norm"].notna()]
-    assert candidates["final_loss"].nunique() == 4
-    best = candidates.loc[candidates["final_loss"].idxmin()]
+    assert candidates["smoothed_loss"].nunique() == 4
+    best = candidates.loc[candidates["smoothed_loss"].idxmin()]
     assert best["run"] == "clip_1_2"
     verdict = [line for line in result.stdout.splitlines() if line.startswith("best:")]
     assert len(verdict) == 1
-    assert verdict[0].startswith(f"best: max_norm=1 norm_type=2 (stable, final loss {best['final_loss']:.4g})")
+    assert verdict[0].startswith(f"best: max_norm=1 norm_type=2 (stable, smoothed loss {best['smoothed_loss']:.4g})")
+    n = 10
+    within = [
+        row["run"] for _, row in candidates.iterrows()
+        if row["run"] != best["run"]
+        and abs(row["smoothed_loss"] - best["smoothed_loss"])
+        <= 2 * math.sqrt(row["smoothed_loss_sd"] ** 2 / n + best["smoothed_loss_sd"] ** 2 / n)
+    ]
+    if within:
+        assert f"no meaningful difference from {', '.join(within)}" in verdict[0]
+    else:
+        assert "no meaningful difference" not in verdict[0]
     assert "unclipped: diverged at step 2" in verdict[0]
     for run in summary["run"]:
         assert run in result.stdout
@@ -476,7 +500,10 @@ def test_kill_9_leaves_parseable_files_and_resume_completes(uninterrupted, tmp_p
     assert manifest["finished_runs"] == list(finished["run"])
     assert steps.groupby("run", sort=False).size().to_dict() == dict.fromkeys(finished["run"], 40)
     assert set(hist["run"]) == set(finished["run"])
-    assert hist.groupby("run")["count"].sum().to_dict() == dict.fromkeys(finished["run"], 40)
+    # one histogram per run and norm type it measured (the control run measures every norm type
+    # of the grid), each counting all 40 steps
+    per_type = hist.groupby(["run", "norm_type"], sort=False)["count"].sum()
+    assert (per_type == 40).all() and set(per_type.index.get_level_values(0)) == set(finished["run"])
     full_steps = pd.read_csv(uninterrupted / "steps.csv")
     pd.testing.assert_frame_equal(steps, full_steps[full_steps["run"].isin(finished["run"])], check_exact=True)
 
@@ -561,7 +588,10 @@ def test_narrow_terminal_table_names_the_columns_it_drops(tmp_path):
     narrow = invoke(*args, "--out", tmp_path / "b", env={"COLUMNS": "72"})
     assert wide.exit_code == 0 and narrow.exit_code == 0, narrow.output
     assert "left out" not in wide.stdout and "p50" in wide.stdout and "p95" in wide.stdout
-    table_lines = narrow.stdout.splitlines()[:-1]  # the verdict after the table is one unwrapped line
+    # the verdict and the recommendation after the table are single unwrapped lines
+    lines = narrow.stdout.splitlines()
+    assert lines[-1].startswith("recommendation:")
+    table_lines = lines[:-2]
     assert max(len(line) for line in table_lines) <= 72
     flat = " ".join(narrow.stdout.split())
     named = flat.split("left out to fit the console: ")[1].split(" (see summary.csv)")[0].split(", ")
@@ -611,7 +641,8 @@ def test_nothing_is_written_outside_out(tmp_path):
     assert sorted(p.name for p in user.iterdir()) == ["data_helper.py", "stable_linear.py"]
     assert list(work.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "gradclip-sweep.json", "histograms.csv", "layers.csv", "steps.csv", "summary.csv"]
+        "control_norms.csv", "gradclip-sweep.json", "histograms.csv", "layers.csv", "recommendation.json", "report.html",
+        "steps.csv", "summary.csv"]
 
 
 def test_a_bug_in_gradclip_exits_4_without_traceback(tmp_path, monkeypatch):

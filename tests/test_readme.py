@@ -100,3 +100,24 @@ def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
     # the prose under the block says the same
     readme = (ROOT / "README.md").read_text()
     assert "The unclipped run diverges at step 2; `max_norm=1` with the L2 norm trains best" in readme
+def test_readme_pandas_example_runs_on_a_sweeps_files(tmp_path):
+    """The plotting example under "Output files" works after the README's install (matplotlib is
+    a dependency), in a fresh interpreter, on the files of a real sweep."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from gradcheck_cli.cli import app
+
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(import pandas as pd\n.*?)\n```", readme, flags=re.S).group(1)
+    out = tmp_path / "gradclip-report"
+    script = ROOT / "sample_models" / "nan_at_step.py"
+    result = CliRunner().invoke(app, ["sweep", str(script), "--steps", "3", "--max-norm", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    code = example + "\nimport matplotlib.pyplot as plt\nplt.savefig('plot.png')\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**__import__("os").environ, "MPLBACKEND": "Agg"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")

@@ -36,7 +36,7 @@ from gradcheck_cli.results import (
 
 NAN = math.nan
 REPO = Path(__file__).resolve().parent.parent
-REPORTS = (files.SUMMARY_FILE, files.STEPS_FILE, files.LAYERS_FILE, files.HISTOGRAMS_FILE)
+REPORTS = (files.SUMMARY_FILE, files.STEPS_FILE, files.LAYERS_FILE, files.CONTROL_NORMS_FILE, files.HISTOGRAMS_FILE)
 
 
 def sample_results() -> list[RunResult]:
@@ -272,7 +272,7 @@ def test_kill_9_at_any_moment_leaves_parseable_reports(tmp_path):
         present = [n for n in REPORTS if (out / n).exists()]
         for name in present:
             frame = pd.read_csv(out / name)
-            assert len(frame.columns) == {files.SUMMARY_FILE: len(SUMMARY_COLUMNS), files.STEPS_FILE: len(STEP_COLUMNS), files.LAYERS_FILE: 4, files.HISTOGRAMS_FILE: 4}[name]
+            assert len(frame.columns) == {files.SUMMARY_FILE: len(SUMMARY_COLUMNS), files.STEPS_FILE: len(STEP_COLUMNS), files.LAYERS_FILE: 4, files.CONTROL_NORMS_FILE: 4, files.HISTOGRAMS_FILE: 5}[name]
             assert not frame.isna().all(axis=1).any()  # no half-written row
         if (out / files.MANIFEST_FILE).exists():
             manifest = json.loads((out / files.MANIFEST_FILE).read_text())

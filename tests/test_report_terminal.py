@@ -105,16 +105,16 @@ def test_summary_table_rows_and_cells():
     table = summary_table(results, edges)
     assert isinstance(table, Table)
     assert table.row_count == 4
-    assert len(table.columns) == 13
+    assert len(table.columns) == 14
     text = render(table)
     lines = {line.split()[0]: line for line in text.splitlines() if line.strip() and line.split()[0] in {r.run for r in results}}
     assert set(lines) == {"unclipped", "clip_0.1_2", "clip_1_2", "clip_10_inf"}
     control = lines["unclipped"].split()
     assert control[1] == "—"  # no max_norm for the control
-    assert control[2:7] == ["2", "non_finite", "3", "rnn.weight_hh_l0", "5"]
+    assert control[2:8] == ["2", "non_finite", "3", "—", "rnn.weight_hh_l0", "5"]  # ..., onset, spike, param, loss
     assert lines["clip_10_inf"].split()[1:5] == ["10", "inf", "diverged", "2"]
     stable = lines["clip_1_2"].split()
-    assert stable[3:7] == ["stable", "—", "—", "0.1"]  # status, onset, param, final loss
+    assert stable[3:8] == ["stable", "—", "—", "—", "0.1"]  # status, onset, spike, param, final loss
     assert "100%" in lines["clip_0.1_2"]  # clipped every step at max_norm 0.1
     assert "0%" in control  # the control never clips
 
@@ -198,7 +198,8 @@ def test_summary_table_renders_whole_when_wide():
 def test_verdict_best_clipped_and_unclipped_non_finite():
     line = verdict_line(sweep_results())
     assert "\n" not in line
-    assert line.startswith("best: max_norm=1 norm_type=2 (stable, final loss 0.1)")
+    # smoothed losses (mean of the last 10): 0.9667 for max_norm=1, 1.167 for 0.1, within noise
+    assert line.startswith("best: max_norm=1 norm_type=2 (stable, smoothed loss 0.9667); no meaningful difference from clip_0.1_2;")
     assert "unclipped: non_finite at step 3 (backward): first non-finite gradient in rnn.weight_hh_l0" in line
 
 
@@ -212,14 +213,20 @@ def test_verdict_unclipped_diverged_mentions_step_and_loss():
 def test_verdict_control_stable_and_best():
     results = [run(None, losses=(1.0, 0.1)), run(1.0, losses=(1.0, 0.3)), run(0.1, losses=(1.0, 0.5))]
     line = verdict_line(results)
-    assert line.startswith("clipping not needed: unclipped is stable, final loss 0.1")
-    assert "max_norm=1 norm_type=2, final loss 0.3" in line
+    assert line == (
+        "clipping not needed: unclipped is stable, smoothed loss 0.55; no clipped setting is meaningfully better "
+        "(best: max_norm=1 norm_type=2, smoothed loss 0.65)"
+    )
 
 
-def test_verdict_clipped_beats_a_stable_control():
-    results = [run(None, losses=(1.0, 0.5)), run(1.0, losses=(1.0, 0.3))]
-    line = verdict_line(results)
-    assert line == "best: max_norm=1 norm_type=2 (stable, final loss 0.3); unclipped: stable, final loss 0.5"
+def test_verdict_clipped_beats_a_stable_control_only_beyond_noise():
+    quiet = [run(None, losses=(0.51, 0.5, 0.49, 0.5)), run(1.0, losses=(0.31, 0.3, 0.29, 0.3))]
+    assert verdict_line(quiet) == (
+        "best: max_norm=1 norm_type=2 (stable, smoothed loss 0.3); meaningfully better than unclipped: stable, smoothed loss 0.5"
+    )
+    # the same means with minibatch noise of +-0.5: no longer a meaningful difference
+    noisy = [run(None, losses=(1.0, 0.0, 1.0, 0.0)), run(1.0, losses=(0.8, -0.2, 0.8, -0.2))]
+    assert verdict_line(noisy).startswith("clipping not needed: unclipped is stable, smoothed loss 0.5;")
 
 
 def test_verdict_no_stable_clipped_run_but_stable_control():
@@ -336,7 +343,8 @@ def test_several_seeds_give_one_row_per_setting_with_stable_k_of_n_and_the_loss_
     assert "stable 3/3" in rows["clip_1_2@lr=0.1"] and "stable 3/3" in rows["clip_1_2@lr=1"]
     # clip_1_2 at lr 0.1: final losses 0.5, 0.6, 0.7 -> mean 0.6, spread 0.2
     cells = rows["clip_1_2@lr=0.1"].split()
-    assert cells[cells.index("3/3") + 1:cells.index("3/3") + 5] == ["—", "—", "0.6", "0.2"]
+    # onset, spike, non-finite param, mean final loss, spread
+    assert cells[cells.index("3/3") + 1:cells.index("3/3") + 6] == ["—", "—", "—", "0.6", "0.2"]
     assert "onset" in text and "spread" in text and "mean" in text
 
 
@@ -403,7 +411,7 @@ def test_narrow_note_names_exactly_the_columns_left_out(width):
         named = flat.split("left out to fit the console: ")[1].split(" (see summary.csv)")[0].split(", ")
     else:
         named = []
-    order = ["min loss", "norm p50", "norm p95", "clipped", "norm max"]
+    order = ["min loss", "norm p50", "norm p95", "clipped", "norm max", "spike step"]
     assert named == order[: len(named)]
     for column, value in DROPPABLE.items():
         assert (value in row) == (column not in named), (column, row, named)
@@ -411,3 +419,13 @@ def test_narrow_note_names_exactly_the_columns_left_out(width):
         assert named == []
     if width <= 80:
         assert named  # the full table needs about 100 columns
+def test_verdict_says_divergence_was_not_judged_and_still_names_a_spike():
+    control = run(None, losses=(-1.0, -1.2, -1.1, -1.3), norms=(1.0, 1.0, 1.0, 50.0), divergence_checked=False,
+                  spike_step=4, spike_param="policy.weight")
+    line = verdict_line([control, run(1.0, losses=(-1.0, -1.1, -1.2, -1.3), divergence_checked=False)])
+    assert line.endswith(
+        "; divergence not judged: the first loss -1 is not positive; non-finite values and gradient spikes still are; "
+        "unclipped: gradients of policy.weight spike at step 4"
+    )
+    off = run(None, losses=(1.0, 2.0), divergence_checked=False)
+    assert verdict_line([off]).endswith("; divergence not judged (--divergence-factor inf)")

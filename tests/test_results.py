@@ -86,7 +86,7 @@ def test_frames_have_the_documented_columns():
     assert list(summary_frame(results).columns) == SUMMARY_COLUMNS
     assert list(steps_frame(results).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
     hist = histogram_frame(results, shared_log_bins(results))
-    assert list(hist.columns) == ["run", "bin_left", "bin_right", "count"] and hist["count"].sum() == 2
+    assert list(hist.columns) == ["run", "norm_type", "bin_left", "bin_right", "count"] and hist["count"].sum() == 2
 
 
 # --- histogram bins, by hand ---------------------------------------------------------------------
@@ -191,10 +191,10 @@ def test_histogram_frame_rows_by_hand():
     edges = shared_log_bins(results, n_bins=2)
     frame = histogram_frame(results, edges)
     assert frame.to_dict("records") == [
-        {"run": "unclipped", "bin_left": 0.0, "bin_right": edges[1], "count": 1},
-        {"run": "unclipped", "bin_left": edges[1], "bin_right": 100.0, "count": 1},
-        {"run": "clip_1_2", "bin_left": 0.0, "bin_right": edges[1], "count": 1},
-        {"run": "clip_1_2", "bin_left": edges[1], "bin_right": 100.0, "count": 2},
+        {"run": "unclipped", "norm_type": "2", "bin_left": 0.0, "bin_right": edges[1], "count": 1},
+        {"run": "unclipped", "norm_type": "2", "bin_left": edges[1], "bin_right": 100.0, "count": 1},
+        {"run": "clip_1_2", "norm_type": "2", "bin_left": 0.0, "bin_right": edges[1], "count": 1},
+        {"run": "clip_1_2", "norm_type": "2", "bin_left": edges[1], "bin_right": 100.0, "count": 2},
     ]
     assert edges[1] == pytest.approx(10.0, rel=1e-12)
 
@@ -221,9 +221,13 @@ def test_frames_hold_the_exact_records():
     expected = {
         "run": "unclipped", "max_norm": None, "norm_type": "2", "lr": None, "seed": 7, "status": "stable",
         "nan_step": None, "nan_source": None, "nan_param": None, "nan_micro_batch": None, "diverged_step": None,
-        "skipped_steps": 0, "first_skip": None, "final_loss": 1.0, "min_loss": 1.0,
+        "skipped_steps": 0, "first_skip": None, "divergence_checked": None, "spike_step": None, "spike_param": None,
+        "final_loss": 1.0, "min_loss": 1.0,
+        # losses 2 and 1: mean 1.5, sample standard deviation sqrt(0.5)
+        "smoothed_loss": 1.5, "smoothed_loss_sd": pytest.approx(math.sqrt(0.5)), "eval_metric": None,
+        "eval_higher_is_better": None,
         "grad_norm_p50": 3.5, "grad_norm_p95": pytest.approx(3.95), "grad_norm_max": 4.0, "clipped_frac": 0.0,
-        "steps": 2, "seconds": 0.5, "error": None, "warnings": None,
+        "refined": False, "steps": 2, "seconds": 0.5, "error": None, "warnings": None,
     }
     assert list(row) == list(expected)
     for key, value in expected.items():
@@ -235,7 +239,7 @@ def test_frames_hold_the_exact_records():
 def test_empty_frames_keep_their_columns():
     assert list(summary_frame([]).columns) == SUMMARY_COLUMNS
     assert list(steps_frame([]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
-    assert list(histogram_frame([], []).columns) == ["run", "bin_left", "bin_right", "count"]
+    assert list(histogram_frame([], []).columns) == ["run", "norm_type", "bin_left", "bin_right", "count"]
     assert histogram_frame([], []).empty
 
 

@@ -320,7 +320,8 @@ def test_grid_sweep_writes_every_axis_to_the_reports(grid_sweep):
     first = steps[steps["step"] == 1].merge(summary[["run", "lr", "seed"]], on="run", suffixes=("_step", ""))
     assert (first.groupby(["lr", "seed"])["loss"].nunique() == 1).all()
     assert "stable 2/2" in result.stdout and "stability: lr x max_norm" in result.stdout
-    verdict = result.stdout.strip().splitlines()[-1]
+    # the verdict is the last line before the recommendation
+    verdict = [line for line in result.stdout.strip().splitlines() if not line.startswith("recommendation:")][-1]
     assert "lr=" in verdict and ("in every seed" in verdict or "in all 2 seeds" in verdict)
 
     from junitparser import JUnitXml

@@ -7,11 +7,16 @@ Files (all in ``out_dir``; nothing is ever written anywhere else):
 ``steps.csv``              one row per optimizer step of every run (``results.STEP_COLUMNS``)
 ``layers.csv``             one row per (run, step, layer group): pre-clip per-layer norms
                            (``results.LAYER_COLUMNS``)
-``histograms.csv``         each run's pre-clip norm counts on the sweep's shared log-spaced bins
-                           (``results.HISTOGRAM_COLUMNS``)
+``control_norms.csv``      one row per (control run, step, norm type): the control's pre-clip
+                           total norm in every norm type of the grid
+                           (``results.CONTROL_NORM_COLUMNS``)
+``histograms.csv``         each run's pre-clip norm counts on log-spaced bins shared per norm
+                           type (``results.HISTOGRAM_COLUMNS``)
 ``clip_sites.csv``         one row per (run, step, ``clip`` call) of ``train_step`` scripts
                            (``results.SITE_COLUMNS``); only when there are such rows (a stale
                            one from an earlier sweep in the same directory is removed)
+``recommendation.json``    ``analysis.recommend``'s verdict with its evidence
+``report.html``            the visual report (``report/html.py``)
 ``gradclip-sweep.json``    the resume manifest: the sweep's fingerprint and its finished runs
 =========================  =====================================================================
 
@@ -45,10 +50,12 @@ from gradcheck_cli.results import (
     RunResult,
     NormRange,
     StepRecord,
+    control_norms_frame,
     format_float,
+    format_norm_type,
     histogram_frame,
-    log_bins,
     layers_frame,
+    ranges_to_bins,
     sites_frame,
     steps_frame,
     summary_frame,
@@ -59,6 +66,9 @@ STEPS_FILE = "steps.csv"
 LAYERS_FILE = "layers.csv"
 HISTOGRAMS_FILE = "histograms.csv"
 SITES_FILE = "clip_sites.csv"
+CONTROL_NORMS_FILE = "control_norms.csv"
+RECOMMENDATION_FILE = "recommendation.json"
+HTML_FILE = "report.html"
 MANIFEST_FILE = "gradclip-sweep.json"
 LOCK_FILE = ".gradclip.lock"
 # 2: the manifest records the committed byte length of every appended file ("committed").
@@ -70,6 +80,7 @@ READABLE_MANIFEST_FORMATS = (1, 2)
 _INT_COLUMNS = {
     "nan_step",
     "diverged_step",
+    "spike_step",
     "steps",
     "step",
     "count",
@@ -96,6 +107,9 @@ _OPTION_NAMES = {
     "script_sha256": "script content",
     "torch_version": "torch version",
     "torch_threads": "torch thread count",
+    "layer_depth": "--layer-depth",
+    "spike_factor": "--spike-factor",
+    "refine": "--refine",
 }
 
 
@@ -135,7 +149,8 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 def _remove_stale_temp_files(out: Path) -> None:
     """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``): only ours,
     and only those of processes that are gone; a live sweep's temp file is never touched."""
-    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, HISTOGRAMS_FILE, SITES_FILE, MANIFEST_FILE):
+    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, CONTROL_NORMS_FILE, HISTOGRAMS_FILE, SITES_FILE, MANIFEST_FILE,
+                 RECOMMENDATION_FILE, HTML_FILE):
         for stale in out.glob(f".{name}.*.tmp"):
             pid = stale.name[len(name) + 2 :].split(".", 1)[0]
             if pid.isdigit() and pid_alive(int(pid)):
@@ -315,11 +330,12 @@ def _csv_bytes(frame) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges: list[float]) -> None:
-    """Write ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv`` and ``clip_sites.csv`` for ``results`` (all runs
-    finished so far, in sweep order), each atomically. ``edges`` are the shared histogram bins
-    (``results.shared_log_bins(results)``). A sweep writes through ``ReportWriter`` instead,
-    which costs per run only that run's rows."""
+def write_reports(out_dir: str | os.PathLike, results: list[RunResult], edges) -> None:
+    """Write ``summary.csv``, ``steps.csv``, ``layers.csv``, ``control_norms.csv``,
+    ``histograms.csv`` and ``clip_sites.csv`` for ``results`` (all runs finished so far, in
+    sweep order), each atomically. ``edges`` are the histogram bins: per norm type
+    (``results.log_bins_by_norm_type(results)``) or one shared list. A sweep writes through
+    ``ReportWriter`` instead, which costs per run only that run's rows."""
     out = Path(out_dir)
     atomic_write_bytes(out / SUMMARY_FILE, _csv_bytes(summary_frame(results)))
     for name, frame_of in APPENDED_FILES.items():
@@ -342,7 +358,12 @@ def _write_whole(path: Path, frame) -> int | None:
 # Files whose rows belong to one run and never change once that run has finished: a sweep
 # appends each finished run's rows to them instead of rewriting every row, and the manifest
 # records how many bytes of each are committed. A new per-run file is one more entry here.
-APPENDED_FILES = {STEPS_FILE: steps_frame, LAYERS_FILE: layers_frame, SITES_FILE: sites_frame}
+APPENDED_FILES = {
+    STEPS_FILE: steps_frame,
+    LAYERS_FILE: layers_frame,
+    CONTROL_NORMS_FILE: control_norms_frame,
+    SITES_FILE: sites_frame,
+}
 # Of those, the files that exist only when some run has rows for them.
 ONLY_WITH_ROWS = {SITES_FILE}
 
@@ -408,11 +429,11 @@ class ReportWriter:
         self._results: list[RunResult] = sorted(finished, key=self._where)
         self._committed: dict[str, int] | None = None  # None: rewrite the appended files whole
         self._summary_rows: dict[str, bytes] = {}
-        self._ranges: dict[str, NormRange] = {}
+        self._ranges: dict[tuple[str, float], NormRange] = {}
         self._histogram_rows: dict[str, bytes] = {}
-        self._sorted_norms: dict[str, list[float]] = {}
-        self._edges: list[float] | None = None
-        self._bin_text: list[str] = []
+        self._sorted_norms: dict[tuple[str, float], list[float]] = {}
+        self._edges: dict[float, list[float]] | None = None
+        self._bin_text: dict[float, list[str]] = {}
 
     def _where(self, result: RunResult) -> int:
         return self._position.get(result.run, len(self._position))
@@ -484,25 +505,34 @@ class ReportWriter:
         return b"".join(parts)
 
     def _histogram_bytes(self) -> bytes:
-        """Recomputed from each run's cached sorted norms when the shared bins move (a few
-        bisections per run), formatted without pandas: the bins can move after every run."""
-        ranges = []
+        """Recomputed from each run's cached sorted norms when the bins move (a few bisections
+        per run), formatted without pandas: the bins can move after every run. Bins are per
+        norm type (``results.log_bins_by_norm_type``): L2 and inf norms never share an axis."""
+        by_type: dict[float, list[NormRange]] = {}
         for r in self._results:
-            if r.run not in self._ranges:
-                self._ranges[r.run] = NormRange.of(r)
-                self._sorted_norms[r.run] = sorted(r.finite_norms())
-            ranges.append(self._ranges[r.run])
-        edges = log_bins(ranges)
+            for p in r.norm_types():
+                key = (r.run, p)
+                if key not in self._ranges:
+                    self._ranges[key] = NormRange.of(r, p)
+                    self._sorted_norms[key] = sorted(r.finite_norms_in(p))
+                by_type.setdefault(p, []).append(self._ranges[key])
+        edges = ranges_to_bins(by_type)
         if edges != self._edges:
             self._edges = edges
             self._histogram_rows = {}
-            # "left,right," of every bin, shared by all runs; repr is pandas' float format
-            self._bin_text = [f"{float(edges[i])!r},{float(edges[i + 1])!r}," for i in range(len(edges) - 1)]
+            # "norm_type,left,right," of every bin of every norm type; repr is pandas' float format
+            self._bin_text = {
+                p: [f"{format_norm_type(p)},{float(e[i])!r},{float(e[i + 1])!r}," for i in range(len(e) - 1)]
+                for p, e in edges.items()
+            }
         parts = [_header(HISTOGRAMS_FILE)]
         for r in self._results:
             row = self._histogram_rows.get(r.run)
             if row is None:
-                row = self._histogram_rows[r.run] = _histogram_csv_rows(r.run, self._sorted_norms[r.run], edges, self._bin_text)
+                row = self._histogram_rows[r.run] = b"".join(
+                    _histogram_csv_rows(r.run, self._sorted_norms[(r.run, p)], edges[p], self._bin_text[p])
+                    for p in r.norm_types()
+                )
             parts.append(row)
         return b"".join(parts)
 
@@ -512,7 +542,7 @@ _HEADERS: dict[str, bytes] = {}
 
 def _header(name: str) -> bytes:
     if name not in _HEADERS:
-        frame_of = {SUMMARY_FILE: summary_frame, HISTOGRAMS_FILE: lambda rs: histogram_frame(rs, [])}[name]
+        frame_of = {SUMMARY_FILE: summary_frame, HISTOGRAMS_FILE: lambda rs: histogram_frame(rs, {})}[name]
         _HEADERS[name] = _csv_header(frame_of)
     return _HEADERS[name]
 
@@ -530,6 +560,12 @@ def _histogram_csv_rows(run: str, sorted_norms: list[float], edges: list[float],
     if any(c in run for c in ',"\r\n'):  # a name of its own (a monitored run) may need quoting
         run = '"' + run.replace('"', '""') + '"'
     return "".join(f"{run},{bin_text[i]}{bounds[i + 1] - bounds[i]}\n" for i in range(len(edges) - 1)).encode("utf-8")
+
+
+def write_recommendation(out_dir: str | os.PathLike, recommendation: dict) -> None:
+    """``recommendation.json`` (``analysis.Recommendation.as_json()``), strict JSON, atomically."""
+    text = json.dumps(recommendation, indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(out_dir) / RECOMMENDATION_FILE, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,6 +634,7 @@ _SUMMARY_NEEDED = ["run", "max_norm", "norm_type", "status", "nan_step", "nan_so
 _STEPS_NEEDED = ["run", "step", "loss", "grad_norm", "clip_coef"]
 _LAYERS_NEEDED = ["run", "step", "param", "grad_norm"]
 _SITES_NEEDED = ["run", "step", "site", "grad_norm", "clip_coef"]
+_CONTROL_NORMS_NEEDED = ["run", "step", "norm_type", "grad_norm"]
 
 
 class _Corrupt(Exception):
@@ -673,28 +710,41 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
         raise _cannot_resume(err) from None
 
 
-def _load_runs(out: Path, saved: dict, finished: list[str], committed: dict[str, int]) -> dict[str, RunResult]:
-    wanted = set(finished)
+def _load_runs(
+    out: Path, saved: dict | None, finished: list[str] | None, committed: dict[str, int]
+) -> dict[str, RunResult]:
+    """The runs ``finished`` (all of ``summary.csv`` when None) rebuilt from the files in
+    ``out``; of the appended files only the ``committed`` bytes are read. Raises ``_Corrupt``."""
+    wanted = set(finished) if finished is not None else None
     summary_path, steps_path, layers_path = out / SUMMARY_FILE, out / STEPS_FILE, out / LAYERS_FILE
     summary_rows = _read_csv_rows(summary_path, _SUMMARY_NEEDED)
     layers_by_step: dict[tuple[str, int], list[tuple[str, float]]] = {}
     if layers_path.exists():  # reports of gradclip 0.1 have none
         for line, row in _read_csv_rows(layers_path, _LAYERS_NEEDED, committed.get(LAYERS_FILE)):
-            if row["run"] in wanted:
+            if wanted is None or row["run"] in wanted:
                 key = (row["run"], _parse(layers_path, line, "step", row["step"], int))
                 layers_by_step.setdefault(key, []).append((row["param"], _parse(layers_path, line, "grad_norm", row["grad_norm"], _float_or_nan)))
     sites_path = out / SITES_FILE
     sites_by_step: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
     if sites_path.exists():  # written only by train_step scripts; older reports have none
         for line, row in _read_csv_rows(sites_path, _SITES_NEEDED, committed.get(SITES_FILE)):
-            if row["run"] in wanted:
+            if wanted is None or row["run"] in wanted:
                 sites_by_step.setdefault((row["run"], _parse(sites_path, line, "step", row["step"], int)), []).append(
                     (row["site"], _parse(sites_path, line, "grad_norm", row["grad_norm"], _float_or_nan),
                      _parse(sites_path, line, "clip_coef", row["clip_coef"], _float_or_nan))
                 )
+    norms_path = out / CONTROL_NORMS_FILE
+    norms_by_step: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    if norms_path.exists():  # older reports have none
+        for line, row in _read_csv_rows(norms_path, _CONTROL_NORMS_NEEDED, committed.get(CONTROL_NORMS_FILE)):
+            if wanted is None or row["run"] in wanted:
+                norms_by_step.setdefault((row["run"], _parse(norms_path, line, "step", row["step"], int)), []).append(
+                    (_parse(norms_path, line, "norm_type", row["norm_type"], float),
+                     _parse(norms_path, line, "grad_norm", row["grad_norm"], _float_or_nan))
+                )
     steps_by_run: dict[str, list[StepRecord]] = {}
     for line, row in _read_csv_rows(steps_path, _STEPS_NEEDED, committed.get(STEPS_FILE)):
-        if row["run"] not in wanted:
+        if wanted is not None and row["run"] not in wanted:
             continue
         step = _parse(steps_path, line, "step", row["step"], int)
         steps_by_run.setdefault(row["run"], []).append(
@@ -707,12 +757,20 @@ def _load_runs(out: Path, saved: dict, finished: list[str], committed: dict[str,
                 lr=_parse(steps_path, line, "lr", row.get("lr", ""), _float_or_nan),
                 skipped=row.get("skipped", "") == "1",
                 sites=tuple(sites_by_step.get((row["run"], step), ())),
+                norms=tuple(norms_by_step.get((row["run"], step), ())),
             )
         )
     by_run = {row["run"]: (line, row) for line, row in summary_rows}
-    # A cell names its lr and seed only when the sweep varies them (see SweepConfig.cells).
-    lr_varies = len(saved.get("lrs") or ()) > 1
-    seed_varies = len(saved.get("seeds") or ()) > 1
+    if finished is None:  # every run of the reports (gradclip report), in summary order
+        finished = list(by_run)
+    # A cell names its lr and seed only when the sweep varies them (see SweepConfig.cells);
+    # without a manifest, an axis varies when the summary holds several of its values.
+    if saved is not None:
+        lr_varies = len(saved.get("lrs") or ()) > 1
+        seed_varies = len(saved.get("seeds") or ()) > 1
+    else:
+        lr_varies = len({row.get("lr", "") for _, row in summary_rows} - {""}) > 1
+        seed_varies = len({row.get("seed", "") for _, row in summary_rows} - {""}) > 1
     loaded: dict[str, RunResult] = {}
     for run in finished:
         if run not in by_run:  # not in the reports: it simply runs again
@@ -725,7 +783,7 @@ def _load_runs(out: Path, saved: dict, finished: list[str], committed: dict[str,
 def _summary_result(
     path: Path, line: int, row: dict[str, str], steps: list[StepRecord], lr_varies: bool, seed_varies: bool
 ) -> RunResult:
-    from gradcheck_cli.results import CONTROL_RUN, SOURCE_BACKWARD, SOURCE_FORWARD, STATUSES
+    from gradcheck_cli.results import CONTROL_RUN, SOURCE_AMP, SOURCE_BACKWARD, SOURCE_FORWARD, STATUSES
 
     lr = _parse(path, line, "lr", row.get("lr", ""), _float_or_none)
     seed = _parse(path, line, "seed", row.get("seed", ""), _int_or_none)
@@ -740,7 +798,7 @@ def _summary_result(
         raise _Corrupt(path, f"line {line}: run {row['run']!r} has max_norm {row['max_norm']!r} and norm_type {row['norm_type']!r}, which name run {cell.run!r}")
     if row["status"] not in STATUSES:
         raise _Corrupt(path, f"line {line}: unknown status {row['status']!r} (expected one of {', '.join(STATUSES)})")
-    if row["nan_source"] not in ("", SOURCE_FORWARD, SOURCE_BACKWARD):
+    if row["nan_source"] not in ("", SOURCE_FORWARD, SOURCE_BACKWARD, SOURCE_AMP):
         raise _Corrupt(path, f"line {line}: unknown nan_source {row['nan_source']!r} (expected {SOURCE_FORWARD} or {SOURCE_BACKWARD})")
     warnings = row.get("warnings", "")
     return RunResult(
@@ -758,7 +816,37 @@ def _summary_result(
         seed=seed,
         name=row["run"] if row["run"] != cell.run else None,
         warnings=tuple(w for w in warnings.split(";") if w),
+        divergence_checked=_bool_or_none(row.get("divergence_checked", "")),
+        spike_step=_parse(path, line, "spike_step", row.get("spike_step", ""), _int_or_none),
+        spike_param=row.get("spike_param") or None,
+        eval_metric=_parse(path, line, "eval_metric", row.get("eval_metric", ""), _float_or_none),
+        eval_higher_is_better=_bool_or_none(row.get("eval_higher_is_better", "")),
+        refined=_bool_or_none(row.get("refined", "")) or False,
     )
+
+
+def read_results(out_dir: str | os.PathLike, missing_hint: str | None = None) -> list[RunResult]:
+    """Every run in ``out_dir``'s reports, in ``summary.csv``'s order (``gradclip report``):
+    a sweep's, a resumed sweep's or a monitored run's. Optional files (``layers.csv``,
+    ``control_norms.csv``, ``clip_sites.csv``) and later columns may be missing: they come back
+    empty. Raises ``UsageError`` naming the file when a report is missing or malformed."""
+    out = Path(out_dir)
+    hint = missing_hint or f"point at a directory written by gradclip sweep --out (it holds {SUMMARY_FILE})"
+    summary = out / SUMMARY_FILE
+    if not summary.is_file():
+        raise UsageError(f"{summary} is missing: {out} is not a gradclip report directory", hint)
+    if summary.stat().st_size == 0:
+        raise UsageError(f"{summary} is empty", hint)
+    try:
+        _read_csv_rows(summary, _SUMMARY_NEEDED)
+    except _Corrupt as err:
+        raise UsageError(f"{summary} is not a gradclip summary: {err.problem}", hint) from None
+    if not (out / STEPS_FILE).is_file():
+        raise UsageError(f"{out / STEPS_FILE} is missing: {out} is not a complete gradclip report directory", hint)
+    try:
+        return list(_load_runs(out, None, None, {}).values())
+    except _Corrupt as err:
+        raise UsageError(f"{err.path}: {err.problem}", hint) from None
 
 
 def _parse(path: Path, line: int, column: str, text: str, kind):
@@ -793,6 +881,14 @@ def _read_csv_rows(path: Path, needed: list[str], committed: int | None = None) 
         raise _Corrupt(path, f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     # line 1 is the header; rows with embedded newlines make this approximate, which is fine for a message
     return [(i + 2, row) for i, row in enumerate(frame.to_dict("records"))]
+
+
+def _bool_or_none(text: str) -> bool | None:
+    if text in ("True", "true", "1"):
+        return True
+    if text in ("False", "false", "0"):
+        return False
+    return None
 
 
 def _float_or_none(text: str) -> float | None:

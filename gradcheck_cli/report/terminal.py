@@ -73,6 +73,7 @@ _COLUMNS = [
     ("norm_type", "norm\ntype", "right"),
     ("status", "status", "left"),
     ("onset", "onset\nstep", "right"),
+    ("spike", "spike\nstep", "right"),
     ("nan_param", "non-finite\nparam", "left"),
     ("final_loss", "final\nloss", "right"),
     ("min_loss", "min\nloss", "right"),
@@ -87,7 +88,7 @@ _LR_COLUMN = ("lr", "lr", "right")
 _SPREAD_COLUMN = ("spread", "loss\nspread", "right")
 # Left out, in this order, when the console is too narrow for the whole table (the CSV files
 # keep everything).
-_NARROW_DROP_ORDER = ["min_loss", "p50", "p95", "clipped", "spread", "max"]
+_NARROW_DROP_ORDER = ["min_loss", "p50", "p95", "clipped", "spread", "max", "spike"]
 _DROP_NAMES = {
     "min_loss": "min loss",
     "p50": "norm p50",
@@ -95,6 +96,7 @@ _DROP_NAMES = {
     "clipped": "clipped",
     "spread": "loss spread",
     "max": "norm max",
+    "spike": "spike step",
 }
 
 
@@ -165,6 +167,7 @@ def _run_cells(r: RunResult, edges: list[float]) -> dict:
         "lr": format_number(r.lr),
         "status": status_text(r.status),
         "onset": str(onset) if onset is not None else "—",
+        "spike": str(r.spike_step) if r.spike_step is not None else "—",
         "nan_param": _text(r.nan_param),
         "final_loss": format_number(row["final_loss"]),
         "min_loss": format_number(row["min_loss"]),
@@ -172,7 +175,7 @@ def _run_cells(r: RunResult, edges: list[float]) -> dict:
         "p95": format_number(row["grad_norm_p95"]),
         "max": format_number(row["grad_norm_max"]),
         "clipped": _percent(row["clipped_frac"]),
-        "histogram": Text(sparkline(histogram_counts(r, edges)) if len(edges) >= 2 else ""),
+        "histogram": Text(sparkline(histogram_counts(r, edges)) if _has_bins(r, edges) else ""),
     }
 
 
@@ -219,7 +222,14 @@ def _build_summary_table(results, edges, title, drop: tuple[str, ...], adaptive:
     notes = []
     if any(k in keys for k in ("p50", "p95", "max", "histogram")):
         notes.append("norms are pre-clip gradient norms")
-    if len(edges) >= 2 and "histogram" in keys:
+    if isinstance(edges, dict) and "histogram" in keys:
+        ranges = [
+            f"{format_norm_type(p)}: {format_number(e[0])} to {format_number(e[-1])}" for p, e in edges.items() if len(e) >= 2
+        ]
+        if ranges:
+            n = max(len(e) for e in edges.values()) - 1
+            notes.append(f"histogram: {n} log-spaced bins per norm type ({'; '.join(ranges)})")
+    elif len(edges) >= 2 and "histogram" in keys:
         notes.append(
             f"histogram: {len(edges) - 1} log-spaced bins from {format_number(edges[0])} to "
             f"{format_number(edges[-1])}, shared by all runs"
@@ -268,6 +278,9 @@ def _final_loss(r: RunResult) -> float:
     if not r.steps or not math.isfinite(r.steps[-1].loss):
         return math.inf
     return r.steps[-1].loss
+def _has_bins(r: RunResult, edges) -> bool:
+    e = edges.get(r.cell.norm_type, []) if isinstance(edges, dict) else edges
+    return len(e) >= 2
 
 
 def _setting(r: RunResult) -> str:
@@ -333,17 +346,51 @@ def _grouped_verdict(results: list[RunResult]) -> str:
     return line + "; try smaller max_norm values or a lower learning rate"
 
 
+def _figure(r: RunResult, ranking) -> str:
+    value = ranking.value(r)
+    name = "eval_metric" if ranking.basis == "eval_metric" else "smoothed loss"
+    return f"{name} {format_number(value)}"
+
+
+def _divergence_note(results: list[RunResult]) -> str | None:
+    """Why divergence was not judged, when it was not (analysis cannot tell the user's intent)."""
+    unchecked = [r for r in results if r.divergence_checked is False and r.steps]
+    if not unchecked:
+        return None
+    first = unchecked[0].steps[0].loss
+    if math.isfinite(first) and first > 0:
+        note = "divergence not judged (--divergence-factor inf)"
+    else:
+        note = f"divergence not judged: the first loss {format_number(first)} is not positive; non-finite values and gradient spikes still are"
+    # What can still be judged: a gradient explosion in a run that was not stopped.
+    spiked = [r for r in unchecked if r.status == STABLE and r.spike_step is not None]
+    if spiked:
+        r = spiked[0]
+        where = f"gradients of {r.spike_param}" if r.spike_param else "the gradient norm"
+        more = f" (and {len(spiked) - 1} more run{'s' if len(spiked) > 2 else ''})" if len(spiked) > 1 else ""
+        note += f"; {r.run}: {where} spike at step {r.spike_step}{more}"
+    return note
+
+
 def verdict_line(results: list[RunResult]) -> str:
-    """One line: the best stable clipped setting (lowest final loss) and what happened unclipped.
+    """One line: the best stable clipped setting and what happened unclipped.
 
-    Cases: a best clipped setting exists (``best: max_norm=1 norm_type=2 (stable, final loss
-    0.0619); unclipped: diverged at step 2: ...``); the unclipped control is stable and no
-    clipped run beats its final loss (``clipping not needed: ...``); no clipped run is stable;
-    every run raised. Ties go to the earlier run of the sweep.
-
-    When the sweep varies the lr or the seed, settings are clipping cells at an lr, stable only
-    if stable in every seed and ranked by their mean final loss (``_grouped_verdict``).
+    Runs are ranked by ``analysis.rank`` (the script's ``evaluate`` metric, else the smoothed
+    loss) and a setting is only called better when the difference is beyond noise
+    (``analysis``'s rule). Unstable runs name their gradient spike (``gradients of X spike at
+    step 3, then diverged at step 5: ...``). Cases: a best clipped setting exists; the
+    unclipped control is stable and no clipped run is meaningfully better (``clipping not
+    needed: ...``); no clipped run is stable (with what to try); every run raised. A note says
+    when divergence was not judged. Ties go to the earlier run of the sweep.
     """
+    from gradcheck_cli.analysis import _advice, rank
+
+    line = _verdict(results, rank, _advice)
+    note = _divergence_note(results)
+    return f"{line}; {note}" if note else line
+
+
+def _verdict(results, rank, advice) -> str:
     if not results:
         return "no runs"
     if all(r.status == ERROR for r in results):
@@ -352,19 +399,25 @@ def verdict_line(results: list[RunResult]) -> str:
         return _grouped_verdict(results)
     control = next((r for r in results if not r.cell.clipped), None)
     clipped = [r for r in results if r.cell.clipped]
-    stable = [r for r in clipped if r.status == STABLE]
-    best = min(stable, key=_final_loss) if stable else None  # min keeps the first of equals
-    unclipped = f"unclipped: {describe_result(control)}" if control is not None else None
+    ranking = rank(results)
+    clipped_ranked = [r for r in ranking.runs if r.cell.clipped]
+    best = clipped_ranked[0] if clipped_ranked else None
+    unclipped = f"unclipped: {describe_unstable(control)}" if control is not None else None
 
-    if control is not None and control.status == STABLE and (best is None or _final_loss(control) <= _final_loss(best)):
+    if control is not None and control.status == STABLE and (best is None or not ranking.better(best, control)):
         if not clipped:
             return unclipped
-        line = f"clipping not needed: unclipped is stable, final loss {format_number(_final_loss(control))}"
+        line = f"clipping not needed: unclipped is stable, {_figure(control, ranking)}"
         if best is None:
             return line + "; no clipped setting was stable"
-        return line + f", no higher than the best clipped setting ({_setting(best)}, final loss {format_number(_final_loss(best))})"
+        return line + f"; no clipped setting is meaningfully better (best: {_setting(best)}, {_figure(best, ranking)})"
     if best is not None:
-        line = f"best: {_setting(best)} ({describe_result(best)})"
+        line = f"best: {_setting(best)} (stable, {_figure(best, ranking)})"
+        tied = [r.run for r in clipped_ranked[1:] if not ranking.better(best, r)]
+        if tied:
+            line += f"; no meaningful difference from {', '.join(tied)}"
+        if control is not None and control.status == STABLE:
+            return f"{line}; meaningfully better than unclipped: stable, {_figure(control, ranking)}"
         return f"{line}; {unclipped}" if unclipped else line
     if not clipped:
         return unclipped or "no runs"
@@ -375,13 +428,20 @@ def verdict_line(results: list[RunResult]) -> str:
     line = f"no stable clipped setting ({summary})"
     if unclipped:
         line += f"; {unclipped}"
-    onsets = {r.nan_step for r in results if r.status == NON_FINITE}
-    if control is not None and all(r.status == NON_FINITE for r in results) and len(onsets) == 1:
-        # The same onset clipped or not: the cause is not the size of the gradients.
-        line += f"; every run goes non-finite at step {onsets.pop()}, clipped or not: clipping cannot help, look at that step's data, loss or custom ops"
-    elif control is None or control.status != STABLE:
-        line += "; try smaller max_norm values or a lower learning rate"
+    if control is None or control.status != STABLE:
+        line += f"; {advice(results)}"
     return line
+
+
+def describe_unstable(r: RunResult) -> str:
+    """``describe_result``, led by the gradient spike for an unstable run that had one before
+    it stopped: ``gradients of lstm.weight_hh_l0 spike at step 3, then diverged at step 5: ...``."""
+    text = describe_result(r)
+    stop = r.stop_step()
+    if r.status in (DIVERGED, NON_FINITE) and r.spike_step is not None and (stop is None or r.spike_step <= stop):
+        where = f"gradients of {r.spike_param}" if r.spike_param else "the gradient norm"
+        return f"{where} spike at step {r.spike_step}, then {text}"
+    return text
 
 
 def check_line(result: RunResult) -> str:
