@@ -1,5 +1,6 @@
 """The README's quick start is a contract: exactly two commands, and CI runs the test one."""
 
+import json
 import re
 from pathlib import Path
 
@@ -90,16 +91,22 @@ def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
     assert list(summary["status"]) == ["diverged", "stable", "stable", "stable", "stable", "diverged", "diverged"]
     onsets = [None if words[4] == "—" else int(words[4]) for words in rows.values()]
     assert [None if pd.isna(s) else int(s) for s in summary["diverged_step"]] == onsets == [2, None, None, None, None, 4, 2]
-    # The chosen setting: the README's verdict names the lowest final loss among stable clipped runs.
-    verdict = expected[-1]
-    assert verdict.startswith("best: max_norm=1 norm_type=2 (stable, final loss 0.06192)")
+    # The chosen setting: the README's verdict names the lowest smoothed loss (mean of the last 10
+    # losses) among stable clipped runs, and the recommendation line and file agree with it.
+    verdict, recommendation = expected[-2], expected[-1]
+    assert verdict.startswith("best: max_norm=0.1 norm_type=inf (stable, smoothed loss 0.0879)")
     stable = summary[(summary["status"] == "stable") & summary["max_norm"].notna()]
-    best = stable.loc[stable["final_loss"].idxmin()]
-    assert (best["max_norm"], best["norm_type"]) == (1.0, "2") or (best["max_norm"], str(best["norm_type"])) == (1.0, "2.0")
-    assert f"{best['final_loss']:.4g}" == "0.06192"
+    best = stable.loc[stable["smoothed_loss"].idxmin()]
+    assert (best["run"], best["max_norm"], str(best["norm_type"])) == ("clip_0.1_inf", 0.1, "inf")
+    assert f"{best['smoothed_loss']:.4g}" == "0.0879"
+    assert recommendation.startswith("recommendation: clip with max_norm=0.1 norm_type=inf (clip_0.1_inf)")
+    rec = json.loads((tmp_path / "gradclip-report" / "recommendation.json").read_text())
+    assert (rec["needs_clipping"], rec["max_norm"], rec["norm_type"], rec["run"]) == (True, 0.1, "inf", "clip_0.1_inf")
     # the prose under the block says the same
     readme = (ROOT / "README.md").read_text()
-    assert "The unclipped run diverges at step 2; `max_norm=1` with the L2 norm trains best" in readme
+    assert "The unclipped run diverges at step 2; `max_norm=0.1` with the inf norm trains best" in readme
+
+
 def test_readme_pandas_example_runs_on_a_sweeps_files(tmp_path):
     """The plotting example under "Output files" works after the README's install (matplotlib is
     a dependency), in a fresh interpreter, on the files of a real sweep."""
