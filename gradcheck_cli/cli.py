@@ -377,6 +377,24 @@ def sweep(
     ),
     max_norm: Optional[str] = typer.Option(None, "--max-norm", help="Comma-separated positive max_norm values (default 0.1,1,10)."),
     norm_type: Optional[str] = typer.Option(None, "--norm-type", help="Comma-separated norm types, numbers or inf (default 2,inf)."),
+    clip_value: Optional[str] = typer.Option(
+        None, "--clip-value", help="Also run value clipping (clip_grad_value_) at these comma-separated values."
+    ),
+    agc: Optional[str] = typer.Option(
+        None, "--agc", help="Also run adaptive gradient clipping (AGC) with these comma-separated clip factors, e.g. 0.01."
+    ),
+    agc_exclude: Optional[str] = typer.Option(
+        None, "--agc-exclude", help="Parameters AGC leaves alone: comma-separated names, module names or globs (default none)."
+    ),
+    autoclip: Optional[str] = typer.Option(
+        None, "--autoclip", help="Also run AutoClip at these comma-separated percentiles (0-100), e.g. 10."
+    ),
+    zclip: Optional[str] = typer.Option(
+        None, "--zclip", help="Also run ZClip with these comma-separated z thresholds, e.g. 2.5."
+    ),
+    zclip_max_norm: Optional[str] = typer.Option(
+        None, "--zclip-max-norm", help="ZClip's cap on its threshold, max_grad_norm (default 1; none: no cap)."
+    ),
     steps: Optional[int] = _STEPS,
     seed: Optional[int] = _SEED,
     seeds: Optional[str] = typer.Option(
@@ -410,6 +428,9 @@ def sweep(
 ) -> None:
     """Run short training bursts unclipped and per max_norm x norm_type cell; report which clipping setting is stable.
 
+    --clip-value, --agc, --autoclip and --zclip add cells for those rules. The default max_norm grid
+    runs only when none of --max-norm, --clip-value, --agc, --autoclip, --zclip is given.
+
     Every run starts from identical weights, optimizer state, RNG state and batch order (per seed with
     --seeds; every cell and the control run again at each --lr). Results go to the terminal and to
     CSV files in --out, written after every finished run.
@@ -420,6 +441,12 @@ def sweep(
         dict(
             max_norms=max_norm,
             norm_types=norm_type,
+            clip_values=clip_value,
+            agc_clip_factors=agc,
+            agc_exclude=agc_exclude,
+            autoclip_percentiles=autoclip,
+            zclip_z_thresholds=zclip,
+            zclip_max_norm=zclip_max_norm,
             steps=steps,
             seed=seed,
             seeds=seeds,

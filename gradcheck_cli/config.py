@@ -10,10 +10,11 @@ import hashlib
 import math
 import re
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from gradcheck_cli.errors import UsageError
-from gradcheck_cli.results import Cell
+from gradcheck_cli.results import MODE_AGC, MODE_AUTOCLIP, MODE_VALUE, MODE_ZCLIP, Cell
 
 DEFAULT_MAX_NORMS = (0.1, 1.0, 10.0)
 DEFAULT_NORM_TYPES = (2.0, math.inf)
@@ -21,6 +22,10 @@ DEFAULT_LR = 0.01  # the default SGD's learning rate when no lr is given
 # Kept in step with gradcheck_cli.precision (not imported: it imports torch).
 AMP_MODES = ("off", "fp16", "bf16")
 DEFAULT_AMP_INIT_SCALE = 2.0**16
+# ZClip's cap on the applied threshold: the reference implementation's max_grad_norm.
+DEFAULT_ZCLIP_MAX_NORM = 1.0
+# The grid options: when none of them is given, the default max_norm grid runs.
+GRID_KEYS = ("max_norms", "clip_values", "agc_clip_factors", "autoclip_percentiles", "zclip_z_thresholds")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,12 @@ class SweepConfig:
     script: Path
     max_norms: tuple[float, ...] = DEFAULT_MAX_NORMS
     norm_types: tuple[float, ...] = DEFAULT_NORM_TYPES
+    clip_values: tuple[float, ...] = ()
+    agc_clip_factors: tuple[float, ...] = ()
+    autoclip_percentiles: tuple[float, ...] = ()
+    zclip_z_thresholds: tuple[float, ...] = ()
+    agc_exclude: tuple[str, ...] = ()  # parameter-name patterns AGC leaves alone (agc_excluded)
+    zclip_max_norm: float | None = DEFAULT_ZCLIP_MAX_NORM  # None: no cap
     steps: int = 100
     seeds: tuple[int, ...] = (0,)
     # None: no lr given; the default SGD uses DEFAULT_LR and a script's own build_optimizer
@@ -50,16 +61,20 @@ class SweepConfig:
     def from_values(cls, values: dict, notes: list | None = None) -> "SweepConfig":
         """A validated config from raw values (a recipe's, overridden by the command line's);
         missing keys take the defaults above. Raises ``UsageError`` naming the bad value.
-        Duplicates merged in the grid are described in ``notes`` (see ``parse_max_norms``)."""
+        Duplicates merged in the grid are described in ``notes`` (see ``parse_max_norms``).
+        The default max_norm grid runs only when no grid option (``GRID_KEYS``) is given at
+        all: ``--agc 0.01`` alone sweeps the control run and AGC, not the max_norm grid too."""
         if "script" not in values:
             raise UsageError(
                 "no script given", "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE"
             )
         d = cls.__dataclass_fields__
         lrs = values.get("lr")
+        any_grid = any(values.get(key) is not None for key in GRID_KEYS)
         config = cls(
             script=check_script(values["script"]),
-            max_norms=parse_max_norms(values.get("max_norms", d["max_norms"].default), notes=notes),
+            max_norms=parse_max_norms(values["max_norms"], notes=notes) if values.get("max_norms") is not None
+            else (() if any_grid else DEFAULT_MAX_NORMS),
             norm_types=parse_norm_types(values.get("norm_types", d["norm_types"].default), notes=notes),
             steps=check_steps(values.get("steps", d["steps"].default)),
             seeds=resolve_seeds(values.get("seed"), values.get("seeds")),
@@ -74,6 +89,14 @@ class SweepConfig:
             layer_depth=check_layer_depth(values.get("layer_depth", d["layer_depth"].default)),
             spike_factor=check_spike_factor(values.get("spike_factor", d["spike_factor"].default)),
             refine=check_refine(values.get("refine", d["refine"].default)),
+            clip_values=_optional(values, "clip_values", parse_max_norms, "--clip-value"),
+            agc_clip_factors=_optional(values, "agc_clip_factors", parse_max_norms, "--agc"),
+            autoclip_percentiles=_optional(values, "autoclip_percentiles", parse_percentiles, "--autoclip"),
+            zclip_z_thresholds=_optional(values, "zclip_z_thresholds", parse_max_norms, "--zclip"),
+            agc_exclude=parse_names(values.get("agc_exclude") or ()),
+            zclip_max_norm=parse_optional_positive(
+                values.get("zclip_max_norm", d["zclip_max_norm"].default), "--zclip-max-norm"
+            ),
         )
         config.check_run_names()
         return config
@@ -90,18 +113,27 @@ class SweepConfig:
 
     def cells(self) -> list[Cell]:
         """Every run, seed-major then lr-major: per (seed, lr) the unclipped control run first
-        (it measures the L2 norm), then the grid, max_norm major.
+        (it measures the L2 norm), then the max_norm grid (max_norm major), then the value,
+        AGC, AutoClip and ZClip cells, each in the given order.
 
         A cell names its lr and seed only when that axis has several values (``None``
         otherwise), so a sweep with one lr and one seed keeps the plain names ``unclipped``,
         ``clip_1_2``. Seed-major order lets a sweep hold one starting snapshot at a time."""
         lrs = self.lrs if self.lrs and len(self.lrs) > 1 else (None,)
         seeds = self.seeds if len(self.seeds) > 1 else (None,)
+        rules = (
+            (MODE_VALUE, self.clip_values),
+            (MODE_AGC, self.agc_clip_factors),
+            (MODE_AUTOCLIP, self.autoclip_percentiles),
+            (MODE_ZCLIP, self.zclip_z_thresholds),
+        )
         cells = []
         for seed in seeds:
             for lr in lrs:
                 cells.append(Cell(None, 2.0, lr=lr, seed=seed))
                 cells.extend(Cell(m, p, lr=lr, seed=seed) for m in self.max_norms for p in self.norm_types)
+                for mode, params in rules:
+                    cells.extend(Cell(None, 2.0, lr=lr, seed=seed, mode=mode, param=x) for x in params)
         return cells
 
     def check_run_names(self) -> None:
@@ -112,7 +144,7 @@ class SweepConfig:
             if cell.run in seen:
                 raise UsageError(
                     f"two runs would both be named {cell.run!r}: some values are too close to tell apart",
-                    "use values of --max-norm and --lr that differ in their first significant digits",
+                    "use grid values (--max-norm, --lr, --clip-value, --agc, --autoclip, --zclip) that differ in their first significant digits",
                 )
             seen[cell.run] = cell
 
@@ -127,6 +159,9 @@ class SweepConfig:
         d["seeds"] = [int(s) for s in self.seeds]
         d["divergence_factor"] = format_float(self.divergence_factor) if math.isinf(self.divergence_factor) else self.divergence_factor
         d["layer_depth"] = "param" if self.layer_depth is None else self.layer_depth
+        for key in GRID_KEYS[1:]:
+            d[key] = [float(x) for x in d[key]]
+        d["agc_exclude"] = list(self.agc_exclude)
         return d
 
 
@@ -178,6 +213,59 @@ def parse_max_norms(value: str | list | tuple, option: str = "--max-norm", notes
         else:
             _note_duplicate(notes, option, item, x)
     return tuple(out)
+
+
+def _optional(values: dict, key: str, parse, option: str) -> tuple[float, ...]:
+    value = values.get(key)
+    return () if value is None else parse(value, option)
+
+
+def parse_percentiles(value: str | list | tuple, option: str = "--autoclip") -> tuple[float, ...]:
+    """Comma-separated percentiles from 0 to 100, kept in order, duplicates dropped."""
+    out: list[float] = []
+    for item in _split(value, option):
+        try:
+            x = float(item)
+        except (TypeError, ValueError):
+            raise UsageError(f"{option} value {item!r} is not a number", f"use percentiles from 0 to 100, e.g. {option} 10,25") from None
+        if not 0.0 <= x <= 100.0:
+            raise UsageError(f"{option} value {item!r} is not a percentile from 0 to 100", f"use e.g. {option} 10,25")
+        if x not in out:
+            out.append(x)
+    return tuple(out)
+
+
+def parse_names(value: str | list | tuple, option: str = "--agc-exclude") -> tuple[str, ...]:
+    """Comma-separated parameter-name patterns (see ``agc_excluded``); duplicates dropped."""
+    if isinstance(value, (list, tuple)) and not value:
+        return ()
+    out: list[str] = []
+    for item in _split(value, option):
+        if not isinstance(item, str):
+            raise UsageError(f"{option} value {item!r} is not a name", f"give parameter names or globs, e.g. {option} fc,head.*")
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def agc_excluded(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether AGC leaves parameter ``name`` alone: a pattern matches the full name as an
+    ``fnmatch`` glob (case-sensitive; ``*.bias``, ``head.*``), or names a module whose
+    parameters it covers (``fc`` matches ``fc.weight`` and ``fc.bias``, not ``fc2.weight``)."""
+    return any(fnmatchcase(name, pat) or fnmatchcase(name, pat + ".*") for pat in patterns)
+
+
+def parse_optional_positive(value, option: str) -> float | None:
+    """A positive finite number, or ``none`` (``None``) for "no limit"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option} {value!r} is not a number or 'none'", f"give a positive number, or none for no cap, e.g. {option} 1") from None
+    if not (x > 0) or not math.isfinite(x):
+        raise UsageError(f"{option} {value!r} must be a positive finite number or 'none'", f"e.g. {option} 1, or {option} none for no cap")
+    return x
 
 
 def parse_norm_types(value: str | list | tuple, option: str = "--norm-type", notes: list | None = None) -> tuple[float, ...]:

@@ -88,7 +88,7 @@ def lr_grid(results: list[RunResult]) -> tuple[list[float | None], list[Cell], d
     clips: list[Cell] = []
     entries: dict[tuple[float | None, Cell], SettingOverSeeds] = {}
     for group in over_seeds(results):
-        clip = Cell(group.cell.max_norm, group.cell.norm_type)
+        clip = group.cell.clipping
         if group.cell.lr not in lrs:
             lrs.append(group.cell.lr)
         if clip not in clips:

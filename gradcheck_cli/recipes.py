@@ -13,6 +13,12 @@ key                      type                                    sweep option
 ``max_norm``             list of numbers, or ``"0.1,1,10"``      ``--max-norm``
 ``norm_type``            list of numbers/``inf``/``"inf"``,      ``--norm-type``
                          or ``"2,inf"``
+``clip_value``           list of numbers, or ``"0.1,1"``         ``--clip-value``
+``agc``                  list of numbers, or ``"0.01,0.1"``      ``--agc``
+``agc_exclude``          list of strings, or ``"fc,head.*"``     ``--agc-exclude``
+``autoclip``             list of numbers 0-100, or ``"10,25"``   ``--autoclip``
+``zclip``                list of numbers, or ``"2.5,3"``         ``--zclip``
+``zclip_max_norm``       number, or ``"none"``                   ``--zclip-max-norm``
 ``steps``                integer                                 ``--steps``
 ``seed``                 integer                                 ``--seed``
 ``seeds``                list of integers, or ``"0,1,2"``        ``--seeds``
@@ -56,6 +62,12 @@ RECIPE_KEYS = {
     "script": ("script", "a string (a path relative to the recipe file)"),
     "max_norm": ("max_norms", 'a list of numbers or a comma-separated string, e.g. [0.1, 1, 10] or "0.1,1,10"'),
     "norm_type": ("norm_types", 'a list of numbers or "inf", or a comma-separated string, e.g. [2, "inf"] or "2,inf"'),
+    "clip_value": ("clip_values", 'a list of numbers or a comma-separated string, e.g. [0.1, 1] or "0.1,1"'),
+    "agc": ("agc_clip_factors", 'a list of numbers or a comma-separated string, e.g. [0.01, 0.1] or "0.01,0.1"'),
+    "agc_exclude": ("agc_exclude", 'a list of strings or a comma-separated string, e.g. ["fc", "head.*"] or "fc,head.*"'),
+    "autoclip": ("autoclip_percentiles", 'a list of numbers from 0 to 100 or a comma-separated string, e.g. [10, 25] or "10,25"'),
+    "zclip": ("zclip_z_thresholds", 'a list of numbers or a comma-separated string, e.g. [2.5, 3] or "2.5,3"'),
+    "zclip_max_norm": ("zclip_max_norm", 'a number, or "none" for no cap'),
     "steps": ("steps", "an integer"),
     "seed": ("seed", "an integer"),
     "seeds": ("seeds", 'a list of integers or a comma-separated string, e.g. [0, 1, 2] or "0,1,2"'),
@@ -70,6 +82,15 @@ RECIPE_KEYS = {
     "refine": ("refine", "an integer"),
     "fail_on_nan": ("fail_on_nan", "a boolean (true or false)"),
     "fail_on_divergence": ("fail_on_divergence", "a boolean (true or false)"),
+}
+
+
+# The rules' grid keys: parser and an example for the hint.
+_GRID_PARSERS = {
+    "clip_value": (cfg.parse_max_norms, "clip_value = [0.1, 1]"),
+    "agc": (cfg.parse_max_norms, "agc = [0.01, 0.1]"),
+    "autoclip": (cfg.parse_percentiles, "autoclip = [10, 25]"),
+    "zclip": (cfg.parse_max_norms, "zclip = [2.5]"),
 }
 
 
@@ -158,9 +179,12 @@ def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
 
     Returns the values present, under the keys ``SweepConfig.from_values`` reads: ``script``
     (a ``Path`` resolved relative to the recipe file), ``max_norms`` and ``norm_types``
-    (tuples of floats), ``steps``, ``seed``, ``seeds`` and ``lr`` (tuples), ``divergence_factor``,
-    ``device``, ``amp``, ``accumulate``, ``amp_init_scale``, plus ``fail_on_nan`` and
-    ``fail_on_divergence``; ``description`` is checked but not returned.
+    (tuples of floats), the rules' grids ``clip_values``, ``agc_clip_factors``,
+    ``autoclip_percentiles``, ``zclip_z_thresholds`` (tuples of floats), ``agc_exclude`` (a
+    tuple of patterns), ``zclip_max_norm`` (a float or None), ``steps``, ``seed``, ``seeds``
+    and ``lr`` (tuples), ``divergence_factor``, ``device``, ``amp``, ``accumulate``,
+    ``amp_init_scale``, plus ``fail_on_nan`` and ``fail_on_divergence``; ``description`` is
+    checked but not returned.
 
     Raises ``UsageError`` naming the file and the problem when the file does not exist, is not
     valid TOML (with the line), has unknown keys (listing them and the allowed ones), or has a
@@ -230,6 +254,28 @@ def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
                 out[field] = cfg.parse_max_norms(raw, option="max_norm", notes=notes)
             except UsageError as err:
                 raise _reraise(file, key, err, "max_norm = [0.1, 1, 10]") from None
+        elif key in _GRID_PARSERS:
+            parse, example = _GRID_PARSERS[key]
+            if not (isinstance(raw, str) or (isinstance(raw, list) and all(_is_number(v) for v in raw))):
+                raise _type_error(file, key, raw)
+            try:
+                out[field] = parse(raw, option=key)
+            except UsageError as err:
+                raise _reraise(file, key, err, example) from None
+        elif key == "agc_exclude":
+            if not (isinstance(raw, str) or (isinstance(raw, list) and all(isinstance(v, str) for v in raw))):
+                raise _type_error(file, key, raw)
+            try:
+                out[field] = cfg.parse_names(raw, option=key)
+            except UsageError as err:
+                raise _reraise(file, key, err, 'agc_exclude = ["fc"]') from None
+        elif key == "zclip_max_norm":
+            if not (_is_number(raw) or raw == "none"):
+                raise _type_error(file, key, raw)
+            try:
+                out[field] = cfg.parse_optional_positive(raw, key)
+            except UsageError as err:
+                raise _reraise(file, key, err, "zclip_max_norm = 1.0") from None
         elif key == "norm_type":
             if not (isinstance(raw, str) or (isinstance(raw, list) and all(_is_number(v) or isinstance(v, str) for v in raw))):
                 raise _type_error(file, key, raw)

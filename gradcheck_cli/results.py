@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 STABLE = "stable"
 NON_FINITE = "non_finite"
@@ -26,10 +26,24 @@ SOURCE_AMP = "amp"
 
 CONTROL_RUN = "unclipped"
 
+# Clipping modes (``Cell.mode``, the ``clip_mode`` column): the control measures only; ``norm``
+# is clip_grad_norm_ at max_norm; the others are the rules of ``engine`` / ``rules.py``.
+MODE_NONE = "none"
+MODE_NORM = "norm"
+MODE_VALUE = "value"
+MODE_AGC = "agc"
+MODE_AUTOCLIP = "autoclip"
+MODE_ZCLIP = "zclip"
+MODES = (MODE_NONE, MODE_NORM, MODE_VALUE, MODE_AGC, MODE_AUTOCLIP, MODE_ZCLIP)
+# Modes whose clipping is not a total-norm threshold: no clip_coef, a clipped_unit_frac instead.
+UNIT_MODES = (MODE_VALUE, MODE_AGC)
+
 SUMMARY_COLUMNS = [
     "run",
     "max_norm",
     "norm_type",
+    "clip_mode",
+    "clip_param",
     "lr",
     "seed",
     "status",
@@ -59,7 +73,9 @@ SUMMARY_COLUMNS = [
     "error",
     "warnings",
 ]
-STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
+# clip_threshold: the total-norm threshold applied at the step (norm, autoclip, zclip);
+# clipped_unit_frac: the share of gradient elements (value) or units (agc) clipped at the step.
+STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
 # One row per (run, step, layer group): the group's pre-clip gradient norm in the run's norm type
 # (``layers.py`` says how parameters are grouped). ``param`` is a parameter or group name.
 LAYER_COLUMNS = ["run", "step", "param", "grad_norm"]
@@ -94,7 +110,14 @@ def format_name_number(x: float) -> str:
 
 @dataclass(frozen=True)
 class Cell:
-    """One run's configuration. ``max_norm is None`` is the unclipped control run.
+    """One run's configuration: a clipping ``mode`` (``MODES``) with its ``param``, and the lr
+    and seed axes.
+
+    ``Cell(max_norm, norm_type)`` is norm clipping (``mode="norm"``, ``param`` = ``max_norm``)
+    and ``Cell(None)`` the unclipped control run (``mode="none"``); the rules are
+    ``Cell(None, mode="value", param=0.5)`` and so on, with ``param`` the clip value, AGC clip
+    factor, AutoClip percentile or ZClip z threshold. ``max_norm`` is set for norm cells only;
+    ``norm_type`` is the norm measured (and, for norm cells, clipped); the rules measure L2.
 
     ``lr`` and ``seed`` are set only when the sweep varies them (several values); ``None``
     means the sweep's single value, which the run name leaves out."""
@@ -103,6 +126,27 @@ class Cell:
     norm_type: float = 2.0
     lr: float | None = None
     seed: int | None = None
+    mode: str | None = None  # None: "norm" when max_norm is given, else "none"
+    param: float | None = None  # None for "none"; max_norm for "norm"
+    def __post_init__(self) -> None:
+        mode = self.mode
+        if mode is None:
+            mode = MODE_NONE if self.max_norm is None else MODE_NORM
+        if mode not in MODES:
+            raise ValueError(f"unknown clipping mode {mode!r}; one of {', '.join(MODES)}")
+        param = self.param
+        if mode == MODE_NORM:
+            if self.max_norm is None or param not in (None, self.max_norm):
+                raise ValueError("a norm cell takes its threshold as max_norm")
+            param = self.max_norm
+        elif self.max_norm is not None:
+            raise ValueError(f"a {mode!r} cell has no max_norm")
+        elif mode == MODE_NONE and param is not None:
+            raise ValueError("the control run has no clipping parameter")
+        elif mode != MODE_NONE and param is None:
+            raise ValueError(f"a {mode!r} cell needs its param")
+        object.__setattr__(self, "mode", mode)
+        object.__setattr__(self, "param", None if param is None else float(param))
 
     @functools.cached_property  # asked for per row when reports are written
     def run(self) -> str:
@@ -111,21 +155,32 @@ class Cell:
 
     @property
     def clipped(self) -> bool:
-        return self.max_norm is not None
+        """Every cell but the control clips somehow."""
+        return self.mode != MODE_NONE
 
     @property
     def setting(self) -> "Cell":
         """The same cell without its seed: what a multi-seed sweep aggregates over."""
-        return Cell(self.max_norm, self.norm_type, lr=self.lr)
+        return replace(self, seed=None)
+
+    @property
+    def clipping(self) -> "Cell":
+        """The clipping alone, without the lr and seed axes (a column of the lr grid)."""
+        return replace(self, lr=None, seed=None)
 
 
 def run_name(cell: Cell) -> str:
-    """``unclipped`` or ``clip_<max_norm>_<norm_type>``, then ``@`` and the axes that vary,
-    e.g. ``clip_1_2@lr=0.1,seed=1``. Every part of a name is built here."""
-    if cell.max_norm is None:
+    """The base name, then ``@`` and the axes that vary, e.g. ``clip_1_2@lr=0.1,seed=1``.
+    Bases: ``unclipped``, ``clip_<max_norm>_<norm_type>``, ``value_<clip_value>``,
+    ``agc_<clip_factor>``, ``autoclip_p<percentile>``, ``zclip_z<z_thresh>``. Every part of a
+    name is built here."""
+    if cell.mode == MODE_NONE:
         base = CONTROL_RUN
-    else:
+    elif cell.mode == MODE_NORM:
         base = f"clip_{format_name_number(cell.max_norm)}_{format_norm_type(cell.norm_type)}"
+    else:
+        prefix = {MODE_VALUE: "value_", MODE_AGC: "agc_", MODE_AUTOCLIP: "autoclip_p", MODE_ZCLIP: "zclip_z"}[cell.mode]
+        base = prefix + format_name_number(cell.param)
     axes = []
     if cell.lr is not None:
         axes.append(f"lr={format_name_number(cell.lr)}")
@@ -147,6 +202,10 @@ class StepRecord:
     loss: float
     grad_norm: float = math.nan  # pre-clip total norm in the run's norm type
     clip_coef: float = math.nan  # coefficient applied; 1.0 when nothing was clipped
+    # The total-norm threshold applied at this step (norm, autoclip, zclip); NaN when none.
+    clip_threshold: float = math.nan
+    # value: share of gradient elements clamped; agc: share of units scaled; NaN otherwise.
+    clipped_unit_frac: float = math.nan
     # (layer group, pre-clip norm) pairs from the same measuring pass as ``grad_norm``;
     # empty when per-layer norms were not recorded for this step.
     layers: tuple[tuple[str, float], ...] = ()
@@ -227,7 +286,7 @@ class RunResult:
         """One row of ``summary.csv``; keys are exactly ``SUMMARY_COLUMNS``."""
         norms = sorted(self.finite_norms())
         finite_losses = [s.loss for s in self.steps if math.isfinite(s.loss)]
-        coefs = [s.clip_coef for s in self.steps if not s.skipped and not math.isnan(s.clip_coef)]
+        clipped = [was_clipped(s, self.cell.mode) for s in self.steps if not s.skipped and not (math.isnan(s.clip_coef) and math.isnan(s.clipped_unit_frac))]
         from gradcheck_cli.analysis import smoothed_loss
 
         smoothed = smoothed_loss(self)
@@ -235,6 +294,8 @@ class RunResult:
             "run": self.run,
             "max_norm": self.cell.max_norm,
             "norm_type": format_norm_type(self.cell.norm_type),
+            "clip_mode": self.cell.mode,
+            "clip_param": self.cell.param,
             "lr": self.lr,
             "seed": self.seed,
             "status": self.status,
@@ -257,7 +318,7 @@ class RunResult:
             "grad_norm_p50": percentile(norms, 50),
             "grad_norm_p95": percentile(norms, 95),
             "grad_norm_max": norms[-1] if norms else None,
-            "clipped_frac": (sum(c < 1.0 for c in coefs) / len(coefs)) if coefs else None,
+            "clipped_frac": (sum(clipped) / len(clipped)) if clipped else None,
             "refined": self.refined,
             "steps": len(self.steps),
             "seconds": round(self.seconds, 4),
@@ -298,12 +359,27 @@ class RunResult:
                 "loss": s.loss,
                 "grad_norm": s.grad_norm,
                 "clip_coef": s.clip_coef,
+                "clip_threshold": s.clip_threshold,
+                "clipped_unit_frac": s.clipped_unit_frac,
                 "lr": s.lr,
                 "skipped": int(s.skipped),
                 "seed": self.seed,
             }
             for s in self.steps
         ]
+
+
+def was_clipped(step: StepRecord, mode: str) -> bool:
+    """Whether the step counts as clipped in ``clipped_frac``: for norm cells a coefficient
+    below 1 (as always); for AutoClip and ZClip a norm above the threshold (torch's coefficient
+    ``threshold / (norm + 1e-6)`` is a hair below 1 when the norm *is* the threshold, as at
+    AutoClip's first step, whose one norm is its own percentile); for value and AGC any element
+    or unit clipped."""
+    if mode in UNIT_MODES:
+        return step.clipped_unit_frac > 0.0
+    if mode in (MODE_AUTOCLIP, MODE_ZCLIP):
+        return step.grad_norm > step.clip_threshold  # False for NaN: no threshold applied
+    return step.clip_coef < 1.0
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradcheck_cli.engine import clip_grads_with_norm_, get_total_norm
+from gradcheck_cli.engine import _coalesce_, clip_grads_with_norm_, get_total_norm
 
 __all__ = ["AGC", "AutoClip", "ClipStep", "ZClip", "adaptive_clip_grad_"]
 
@@ -91,7 +91,7 @@ class _TotalNormRule:
     last: ClipStep | None = None
 
     @torch.no_grad()
-    def clip(self, parameters: Parameters, skipped: bool = False) -> Tensor:
+    def clip(self, parameters: Parameters, skipped: bool = False, total_norm: Tensor | None = None) -> Tensor:
         """Clip the gradients of ``parameters`` in place; return their pre-clip total L2 norm.
 
         Args:
@@ -99,10 +99,12 @@ class _TotalNormRule:
                 are skipped.
             skipped: the caller knows this step's update will be skipped (e.g. a loss scaler
                 found inf): measure only, apply and record nothing.
+            total_norm: the pre-clip total L2 norm of these gradients when the caller has
+                measured it already (a training loop that logs it); it is used as given.
         """
         params = _parameters(parameters)
         grads = _grads(params)
-        total = get_total_norm(grads, 2.0)
+        total = get_total_norm(grads, 2.0) if total_norm is None else total_norm
         norm = total.item()
         if skipped or not math.isfinite(norm):
             self.last = ClipStep(total, skipped=True)
@@ -363,12 +365,13 @@ class AGC:
         return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
 
     @torch.no_grad()
-    def clip(self, parameters: Parameters, skipped: bool = False) -> Tensor:
+    def clip(self, parameters: Parameters, skipped: bool = False, total_norm: Tensor | None = None) -> Tensor:
         """Clip the gradients of ``parameters`` unit-wise in place; return their pre-clip total
         L2 norm. Arguments as :meth:`AutoClip.clip`; ``self.last.clipped_frac`` is the share of
-        units scaled."""
+        units scaled. A given ``total_norm`` only decides whether the step is finite and is
+        what is returned (it may be the norm over more parameters than are clipped here)."""
         params = [p for p in _parameters(parameters) if p.grad is not None]
-        total = get_total_norm([p.grad for p in params], 2.0)
+        total = get_total_norm([p.grad for p in params], 2.0) if total_norm is None else total_norm
         if skipped or not math.isfinite(total.item()):
             self.last = ClipStep(total, skipped=True)
             return total
@@ -379,6 +382,10 @@ class AGC:
             if g.numel() == 0:
                 continue
             limit = _unit_norms(p.detach()).clamp(min=self.eps) * self.clip_factor
+            if g.is_sparse:
+                units += limit.numel()
+                counts.append(_clip_sparse_units_(g, limit).to(total.device))
+                continue
             norms = _unit_norms(g)
             over = norms > limit  # False for NaN
             units += over.numel()
@@ -399,6 +406,32 @@ class AGC:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clip_factor = _check_nonnegative("clip_factor", state["clip_factor"])
         self.eps = _check_nonnegative("eps", state["eps"])
+
+
+def _clip_sparse_units_(g: Tensor, limit: Tensor) -> Tensor:
+    """AGC on a sparse COO gradient ``g`` in place, as on its dense equivalent: ``g`` is
+    coalesced (duplicate entries summed, the same object, as ``engine`` clips sparse gradients),
+    each unit's norm is taken over its stored values (in float64), and the stored values of the
+    units above ``limit`` are scaled. Returns the number of units scaled (a 0-dim tensor)."""
+    _coalesce_(g)
+    values = g._values()
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.int64)
+    wide = values.to(torch.float64)
+    if g.ndim <= 1:  # one unit: the whole tensor
+        norm = wide.pow(2).sum().sqrt()
+        over = norm > limit.to(torch.float64)
+        if bool(over):
+            values.mul_((limit / norm.clamp(min=1e-6)).to(values.dtype))
+        return over.to(torch.int64)
+    rows = g._indices()[0]
+    squares = wide.pow(2).reshape(len(rows), -1).sum(dim=1)
+    norms = torch.zeros(g.shape[0], dtype=torch.float64, device=values.device).index_add_(0, rows, squares).sqrt()
+    flat_limit = limit.reshape(-1).to(torch.float64)
+    over = norms > flat_limit  # False for NaN
+    coef = torch.where(over, flat_limit / norms.clamp(min=1e-6), torch.ones_like(norms))
+    values.mul_(coef[rows].reshape(-1, *([1] * (values.ndim - 1))).to(values.dtype))
+    return over.sum()
 
 
 def _unit_norms(t: Tensor) -> Tensor:

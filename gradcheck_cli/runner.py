@@ -37,11 +37,20 @@ Per step (numbered from 1, ``config.steps`` optimizer steps):
      at the onset step only, because that elementwise scan is expensive; stop *before*
      clipping (a NaN norm would make the clip coefficient NaN and spread NaN everywhere);
 
-5. clipped cells scale the gradients by ``min(max_norm / (norm + 1e-6), 1)``
-   (``engine.clip_grads_with_norm_``); the control run never clips (its coefficient is 1.0);
+5. the cell's clipping mode acts on the finite gradients (``apply_clipping``): norm cells
+   scale them by ``min(max_norm / (norm + 1e-6), 1)`` (``engine.clip_grads_with_norm_``),
+   value cells clamp every element (``engine.clip_grad_value_``), AGC, AutoClip and ZClip
+   cells apply their rule (``rules.py``) to the measured L2 norm; the control run never clips
+   (its coefficient is 1.0);
 6. ``optimizer.step()``, the scaler's update (fp16), ``scheduler.step()``, and record
-   ``StepRecord(step, loss, grad_norm, clip_coef, layers=..., lr=..., skipped=..., norms=...)``;
-   ``lr`` is the first param group's learning rate used by this step.
+   ``StepRecord(step, loss, grad_norm, clip_coef, clip_threshold, clipped_unit_frac, layers=...,
+   lr=..., skipped=..., norms=...)``; ``lr`` is the first param group's learning rate used by
+   this step.
+
+Stateful rules (AutoClip's history, ZClip's statistics) are built afresh for every run, so
+each run's rule starts empty, as every run starts from the same weights. They see finite
+norms of steps that were taken only: a run stops at its first non-finite norm, before anything
+is clipped, and a step the fp16 scaler skips is not clipped at all.
 
 After the last step of a stable run, the script's optional ``evaluate(model)`` is called once
 (``model.eval()``, ``torch.no_grad()``) and its number kept as ``eval_metric``.
@@ -69,7 +78,7 @@ from typing import Any, Callable
 import torch
 
 from gradcheck_cli import engine
-from gradcheck_cli.config import DEFAULT_LR, SweepConfig
+from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
 from gradcheck_cli.detect import (
     FOREIGN_PARAMETERS,
     NO_MODEL_PARAMETERS,
@@ -86,6 +95,12 @@ from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
+    MODE_AGC,
+    MODE_AUTOCLIP,
+    MODE_NONE,
+    MODE_NORM,
+    MODE_VALUE,
+    MODE_ZCLIP,
     NON_FINITE,
     SOURCE_AMP,
     SOURCE_BACKWARD,
@@ -351,6 +366,8 @@ def _step(experiment: Experiment, optimizer: torch.optim.Optimizer, lr: float) -
             f"the default SGD with --lr {lr!r} failed: {describe_exception(exc)}; "
             "choose a smaller --lr, or define build_optimizer(model) in the script"
         ) from exc
+
+
 def evaluate_model(experiment: Experiment, model: torch.nn.Module) -> float:
     """The script's ``evaluate(model)`` as a float, in eval mode without gradients. Raises
     ``UserFailure`` when it raises or returns something that is not a single number."""
@@ -381,6 +398,52 @@ def _to_host(scalars: list[torch.Tensor], vector: torch.Tensor, on_cpu: bool) ->
     device = scalars[0].device
     parts = [t.to(device, torch.float64).reshape(1) for t in scalars] + [vector.to(device, torch.float64)]
     return torch.cat(parts).tolist()
+def make_rule(cell: Cell, config: SweepConfig) -> Any:
+    """A fresh rule object for an AGC, AutoClip or ZClip cell (ZClip's other parameters at the
+    reference defaults, its cap ``config.zclip_max_norm``); ``None`` for the other modes."""
+    if cell.mode == MODE_AGC:
+        return engine.AGC(clip_factor=cell.param)
+    if cell.mode == MODE_AUTOCLIP:
+        return engine.AutoClip(percentile=cell.param)
+    if cell.mode == MODE_ZCLIP:
+        return engine.ZClip(z_thresh=cell.param, max_grad_norm=config.zclip_max_norm)
+    return None
+
+
+def apply_clipping(
+    cell: Cell, rule: Any, params: list[torch.Tensor], norm: torch.Tensor, norm_f: float
+) -> tuple[float, float, float]:
+    """Clip the (finite) gradients of ``params`` as ``cell`` says, given their pre-clip norm
+    (``norm`` on the device, ``norm_f`` on the host, in the cell's norm type: L2 for the rules).
+
+    ``params`` are the parameters the mode acts on (AGC's exclusions already removed).
+    Returns ``(clip_coef, clip_threshold, clipped_unit_frac)`` for the step's record, NaN where
+    the mode has none."""
+    nan = math.nan
+    if cell.mode == MODE_NONE:
+        return 1.0, nan, nan  # the control run only measures; it never clips
+    if cell.mode == MODE_NORM:
+        engine.clip_grads_with_norm_(params, cell.max_norm, norm)
+        return clip_coefficient(norm_f, cell.max_norm), cell.max_norm, nan
+    if cell.mode == MODE_VALUE:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return nan, nan, 0.0
+        # counted before clamping, all gradients in one host read; a sparse gradient by its
+        # coalesced values (duplicates summed, as clip_grad_value_ clamps them)
+        dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
+        over = torch.stack([(g.abs() > cell.param).sum().to(grads[0].device) for g in dense]).sum()
+        engine.clip_grad_value_(params, cell.param)
+        return nan, nan, int(over) / sum(g.numel() for g in grads)
+    if cell.mode == MODE_AGC:
+        rule.clip(params, total_norm=norm)
+        return nan, nan, rule.last.clipped_frac
+    rule.clip(params, total_norm=norm)  # AutoClip, ZClip
+    threshold = rule.last.threshold
+    if threshold is None:  # ZClip without a cap and no spike: nothing applied
+        return 1.0, nan, nan
+    # the norm cells' coefficient, computed the same way (float64), so the columns compare
+    return clip_coefficient(norm_f, threshold), threshold, nan
 
 
 def run_cell(
@@ -473,6 +536,10 @@ def run_cell(
         # The control run also measures the total in every norm type of the grid, so that each
         # clipped cell can be compared with it on its own norm.
         extra_types = [] if cell.clipped else list(dict.fromkeys(config.norm_types))
+        rule = make_rule(cell, config)
+        clip_params = params
+        if cell.mode == MODE_AGC and config.agc_exclude:
+            clip_params = [p for n, p in model.named_parameters() if not agc_excluded(n, config.agc_exclude)]
         # Gradients of parameters the optimizer does not hold must not pile up across steps
         # (they would inflate the measured norm); zero them too, but only when there are any.
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -586,16 +653,12 @@ def run_cell(
                     nan_param=_first_non_finite_param(model),
                 )
 
-            if cell.clipped:
-                coef = clip_coefficient(norm_f, cell.max_norm)
-                engine.clip_grads_with_norm_(params, cell.max_norm, norm)
-            else:
-                coef = 1.0  # the control run only measures; it never clips
+            coef, threshold, unit_frac = apply_clipping(cell, rule, clip_params, norm, norm_f)
             _step(experiment, optimizer, lr if lr is not None else DEFAULT_LR)
             precision.update()
             if scheduler is not None:
                 call_user(experiment, scheduler.step)
-            records.append(StepRecord(step, loss_f, norm_f, coef, layers=layers, lr=step_lr, norms=extra))
+            records.append(StepRecord(step, loss_f, norm_f, coef, threshold, unit_frac, layers=layers, lr=step_lr, norms=extra))
             if on_step is not None:
                 on_step(step)
 

@@ -30,11 +30,11 @@ from collections.abc import Callable, Mapping
 import torch
 
 from gradcheck_cli.analysis import annotate_spike
-from gradcheck_cli.config import DEFAULT_LR, SweepConfig
+from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
 from gradcheck_cli.detect import step1_warning
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.loader import Experiment
-from gradcheck_cli.results import Cell, RunResult
+from gradcheck_cli.results import MODE_AGC, Cell, RunResult
 from gradcheck_cli.runner import UserFailure, error_result, make_optimizer, run_cell, run_lr
 from gradcheck_cli.snapshot import Snapshot, seed_everything
 
@@ -113,6 +113,21 @@ def _with_step1_warning(result: RunResult, reference: RunResult | None) -> RunRe
     return result
 
 
+def _check_agc_exclude(config: SweepConfig, cells: list[Cell], model: torch.nn.Module) -> None:
+    """Every ``--agc-exclude`` pattern must match some parameter: a typo would otherwise
+    silently exclude nothing."""
+    if not config.agc_exclude or not any(cell.mode == MODE_AGC for cell in cells):
+        return
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [pat for pat in config.agc_exclude if not any(agc_excluded(n, (pat,)) for n in names)]
+    if unmatched:
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise UsageError(
+            f"--agc-exclude {', '.join(unmatched)} matches no parameter of the model",
+            f"give parameter or module names or globs; the model's parameters are: {shown}",
+        )
+
+
 def run_sweep(
     config: SweepConfig,
     experiment: Experiment,
@@ -164,6 +179,7 @@ def run_sweep(
                 first_global.restore()
             model, snapshot, optimizer_failure = _starting_state(config, experiment, device, seed)
             first_global = first_global or snapshot.global_state
+            _check_agc_exclude(config, cells, model)
             prepared_seed = seed
         if on_run_start is not None:
             on_run_start(index, total, cell)

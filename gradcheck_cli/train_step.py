@@ -15,7 +15,9 @@ What ``clip(parameters, name=None)`` does is the cell's business:
   ``non_finite``, source ``backward``, and ``nan_param`` the first parameter, in the order given
   to that call, whose gradient is NaN/inf (the rest of ``train_step`` does not run);
 * a clipped cell scales those gradients by ``min(max_norm / (norm + 1e-6), 1)``; the control run
-  leaves them alone;
+  leaves them alone; the rule cells (value, AGC, AutoClip, ZClip) apply their rule to those
+  gradients, with one rule object per call site (AutoClip's history and ZClip's statistics are
+  kept per site, built afresh for every run);
 * it returns the pre-clip norm (a 0-dim tensor), as ``clip_grad_norm_`` does.
 
 Call sites are named by ``name=`` when given, else by call order within the step: ``call_1``,
@@ -23,7 +25,9 @@ Call sites are named by ``name=`` when given, else by call order within the step
 Each clip call clips its own parameters on its own (a GAN clips each network separately). The
 step's row in ``steps.csv`` combines them: ``grad_norm`` is the norm (cell's type) of the vector of
 the sites' norms, which is the norm of all the clipped gradients together when the sites cover
-different parameters, and ``clip_coef`` is the smallest coefficient applied. ``layers.csv`` gets
+different parameters, ``clip_coef`` is the smallest coefficient applied, ``clip_threshold`` the
+smallest threshold and ``clipped_unit_frac`` the largest share of elements or units clipped
+(``clip_sites.csv`` has each call's norm and coefficient). ``layers.csv`` gets
 each call's parameters grouped as in any run (``layers.LayerGrouping``), measured at that call.
 
 A ``train_step`` that never calls ``clip`` in a step ends the run with status ``error`` (there is
@@ -49,13 +53,14 @@ import torch
 from torch import Tensor
 
 from gradcheck_cli import engine
-from gradcheck_cli.config import DEFAULT_LR, SweepConfig
-from gradcheck_cli.detect import clip_coefficient, is_diverged, is_non_finite
+from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
+from gradcheck_cli.detect import is_diverged, is_non_finite
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
+    MODE_AGC,
     NON_FINITE,
     SOURCE_BACKWARD,
     SOURCE_FORWARD,
@@ -64,7 +69,17 @@ from gradcheck_cli.results import (
     RunResult,
     StepRecord,
 )
-from gradcheck_cli.runner import BatchStream, UserFailure, call_user, make_optimizer, run_lr, set_lr, to_device
+from gradcheck_cli.runner import (
+    BatchStream,
+    UserFailure,
+    apply_clipping,
+    call_user,
+    make_optimizer,
+    make_rule,
+    run_lr,
+    set_lr,
+    to_device,
+)
 from gradcheck_cli.snapshot import Snapshot
 
 
@@ -96,17 +111,25 @@ def combine_site_norms(norms: list[float], p: float) -> float:
 class Clip:
     """The ``clip`` callable handed to ``train_step`` for one run (module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, cell: Cell, grouping: LayerGrouping | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cell: Cell, config: SweepConfig, grouping: LayerGrouping | None = None
+    ) -> None:
         self.cell = cell
         self.norm_type = cell.norm_type if cell.clipped else 2.0
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.grouping = grouping or LayerGrouping()
+        self.config = config  # the rules' options (AGC exclusions, ZClip's cap)
+        self._rules: dict[str, Any] = {}  # one rule per call site: AutoClip's history is per site
         self.sites: list[tuple[str, float, float]] = []
         self.layers: list[tuple[str, float]] = []
+        self.thresholds: list[float] = []  # per call of this step (NaN: none)
+        self.unit_fracs: list[float] = []
 
     def reset(self) -> None:
         self.sites = []
         self.layers = []
+        self.thresholds = []
+        self.unit_fracs = []
 
     def __call__(self, parameters: Tensor | Any, name: str | None = None) -> Tensor:
         params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
@@ -116,16 +139,32 @@ class Clip:
         norm = float(measured.total_norm)  # host sync: the norm decides whether the run stops
         if not math.isfinite(norm):
             raise _NonFiniteAtClip(site, norm, measured.first_non_finite())
-        if self.cell.clipped:
-            coef = clip_coefficient(norm, self.cell.max_norm)
-            engine.clip_grads_with_norm_(params, self.cell.max_norm, measured.total_norm)
-        else:
-            coef = 1.0  # the control run only measures
+        if site not in self._rules:
+            self._rules[site] = make_rule(self.cell, self.config)
+        targets = params
+        if self.cell.mode == MODE_AGC and self.config.agc_exclude:
+            targets = [p for n, p in named if not agc_excluded(n, self.config.agc_exclude)]
+        # the control run only measures (coefficient 1); every other mode as in runner.run_cell
+        coef, threshold, unit_frac = apply_clipping(self.cell, self._rules[site], targets, measured.total_norm, norm)
+        self.thresholds.append(threshold)
+        self.unit_fracs.append(unit_frac)
         if measured.names:
             groups, norms = self.grouping.combine(measured.names, measured.norms, self.norm_type)
             self.layers.extend(zip(groups, norms.tolist()))
         self.sites.append((site, norm, coef))
         return measured.total_norm
+
+
+def _smallest(values: list[float]) -> float:
+    """The smallest of the values that are not NaN; NaN when none is (value and AGC cells have
+    no coefficient, most cells no share of units)."""
+    present = [v for v in values if not math.isnan(v)]
+    return min(present) if present else math.nan
+
+
+def _largest(values: list[float]) -> float:
+    present = [v for v in values if not math.isnan(v)]
+    return max(present) if present else math.nan
 
 
 def _members(optimizers: Any) -> list[torch.optim.Optimizer]:
@@ -204,7 +243,7 @@ def run_train_step_cell(
                 set_lr(optimizer, lr)
         first_optimizer = _members(optimizers)[0]
         stream = BatchStream(experiment)
-        clip = Clip(model, cell)
+        clip = Clip(model, cell, config)
         first_loss: float | None = None
         for step in range(1, config.steps + 1):
             batch = stream.next()
@@ -227,8 +266,9 @@ def run_train_step_cell(
             loss = _loss_value(experiment, out)
             loss_f = math.nan if loss is None else loss
             norm_f = combine_site_norms([n for _, n, _ in clip.sites], clip.norm_type)
-            coef = min(c for _, _, c in clip.sites)
-            record = StepRecord(step, loss_f, norm_f, coef, layers=tuple(clip.layers), lr=step_lr, sites=tuple(clip.sites))
+            coef = _smallest([c for _, _, c in clip.sites])
+            record = StepRecord(step, loss_f, norm_f, coef, _smallest(clip.thresholds), _largest(clip.unit_fracs),
+                                layers=tuple(clip.layers), lr=step_lr, sites=tuple(clip.sites))
             if is_non_finite(loss):
                 records.append(record)
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_FORWARD)

@@ -170,8 +170,8 @@ def test_csv_conventions_blanks_integers_and_inf(tmp_path):
     assert row["diverged_step"] == "" and row["error"] == ""
     assert row["norm_type"] == "2"
     steps_text = (tmp_path / files.STEPS_FILE).read_text()
-    assert "unclipped,2,0.30000000000000004,inf,,,0,\n" in steps_text  # inf spelled out, NaN blank
-    assert "clip_1_inf,1,2.0,5e-324,1.0,,0,\n" in steps_text
+    assert "unclipped,2,0.30000000000000004,inf,,,,,0,\n" in steps_text  # inf spelled out, NaN blank
+    assert "clip_1_inf,1,2.0,5e-324,1.0,,,,0,\n" in steps_text
     assert ",nan," not in steps_text and "<NA>" not in steps_text
     assert "\r" not in steps_text
 

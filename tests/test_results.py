@@ -84,7 +84,7 @@ def test_histograms_count_each_finite_norm_once_on_increasing_edges(norm_lists):
 def test_frames_have_the_documented_columns():
     results = [RunResult(Cell(None), STABLE, [StepRecord(1, 1.0, 2.0, 1.0), StepRecord(2, 0.5, 1.0, 1.0)])]
     assert list(summary_frame(results).columns) == SUMMARY_COLUMNS
-    assert list(steps_frame(results).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
+    assert list(steps_frame(results).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
     hist = histogram_frame(results, shared_log_bins(results))
     assert list(hist.columns) == ["run", "norm_type", "bin_left", "bin_right", "count"] and hist["count"].sum() == 2
 

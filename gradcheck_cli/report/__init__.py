@@ -23,12 +23,21 @@ import math
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
+    MODE_AGC,
+    MODE_AUTOCLIP,
+    MODE_NONE,
+    MODE_NORM,
+    MODE_VALUE,
+    MODE_ZCLIP,
     NON_FINITE,
     SOURCE_AMP,
     SOURCE_BACKWARD,
     SOURCE_FORWARD,
     STABLE,
+    Cell,
     RunResult,
+    format_float,
+    format_norm_type,
 )
 
 
@@ -47,6 +56,25 @@ def format_number(x: float | int | None) -> str:
         mantissa, exponent = text.split("e")
         text = f"{mantissa}e{int(exponent)}"
     return text
+
+
+# How each mode's parameter is named in words (the rule's own argument name).
+_PARAM_NAMES = {
+    MODE_VALUE: "value clip_value",
+    MODE_AGC: "agc clip_factor",
+    MODE_AUTOCLIP: "autoclip percentile",
+    MODE_ZCLIP: "zclip z_thresh",
+}
+
+
+def describe_setting(cell: Cell) -> str:
+    """A cell's clipping setting in words: ``max_norm=1 norm_type=2``, ``agc clip_factor=0.01``,
+    ``autoclip percentile=10``, ``zclip z_thresh=2.5``, ``value clip_value=0.5``, ``unclipped``."""
+    if cell.mode == MODE_NONE:
+        return "unclipped"
+    if cell.mode == MODE_NORM:
+        return f"max_norm={format_float(cell.max_norm)} norm_type={format_norm_type(cell.norm_type)}"
+    return f"{_PARAM_NAMES[cell.mode]}={format_float(cell.param)}"
 
 
 def onset_step(result: RunResult) -> int | None:

@@ -42,10 +42,13 @@ import json
 import math
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
 from gradcheck_cli.errors import ReportWriteError, UsageError
 from gradcheck_cli.results import (
+    MODE_NONE,
+    MODE_NORM,
     Cell,
     RunResult,
     NormRange,
@@ -110,6 +113,12 @@ _OPTION_NAMES = {
     "layer_depth": "--layer-depth",
     "spike_factor": "--spike-factor",
     "refine": "--refine",
+    "clip_values": "--clip-value",
+    "agc_clip_factors": "--agc",
+    "agc_exclude": "--agc-exclude",
+    "autoclip_percentiles": "--autoclip",
+    "zclip_z_thresholds": "--zclip",
+    "zclip_max_norm": "--zclip-max-norm",
 }
 
 
@@ -753,6 +762,9 @@ def _load_runs(
                 loss=_parse(steps_path, line, "loss", row["loss"], _float_or_nan),
                 grad_norm=_parse(steps_path, line, "grad_norm", row["grad_norm"], _float_or_nan),
                 clip_coef=_parse(steps_path, line, "clip_coef", row["clip_coef"], _float_or_nan),
+                # reports written before the clipping modes have neither column
+                clip_threshold=_parse(steps_path, line, "clip_threshold", row.get("clip_threshold", ""), _float_or_nan),
+                clipped_unit_frac=_parse(steps_path, line, "clipped_unit_frac", row.get("clipped_unit_frac", ""), _float_or_nan),
                 layers=tuple(layers_by_step.get((row["run"], step), ())),
                 lr=_parse(steps_path, line, "lr", row.get("lr", ""), _float_or_nan),
                 skipped=row.get("skipped", "") == "1",
@@ -783,19 +795,32 @@ def _load_runs(
 def _summary_result(
     path: Path, line: int, row: dict[str, str], steps: list[StepRecord], lr_varies: bool, seed_varies: bool
 ) -> RunResult:
-    from gradcheck_cli.results import CONTROL_RUN, SOURCE_AMP, SOURCE_BACKWARD, SOURCE_FORWARD, STATUSES
+    from gradcheck_cli.results import CONTROL_RUN, MODES, SOURCE_AMP, SOURCE_BACKWARD, SOURCE_FORWARD, STATUSES
 
     lr = _parse(path, line, "lr", row.get("lr", ""), _float_or_none)
     seed = _parse(path, line, "seed", row.get("seed", ""), _int_or_none)
-    cell = Cell(
-        _parse(path, line, "max_norm", row["max_norm"], _float_or_none),
-        _parse(path, line, "norm_type", row["norm_type"], float),
-        lr=lr if lr_varies else None,
-        seed=seed if seed_varies else None,
-    )
-    looks_like_a_cell = row["run"].startswith(("clip_", CONTROL_RUN))
+    # reports written before the clipping modes have no clip_mode: the control or a norm cell
+    mode = row.get("clip_mode", "") or None
+    if mode is not None and mode not in MODES:
+        raise _Corrupt(path, f"line {line}: unknown clip_mode {mode!r} (expected one of {', '.join(MODES)})")
+    max_norm = _parse(path, line, "max_norm", row["max_norm"], _float_or_none)
+    norm_type = _parse(path, line, "norm_type", row["norm_type"], float)
+    axes = dict(lr=lr if lr_varies else None, seed=seed if seed_varies else None)
+    try:
+        if mode in (None, MODE_NONE, MODE_NORM):
+            cell = Cell(max_norm, norm_type, **axes)
+        else:
+            param = _parse(path, line, "clip_param", row.get("clip_param", ""), _float_or_none)
+            cell = Cell(max_norm, norm_type, mode=mode, param=param, **axes)
+    except ValueError as exc:  # e.g. an agc row with a max_norm, or without its clip_param
+        raise _Corrupt(path, f"line {line}: {exc}") from None
+    looks_like_a_cell = row["run"].startswith(("clip_", CONTROL_RUN, "value_", "agc_", "autoclip_p", "zclip_z"))
     if cell.run != row["run"] and looks_like_a_cell:  # a name of its own (``monitor``) is not checked
-        raise _Corrupt(path, f"line {line}: run {row['run']!r} has max_norm {row['max_norm']!r} and norm_type {row['norm_type']!r}, which name run {cell.run!r}")
+        raise _Corrupt(
+            path,
+            f"line {line}: run {row['run']!r} has clip_mode {cell.mode!r}, max_norm {row['max_norm']!r}, "
+            f"clip_param {row.get('clip_param', '')!r} and norm_type {row['norm_type']!r}, which name run {cell.run!r}",
+        )
     if row["status"] not in STATUSES:
         raise _Corrupt(path, f"line {line}: unknown status {row['status']!r} (expected one of {', '.join(STATUSES)})")
     if row["nan_source"] not in ("", SOURCE_FORWARD, SOURCE_BACKWARD, SOURCE_AMP):

@@ -3,8 +3,9 @@
 A JSON list with one object per run, keys exactly ``results.SUMMARY_COLUMNS`` in that order.
 Strict JSON has no NaN or infinity, so non-finite numbers are encoded as:
 
-* NaN and "no value": ``null`` (``max_norm`` of the unclipped control, a loss that was NaN, a
-  percentile of a run without finite norms);
+* NaN and "no value": ``null`` (``max_norm`` of the unclipped control and of the rule runs,
+  ``clip_param`` of the control, a loss that was NaN, a percentile of a run without finite
+  norms);
 * ``+inf`` / ``-inf``: the strings ``"inf"`` / ``"-inf"`` (a final loss that overflowed).
 
 ``norm_type`` is always a string (``"2"``, ``"inf"``), as in the CSV files. Floats are written

@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gradcheck_cli.errors import ReportWriteError, UsageError
-from gradcheck_cli.report import describe_result, format_number
+from gradcheck_cli.report import describe_result, describe_setting, format_number
 from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, RunResult, format_float, format_norm_type
 
 
@@ -42,12 +42,16 @@ def _classname(suite_name: str) -> str:
 
 def _details(r: RunResult) -> str:
     row = r.summary_row()
-    max_norm = "none (unclipped)" if r.cell.max_norm is None else format_float(r.cell.max_norm)
+    if r.cell.max_norm is not None:
+        max_norm = format_float(r.cell.max_norm)
+    else:
+        max_norm = "none (unclipped)" if not r.cell.clipped else "none"
     lr = format_number(r.lr) if r.lr is not None else "set by the script's optimizer"
     return (
         f"run: {r.run}\n"
         f"max_norm: {max_norm}\n"
         f"norm_type: {format_norm_type(r.cell.norm_type)}\n"
+        f"clipping: {r.cell.mode}: {describe_setting(r.cell)}\n"
         f"lr: {lr}\n"
         f"seed: {r.seed if r.seed is not None else '—'}\n"
         f"status: {r.status}\n"

@@ -15,10 +15,12 @@ from rich.table import Table
 from rich.text import Text
 
 from gradcheck_cli.grid import SettingOverSeeds, lr_grid, lrs_vary, over_seeds, seeds_vary
-from gradcheck_cli.report import describe_result, format_number, onset_step
+from gradcheck_cli.report import describe_result, describe_setting, format_number, onset_step
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
+    MODE_NONE,
+    MODE_NORM,
     NON_FINITE,
     STABLE,
     RunResult,
@@ -135,7 +137,8 @@ class SummaryTable(Table):
 def summary_table(results: list[RunResult], edges: list[float], title: str | None = "gradclip sweep") -> Table:
     """One row per run, in the order given.
 
-    Columns: run, max_norm (``—`` for the unclipped control), norm_type, status (coloured:
+    Columns: run, max_norm (``—`` for the unclipped control and the adaptive rules, whose run
+    names carry their parameter), norm_type (the norm measured), status (coloured:
     stable green, diverged yellow, non_finite red, error magenta), onset step (the non-finite
     onset, else the divergence step), first non-finite parameter, final and minimum loss,
     p50/p95/max pre-clip gradient norm, share of steps clipped, and the run's norm histogram
@@ -252,7 +255,9 @@ def stability_map(results: list[RunResult]) -> Table | None:
     lrs, clips, entries = lr_grid(results)
     several_seeds = seeds_vary(results)
     caption = "entries: seeds stable / seeds" if several_seeds else "entries: status of each run"
-    table = Table(title="stability: lr x max_norm", caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1),
+    # with the adaptive rules among the columns, they are clipping settings, not max_norms
+    title = "stability: lr x max_norm" if all(c.mode in (MODE_NONE, MODE_NORM) for c in clips) else "stability: lr x clipping"
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1),
                   pad_edge=False, show_edge=False)
     table.add_column("lr", justify="right", no_wrap=True)
     for clip in clips:
@@ -288,7 +293,7 @@ def _setting(r: RunResult) -> str:
 
 
 def _cell_setting(cell) -> str:
-    text = f"max_norm={format_float(cell.max_norm)} norm_type={format_norm_type(cell.norm_type)}"
+    text = describe_setting(cell)
     return text + (f" lr={format_number(cell.lr)}" if cell.lr is not None else "")
 
 
