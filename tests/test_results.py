@@ -205,7 +205,8 @@ def test_frames_hold_the_exact_records():
     clipped = RunResult(Cell(0.5, math.inf), NON_FINITE, [StepRecord(1, 2.0, 4.0, 0.125, lr=0.5), StepRecord(2, math.nan)],
                         nan_step=2, nan_source="forward")
     steps = steps_frame([control, clipped]).to_dict("records")
-    assert list(steps_frame([control]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
+    assert list(steps_frame([control]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
+    assert all(math.isnan(row.pop("clip_threshold")) and math.isnan(row.pop("clipped_unit_frac")) for row in steps)
     assert steps[:2] == [
         {"run": "unclipped", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 1.0, "lr": 0.5, "skipped": 0, "seed": 7},
         {"run": "unclipped", "step": 2, "loss": 1.0, "grad_norm": 3.0, "clip_coef": 1.0, "lr": 0.25, "skipped": 0, "seed": 7},
@@ -219,7 +220,8 @@ def test_frames_hold_the_exact_records():
     assert list(summary["run"]) == ["unclipped", "clip_0.5_inf"]
     row = summary.loc[0].to_dict()
     expected = {
-        "run": "unclipped", "max_norm": None, "norm_type": "2", "lr": None, "seed": 7, "status": "stable",
+        "run": "unclipped", "max_norm": None, "norm_type": "2", "clip_mode": "none", "clip_param": None,
+        "lr": None, "seed": 7, "status": "stable",
         "nan_step": None, "nan_source": None, "nan_param": None, "nan_micro_batch": None, "diverged_step": None,
         "skipped_steps": 0, "first_skip": None, "divergence_checked": None, "spike_step": None, "spike_param": None,
         "final_loss": 1.0, "min_loss": 1.0,
@@ -238,7 +240,7 @@ def test_frames_hold_the_exact_records():
 
 def test_empty_frames_keep_their_columns():
     assert list(summary_frame([]).columns) == SUMMARY_COLUMNS
-    assert list(steps_frame([]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped", "seed"]
+    assert list(steps_frame([]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
     assert list(histogram_frame([], []).columns) == ["run", "norm_type", "bin_left", "bin_right", "count"]
     assert histogram_frame([], []).empty
 

@@ -343,7 +343,9 @@ def test_resume_with_modes_reruns_only_the_missing_run(all_modes, tmp_path):
     config = SweepConfig.from_values({"script": RNN, "max_norms": "1", "norm_types": "2", "clip_values": "0.01",
                                       "agc_clip_factors": "0.1", "autoclip_percentiles": "10", "zclip_z_thresholds": "2.5",
                                       "steps": 30})
-    loaded = load_finished(copy, config.fingerprint())
+    saved = manifest["fingerprint"]
+    assert {k: saved[k] for k in config.fingerprint()} == json.loads(json.dumps(config.fingerprint()))
+    loaded = load_finished(copy, saved)
     assert [r.cell for r in loaded.values()] == [c for c in config.cells() if c.run != "agc_0.1"]
     result = invoke("sweep", RNN, *ALL_MODES, "--out", copy, "--resume")
     assert result.exit_code == 0, result.output
