@@ -631,3 +631,15 @@ def test_every_mode_runs_on_sparse_gradients(tmp_path):
     for run in ("value_0.01", "agc_0.01"):
         fracs = steps[steps.run == run]["clipped_unit_frac"]
         assert fracs.between(0, 1).all() and (fracs > 0).any()
+
+
+def test_resume_refuses_a_corrupt_clip_mode(all_modes, tmp_path):
+    out, _ = all_modes
+    for name in ("summary.csv", "steps.csv", "layers.csv", "histograms.csv", "gradclip-sweep.json"):
+        text = (out / name).read_bytes()
+        if name == "summary.csv":
+            text = text.replace(b",agc,0.1,", b",agk,0.1,")
+        (tmp_path / name).write_bytes(text)
+    result = invoke("sweep", RNN, *ALL_MODES, "--out", tmp_path, "--resume")
+    assert result.exit_code == 2, result.output
+    assert "unknown clip_mode 'agk'" in result.stderr
