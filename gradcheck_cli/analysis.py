@@ -36,7 +36,7 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, STABLE, RunResult, format_norm_type, percentile
+from gradcheck_cli.results import DIVERGED, ERROR, MODE_NORM, NON_FINITE, STABLE, RunResult, format_norm_type, percentile
 
 DEFAULT_SPIKE_FACTOR = 10.0
 MIN_HISTORY = 3  # earlier finite norms a layer needs before a jump can be judged
@@ -212,7 +212,7 @@ class Boundary:
 def _clipped_by_norm_type(results: list[RunResult]) -> dict[float, list[RunResult]]:
     out: dict[float, list[RunResult]] = {}
     for r in results:
-        if r.cell.clipped:
+        if r.cell.mode == MODE_NORM:  # the adaptive rules have no max_norm to place on the axis
             out.setdefault(r.cell.norm_type, []).append(r)
     return out
 
@@ -254,7 +254,7 @@ def next_refine_max_norm(results: list[RunResult], norm_type: float) -> float | 
     mid = _round_sig(math.sqrt(a) * math.sqrt(b))  # no overflow for huge max_norms
     if not (a < mid < b):
         return None
-    if any(r.cell.clipped and r.cell.norm_type == norm_type and r.cell.max_norm == mid for r in results):
+    if any(r.cell.mode == MODE_NORM and r.cell.norm_type == norm_type and r.cell.max_norm == mid for r in results):
         return None
     return mid
 
@@ -313,6 +313,8 @@ class Recommendation:
         if self.run is not None:
             out["max_norm"] = self.max_norm
             out["norm_type"] = format_norm_type(self.norm_type)
+            out["clip_mode"] = self.run.cell.mode
+            out["clip_param"] = self.run.cell.param
             out["run"] = self.run.run
         out["reason"] = self.reason
         if self.advice:
@@ -325,9 +327,11 @@ class Recommendation:
         if self.run is not None:
             ev = self.evidence.get("suggested", {})
             control = self.evidence.get("control", {})
-            bound = self.evidence.get("boundary", {})
+            bound = self.evidence.get("boundary") or {}
             nt = format_norm_type(self.norm_type)
-            parts = [f"recommendation: clip with max_norm={self.max_norm:g} norm_type={nt} ({self.run.run})"]
+            from gradcheck_cli.report import describe_setting
+
+            parts = [f"recommendation: clip with {describe_setting(self.run.cell)} ({self.run.run})"]
             pct = control.get("norm_percentiles", {})
             if pct.get("p50") is not None:
                 n = pct["steps"]
@@ -337,7 +341,9 @@ class Recommendation:
                 )
             if ev.get("clipped_frac") is not None:
                 parts.append(f"clips {100 * ev['clipped_frac']:.0f}% of steps")
-            if bound.get("margin") is not None:
+            if self.run.cell.mode != MODE_NORM:
+                parts.append("an adaptive rule: no max_norm boundary applies")
+            elif (bound or {}).get("margin") is not None:
                 parts.append(f"{_fmt(bound['margin'])}x below the smallest unstable max_norm ({_fmt(bound['smallest_unstable'])})")
             else:
                 parts.append(f"no {nt}-norm max_norm above it was unstable")
@@ -437,22 +443,32 @@ def recommend(results: list[RunResult]) -> Recommendation:
     if ranking.best is None:
         return Recommendation(True, reason="no clipped setting was stable", advice=_advice(results), evidence=evidence)
 
-    tied = [ranking.best] + ranking.within_noise_of_best()
+    # Fixed thresholds first; an adaptive rule is suggested only when it is meaningfully better
+    # than every stable fixed threshold, or when no fixed threshold is stable.
+    fixed = rank([r for r in ranking.runs if r.cell.mode == MODE_NORM])
+    rules = [r for r in ranking.runs if r.cell.mode != MODE_NORM]
+    if fixed.best is not None:
+        tied = [fixed.best] + fixed.within_noise_of_best()
+    else:
+        tied = [rules[0]]
+    rule_wins = bool(rules) and (fixed.best is None or all(ranking.better(rules[0], r) for r in fixed.runs))
 
     def margin(r: RunResult) -> float:
         b = bounds.get(r.cell.norm_type)
-        if b is None or b.smallest_unstable is None:
-            return math.inf
+        if r.cell.mode != MODE_NORM or b is None or b.smallest_unstable is None:
+            return math.inf  # an adaptive rule has no max_norm to measure a margin from
         return b.smallest_unstable / r.cell.max_norm
 
     order = {id(r): i for i, r in enumerate(ranking.runs)}
-    chosen = min(tied, key=lambda r: (-margin(r), order[id(r)]))
+    chosen = rules[0] if rule_wins else min(tied, key=lambda r: (-margin(r), order[id(r)]))
+    if rule_wins:
+        tied = [chosen]
     m = margin(chosen)
     evidence["control"]["norm_percentiles"] = control_percentiles(control, chosen.cell.norm_type)
     evidence["control"]["norm_percentiles"]["norm_type"] = format_norm_type(chosen.cell.norm_type)
     evidence["suggested"] = _run_evidence(chosen)
-    b = bounds[chosen.cell.norm_type]
-    evidence["boundary"] = {
+    b = bounds.get(chosen.cell.norm_type) if chosen.cell.mode == MODE_NORM else None
+    evidence["boundary"] = None if b is None else {
         "norm_type": format_norm_type(b.norm_type),
         "largest_stable": b.largest_stable,
         "smallest_unstable": b.smallest_unstable,
@@ -464,6 +480,13 @@ def recommend(results: list[RunResult]) -> Recommendation:
             f"the unclipped run {_past(control.status)}; {len(tied)} stable settings are within noise of the best "
             f"by {ranking.basis.replace('_', ' ')}, this one has the largest margin to the boundary"
         )
+    elif rule_wins and fixed.best is not None:
+        reason = (
+            f"the unclipped run {_past(control.status)}; this adaptive rule is meaningfully better than every "
+            f"stable fixed threshold by {ranking.basis.replace('_', ' ')}"
+        )
+    elif rule_wins:
+        reason = f"the unclipped run {_past(control.status)}; no fixed threshold was stable, this adaptive rule was"
     else:
         reason = f"the unclipped run {_past(control.status)}; best stable setting by {ranking.basis.replace('_', ' ')}"
     return Recommendation(True, run=chosen, reason=reason, evidence=evidence)
@@ -478,7 +501,7 @@ def _advice(results: list[RunResult]) -> str:
         )
     smallest = {}
     for r in results:
-        if r.cell.clipped:
+        if r.cell.mode == MODE_NORM:
             p = r.cell.norm_type
             smallest[p] = min(smallest.get(p, math.inf), r.cell.max_norm)
     if not smallest:

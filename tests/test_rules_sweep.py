@@ -643,3 +643,33 @@ def test_resume_refuses_a_corrupt_clip_mode(all_modes, tmp_path):
     result = invoke("sweep", RNN, *ALL_MODES, "--out", tmp_path, "--resume")
     assert result.exit_code == 2, result.output
     assert "unknown clip_mode 'agk'" in result.stderr
+
+
+# --- the recommendation ----------------------------------------------------------------------------
+
+
+def _run(cell: Cell, status: str, level: float, n: int = 12) -> RunResult:
+    steps = [StepRecord(i + 1, level + 0.001 * (i % 3), 5.0, 0.5) for i in range(n)]
+    if status == DIVERGED:
+        steps = [StepRecord(1, 1.0, 50.0, 1.0), StepRecord(2, 1e9)]
+        return RunResult(cell, status, steps, diverged_step=2)
+    return RunResult(cell, status, steps)
+
+
+def test_recommendation_picks_a_rule_only_when_it_beats_every_fixed_threshold():
+    from gradcheck_cli.analysis import recommend
+
+    control = _run(Cell(None), DIVERGED, 0)
+    fixed = _run(Cell(1.0, 2.0), STABLE, 0.5)
+    agc = _run(Cell(None, mode="agc", param=0.1), STABLE, 0.1)
+    rec = recommend([control, fixed, agc])
+    assert rec.run is agc and rec.as_json()["clip_mode"] == "agc" and rec.as_json()["max_norm"] is None
+    assert rec.evidence["boundary"] is None
+    assert "clip with agc clip_factor=0.1 (agc_0.1)" in rec.line() and "better than every stable fixed threshold" in rec.reason
+    # within noise of the fixed threshold: the fixed threshold stays
+    close = _run(Cell(None, mode="agc", param=0.1), STABLE, 0.5)
+    assert recommend([control, fixed, close]).run is fixed
+    # no fixed threshold stable: the stable rule is suggested
+    unstable = _run(Cell(1.0, 2.0), DIVERGED, 0)
+    rec = recommend([control, unstable, close])
+    assert rec.run is close and "no fixed threshold was stable" in rec.reason

@@ -157,7 +157,7 @@ def norm_figure(results: list[RunResult], colours: dict[str, str]):
             steps, values = zip(*pts)
             ax.plot(steps, values, color=colours[r.run], lw=1.2 if r.cell.clipped else 2.0, label=_label(r))
             n += 1
-            if r.cell.clipped and r.cell.norm_type == p:
+            if r.cell.max_norm is not None and r.cell.norm_type == p:  # the rules have no fixed line
                 ax.axhline(r.cell.max_norm, color=colours[r.run], ls="--", lw=0.9)
         ax.set_yscale("log")
         ax.set_ylabel(f"pre-clip norm ({format_norm_type(p)})")
@@ -173,7 +173,7 @@ def norm_figure(results: list[RunResult], colours: dict[str, str]):
 
 
 def map_figure(results: list[RunResult]):
-    clipped = [r for r in results if r.cell.clipped]
+    clipped = [r for r in results if r.cell.max_norm is not None]  # a max_norm axis: norm cells only
     if not clipped:
         return None
     types = []
