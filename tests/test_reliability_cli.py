@@ -283,7 +283,8 @@ def test_chdir_in_the_script_does_not_move_reports_and_resume_finds_them(tmp_pat
     args = ("sweep", script, "--steps", "2", "--max-norm", "1", "--norm-type", "2", "--out", "rep", "--junit", "j.xml")
     proc = gradclip(*args, cwd=work)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (work / "rep").iterdir()) == sorted([*(set(files.APPENDED_FILES) - files.ONLY_WITH_ROWS), files.SUMMARY_FILE, files.HISTOGRAMS_FILE, files.MANIFEST_FILE])
+    assert sorted(p.name for p in (work / "rep").iterdir()) == sorted([*(set(files.APPENDED_FILES) - files.ONLY_WITH_ROWS), files.SUMMARY_FILE, files.HISTOGRAMS_FILE, files.MANIFEST_FILE,
+                files.RECOMMENDATION_FILE, files.HTML_FILE])
     assert (work / "j.xml").exists() and not (elsewhere / "rep").exists() and not (tmp_path / "rep").exists()
     resumed = gradclip(*args, "--resume", cwd=work)
     assert resumed.returncode == 0 and "resuming: 2 of 2 runs" in resumed.stderr
