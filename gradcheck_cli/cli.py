@@ -192,6 +192,8 @@ def _exit_on_errors(command: Callable) -> Callable:
             console.print(f"internal error: {type(err).__name__}: {err}", style="bold red", markup=False, soft_wrap=True)
             if _debug():
                 traceback.print_exc()
+                if getattr(err, "worker_traceback", None):  # parallel.WorkerError
+                    sys.stderr.write(err.worker_traceback)
             else:
                 console.print("hint: set GRADCLIP_DEBUG=1 to see the traceback, and report it", markup=False)
             raise typer.Exit(int(ExitCode.INTERNAL)) from None
@@ -330,8 +332,9 @@ def _fingerprint(config) -> dict:
     return fingerprint
 
 
-def _run_progress():
-    """Rich progress bars on stderr: one for the runs, one for the steps of the current run."""
+def _run_progress(enabled: bool = True):
+    """Rich progress bars on stderr: one for the runs, one for the steps of each run in progress
+    (``enabled=False``: drawn nowhere, for ranks other than 0 under torchrun)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -341,6 +344,7 @@ def _run_progress():
         TimeElapsedColumn(),
         console=_stderr_console(),
         transient=False,
+        disable=not enabled,
     )
 
 
@@ -352,10 +356,10 @@ def _user_output_to_stderr(active: bool):
 
 
 def _exit_code(results, fail_on_nan: bool, fail_on_divergence: bool) -> int:
-    from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE
+    from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE
 
     statuses = {r.status for r in results}
-    if ERROR in statuses:
+    if ERROR in statuses or CRASHED in statuses:  # a run that killed its worker: the script's doing
         return int(ExitCode.USER_CODE)
     if (fail_on_nan and NON_FINITE in statuses) or (fail_on_divergence and DIVERGED in statuses):
         return int(ExitCode.INSTABILITY)
@@ -425,6 +429,15 @@ def sweep(
     refine: Optional[int] = typer.Option(
         None, "--refine", help="Up to this many extra runs per norm type, bisecting the stability boundary (default 0)."
     ),
+    jobs: int = typer.Option(
+        1, "--jobs", help="Runs at once, each in its own worker process (default 1; 0: every run in this process, no isolation)."
+    ),
+    threads_per_job: Optional[int] = typer.Option(
+        None, "--threads-per-job", help="torch threads per worker (default: max(1, cores // jobs))."
+    ),
+    distributed: str = typer.Option(
+        "cells", "--distributed", help="Under torchrun: cells (ranks share out the runs) or model (every rank runs every run on a sharded model)."
+    ),
 ) -> None:
     """Run short training bursts unclipped and per max_norm x norm_type cell; report which clipping setting is stable.
 
@@ -463,63 +476,130 @@ def sweep(
     )
     fail_on_nan = fail_on_nan or recipe_fail_nan
     fail_on_divergence = fail_on_divergence or recipe_fail_div
+    _check_jobs(jobs, threads_per_job, distributed)
 
-    from gradcheck_cli.report import files
+    from gradcheck_cli import ranks
 
-    shown_out = out
-    out_dir = files.prepare_out_dir(_absolute(out))
-    junit = _prepare_junit(junit)
-    with files.OutDirLock(out_dir):
-        fingerprint = _fingerprint(config)
-        finished = files.load_finished(out_dir, fingerprint) if resume else {}
-        code = _run_sweep_command(
-            config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence
-        )
+    group = ranks.from_environment(distributed, config.device)
+    if group is None:
+        code = _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, None)
+    else:
+        with group:
+            code = _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, group)
     raise typer.Exit(code)
 
 
-def _run_sweep_command(config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence) -> int:
+def _check_jobs(jobs: int, threads_per_job: Optional[int], distributed: str) -> None:
+    from gradcheck_cli.errors import UsageError
+
+    if jobs < 0:
+        raise UsageError(f"--jobs {jobs} must be 0 or more", "e.g. --jobs 2 runs two at once; --jobs 0 runs every run in this process")
+    if threads_per_job is not None and threads_per_job < 1:
+        raise UsageError(f"--threads-per-job {threads_per_job} must be at least 1", "e.g. --threads-per-job 1")
+    if distributed not in ("cells", "model"):
+        raise UsageError(f"--distributed {distributed!r} is not a mode", "use --distributed cells or --distributed model")
+
+
+def _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, group) -> int:
+    """The sweep in this process; under torchrun (``group``) every rank runs it, and rank 0
+    alone reads and writes ``--out`` and prints."""
+    import contextlib
+    import dataclasses
+
+    from gradcheck_cli.report import files
+
+    lead = group is None or group.rank == 0
+    shown_out = out
+    with contextlib.ExitStack() as stack:
+        if lead:
+            out_dir = files.prepare_out_dir(_absolute(out))
+            junit = _prepare_junit(junit)
+            stack.enter_context(files.OutDirLock(out_dir))
+        else:
+            out_dir = _absolute(out)
+        fingerprint = _fingerprint(config)
+        finished = files.load_finished(out_dir, fingerprint) if resume and lead else {}
+        if group is not None:
+            finished = group.broadcast(finished)  # every rank skips the same runs
+        executor = stack.enter_context(_executor(jobs, threads_per_job, group))
+        if hasattr(executor, "start"):  # the workers start while the script loads here
+            executor.start(config.script.resolve(), config if group is None else dataclasses.replace(config, device=group.device))
+        return _run_sweep_command(
+            config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence, executor, group, stack
+        )
+
+
+def _executor(jobs: int, threads_per_job: Optional[int], group):
+    """Where the runs execute: ``--jobs 0`` in this process; otherwise in supervised worker
+    processes (``parallel.WorkerPool``). Under torchrun in model mode every rank runs in its
+    own process (the process group cannot span workers)."""
+    import contextlib
+
+    from gradcheck_cli.sweep import InProcess
+
+    if jobs == 0 or (group is not None and not group.cells):
+        return contextlib.nullcontext(InProcess())
+    from gradcheck_cli.parallel import WorkerPool
+
+    return WorkerPool(jobs, threads_per_job)
+
+
+def _run_sweep_command(
+    config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence, executor, group, stack
+) -> int:
     from gradcheck_cli.errors import ReportWriteError
     from gradcheck_cli.guard import guarded
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.report import files
     from gradcheck_cli.sweep import run_sweep
 
+    lead = group is None or group.rank == 0
     cells = config.cells()
-    writer = files.ReportWriter(out_dir, fingerprint, [c.run for c in cells], finished.values())
+    writer = files.ReportWriter(out_dir, fingerprint, [c.run for c in cells], finished.values()) if lead else None
     err = _stderr_console()
     with guarded():
         with _user_output_to_stderr(json_out):
             experiment = load_experiment(config.script)
         most = len(cells) + config.refine * len(config.norm_types)  # refined runs come after the grid
-        if finished:
+        if finished and lead:
             of = f"{len(cells)}" if not config.refine else f"up to {most}"
             err.print(f"resuming: {len(finished)} of {of} runs already finished in {shown_out}", markup=False)
 
-        with _run_progress() as progress:
+        with _run_progress(enabled=lead) as progress:
             runs_task = progress.add_task("runs", total=most, completed=len(finished))
-            steps_task = progress.add_task("steps", total=config.steps)
+            step_tasks: dict = {}  # one steps bar per run in progress
 
             def on_run_start(index, total, cell):
-                progress.update(steps_task, description=f"{cell.run}", completed=0)
+                step_tasks[index] = progress.add_task(cell.run, total=config.steps)
 
-            def on_step(step):
-                progress.update(steps_task, completed=step)
+            def on_run_step(index, step):
+                if index in step_tasks:
+                    progress.update(step_tasks[index], completed=step)
 
             unsaved: list = []
 
             def on_run_done(index, total, result):
-                try:
-                    writer.add(result)
-                except ReportWriteError:
-                    unsaved.append(result)
-                    raise
+                if writer is not None:
+                    try:
+                        writer.add(result)
+                    except ReportWriteError:
+                        unsaved.append(result)
+                        raise
+                if index in step_tasks:
+                    progress.remove_task(step_tasks.pop(index))
                 progress.advance(runs_task)
 
             try:
                 with _user_output_to_stderr(json_out):
-                    results = run_sweep(
-                        config, experiment, skip=finished, on_run_start=on_run_start, on_run_done=on_run_done, on_step=on_step
+                    run = run_sweep if group is None else group.run_sweep
+                    results = run(
+                        config,
+                        experiment,
+                        skip=finished,
+                        on_run_start=on_run_start,
+                        on_run_done=on_run_done,
+                        on_run_step=on_run_step,
+                        executor=executor,
                     )
                     if config.refine:
                         from gradcheck_cli.refine import run_refinement
@@ -531,11 +611,14 @@ def _run_sweep_command(config, finished, fingerprint, out_dir, shown_out, junit,
                             skip=finished,
                             on_run_start=lambda cell: on_run_start(0, 0, cell),
                             on_run_done=lambda result: on_run_done(0, 0, result),
-                            on_step=on_step,
+                            on_step=lambda step: on_run_step(0, step),
                         )
                         progress.update(runs_task, total=len(results), completed=len(results))
+                if writer is None:
+                    return _exit_code(results, fail_on_nan, fail_on_divergence)
                 writer.flush()
             except KeyboardInterrupt as exc:
+                stack.close()  # stop the workers before saying anything
                 progress.stop()
                 err.print(
                     f"{_stop_word(exc)}: {len(writer.results)} of {len(cells)} runs finished and saved in {shown_out}/",

@@ -16,7 +16,9 @@ STABLE = "stable"
 NON_FINITE = "non_finite"
 DIVERGED = "diverged"
 ERROR = "error"
-STATUSES = (STABLE, NON_FINITE, DIVERGED, ERROR)
+# The process running the run died (a segfault, os._exit, the OOM killer): ``error`` says how.
+CRASHED = "crashed"
+STATUSES = (STABLE, NON_FINITE, DIVERGED, ERROR, CRASHED)
 
 # Where a non-finite value first appeared: the loss itself (forward) or the gradients (backward);
 # ``amp``: the fp16 gradient scaler skipped step after step (its scale collapsed).
@@ -230,7 +232,7 @@ class RunResult:
     nan_micro_batch: int | None = None  # with --accumulate: the first micro-batch whose loss was non-finite
     diverged_step: int | None = None
     seconds: float = 0.0
-    error: str | None = None  # "ExceptionType: message" when status == ERROR
+    error: str | None = None  # "ExceptionType: message" when status == ERROR; how it died when CRASHED
     error_traceback: str | None = None  # trimmed to the user's frames; terminal only, not CSV
     lr: float | None = None  # the lr the run started at when gradclip set it; None: the script's own
     seed: int | None = None  # the seed the run started from

@@ -19,7 +19,8 @@ Per step (numbered from 1, ``config.steps`` optimizer steps):
    type of the grid;
 3. **one host sync**: the micro-batch losses, the total, the control's extra totals, the
    scaler's inf flag and the per-layer norms come to the host together (``_to_host``); the
-   step's loss is the mean of the micro-batch losses;
+   step's loss is the mean of the micro-batch losses (under torchrun in model mode, also
+   averaged over the ranks first: ``ranks.mean_across_ranks``);
 4. judge, from those numbers only:
 
    * loss non-finite: status ``non_finite``, source ``forward`` (with accumulation,
@@ -92,6 +93,7 @@ from gradcheck_cli.detect import (
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
+from gradcheck_cli.ranks import mean_across_ranks
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -591,6 +593,7 @@ def run_cell(
                 norm = measured.total_norm
                 groups, group_norms = grouping.combine(measured.names, measured.norms, cell.norm_type)
                 found_inf = precision.found_inf(optimizer)
+                losses = mean_across_ranks(losses)  # under torchrun in model mode: every rank's mean
                 scalars = [*losses, norm]
                 if extra_types:
                     grads = [p.grad for p in params if p.grad is not None]

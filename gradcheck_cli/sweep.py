@@ -21,11 +21,18 @@ whether ``build_optimizer`` works at all), then built afresh for every run from 
 model and loaded with that captured state: a new object carries nothing over from an earlier
 run, and loading the state makes its start identical even if ``build_optimizer`` is stateful.
 The lr is not part of the snapshot: each run sets its own after loading the state.
+
+Where the runs execute is the executor's business (``Executor``): ``InProcess`` runs them here
+on the model the snapshot came from; ``parallel.WorkerPool`` sends the snapshot to supervised
+worker processes; ``ranks.RankGroup`` shares the cells out among torchrun ranks. The sweep only
+builds the starting states, hands out tasks and puts the results back in cell order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -40,6 +47,7 @@ from gradcheck_cli.snapshot import Snapshot, seed_everything
 
 OnRunStart = Callable[[int, int, Cell], None]
 OnRunDone = Callable[[int, int, RunResult], None]
+OnRunStep = Callable[[int, int], None]
 
 
 def _check_device(device: torch.device) -> None:
@@ -137,18 +145,27 @@ def run_sweep(
     on_run_done: OnRunDone | None = None,
     cells: list[Cell] | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_run_step: OnRunStep | None = None,
+    executor: "Executor | None" = None,
 ) -> list[RunResult]:
     """Run every cell of ``config.cells()`` (or of ``cells``, e.g. ``gradclip check``'s single
-    cell) in order and return one ``RunResult`` per cell.
+    cell) and return one ``RunResult`` per cell, in cell order.
 
     ``skip`` maps run names (``Cell.run``) to results of runs that already finished (resume):
     those cells are not run again; their given result is returned in its place in the order.
     When every cell is skipped the model is not even built.
 
-    ``on_run_start(index, total, cell)`` is called before and ``on_run_done(index, total,
-    result)`` after each run actually executed (not for skipped ones); ``index`` counts from 1
-    over all cells of the sweep, skipped ones included, and ``total`` is the number of cells;
-    ``on_step(step)`` after every completed training step of a run.
+    ``executor`` runs the cells (``InProcess()`` when not given: here, one after the other;
+    ``parallel.WorkerPool``: in supervised worker processes, possibly several at once). The
+    starting state of each seed is built here, once, and handed to the executor with every
+    cell of that seed: workers receive the snapshot, they never rebuild it.
+
+    ``on_run_start(index, total, cell)`` is called when a run starts and ``on_run_done(index,
+    total, result)`` when it ends (not for skipped ones); ``index`` counts from 1 over all cells
+    of the sweep, skipped ones included, and ``total`` is the number of cells. With several runs
+    at once, runs start in cell order and may end in any order, but ``on_run_done`` is called in
+    cell order (a run that ends early waits for the ones before it). ``on_run_step(index, step)``
+    and ``on_step(step)`` are called after every completed training step of a run.
 
     Raises ``UserCodeError`` when ``build_model()`` raises and ``UsageError`` when it returns no
     usable module or the device is unavailable. When ``build_optimizer`` raises, every run gets
@@ -163,43 +180,89 @@ def run_sweep(
 
     device = torch.device(config.device)
     _check_device(device)
+    executor = executor if executor is not None else InProcess()
 
-    results: list[RunResult] = []
-    prepared_seed: int | None = None
-    model = snapshot = optimizer_failure = None
-    first_global = None  # global torch state as the first seed's runs start from it
-    for index, cell in enumerate(cells, start=1):
-        if cell.run in skip:
-            results.append(skip[cell.run])
-            continue
-        seed = config.seed_of(cell)
-        if model is None or seed != prepared_seed:
-            model = snapshot = None  # free the previous seed's model before building the next
-            if first_global is not None:  # the next seed starts from the first seed's global state
-                first_global.restore()
-            model, snapshot, optimizer_failure = _starting_state(config, experiment, device, seed)
-            first_global = first_global or snapshot.global_state
-            _check_agc_exclude(config, cells, model)
-            prepared_seed = seed
+    last: list[StartingState] = []  # the latest seed's state, for the global state at the end
+
+    def tasks() -> Iterator[Task]:
+        state: StartingState | None = None
+        first_global = None  # global torch state as the first seed's runs start from it
+        for index, cell in enumerate(cells, start=1):
+            if cell.run in skip:
+                continue
+            seed = config.seed_of(cell)
+            if state is None or state.seed != seed:
+                state = None  # free the previous seed's model before building the next
+                last.clear()
+                if first_global is not None:  # the next seed starts from the first seed's global state
+                    first_global.restore()
+                state = starting_state(config, experiment, device, seed)
+                first_global = first_global or state.snapshot.global_state
+                _check_agc_exclude(config, cells, state.model)
+                last.append(state)
+            yield Task(index, cell, state)
+
+    def started(task: Task) -> None:
         if on_run_start is not None:
-            on_run_start(index, total, cell)
-        if optimizer_failure is not None:
-            result = error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=seed)
-        else:
-            result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
-        result = _with_step1_warning(result, _step1_reference(results + [result], result.seed))
-        result = annotate_spike(result, config.spike_factor)
-        results.append(result)
-        if on_run_done is not None:
-            on_run_done(index, total, result)
-    if snapshot is not None:
-        snapshot.restore_global_state()  # what the last run changed does not leak into the reports
-    return results
+            on_run_start(task.index, total, task.cell)
+
+    def stepped(task: Task, step: int) -> None:
+        if on_run_step is not None:
+            on_run_step(task.index, step)
+        if on_step is not None:
+            on_step(step)
+
+    # Results arrive as runs end (in any order with several workers). The step-1 check compares
+    # each run with the first earlier run of its seed, so results are judged and handed to
+    # ``on_run_done`` in cell order, as soon as every earlier run has ended: the same warnings,
+    # and the same files at every moment, as a sweep in one process.
+    by_index: dict[int, RunResult] = {i: skip[c.run] for i, c in enumerate(cells, start=1) if c.run in skip}
+    judged: list[RunResult] = []
+
+    def judge_in_order() -> None:
+        while len(judged) < total and len(judged) + 1 in by_index:
+            index = len(judged) + 1
+            result = by_index[index]
+            fresh = cells[index - 1].run not in skip
+            if fresh:
+                result = _with_step1_warning(result, _step1_reference(judged + [result], result.seed))
+                result = annotate_spike(result, config.spike_factor)
+            judged.append(result)
+            if fresh and on_run_done is not None:
+                on_run_done(index, total, result)
+
+    for task, result in executor.run(experiment, config, tasks(), started, stepped):
+        by_index[task.index] = result
+        judge_in_order()
+    if last:
+        last[0].snapshot.restore_global_state()  # what the last run changed does not leak into the reports
+    return judged
 
 
-def _starting_state(config: SweepConfig, experiment: Experiment, device: torch.device, seed: int):
-    """(model, snapshot, optimizer failure) for ``seed``: the model built and moved to the
-    device, and the snapshot every run of this seed starts from."""
+@dataclass
+class StartingState:
+    """What every run of one seed starts from: the snapshot (weights, optimizer state, RNG), the
+    model it was taken from (used by the in-process executor) and, when ``build_optimizer``
+    raised, that failure (every run of the seed is then an ``error``)."""
+
+    seed: int
+    model: torch.nn.Module | None
+    snapshot: Snapshot
+    optimizer_failure: UserFailure | None
+
+
+@dataclass
+class Task:
+    """One run to execute: its position in the sweep (from 1), its cell, its starting state."""
+
+    index: int
+    cell: Cell
+    state: StartingState
+
+
+def starting_state(config: SweepConfig, experiment: Experiment, device: torch.device, seed: int) -> StartingState:
+    """The model built and moved to the device, and the snapshot every run of ``seed`` starts
+    from."""
     seed_everything(seed, device)
     model = experiment.build_model()
     _move_model(model, device, experiment.name)
@@ -213,4 +276,53 @@ def _starting_state(config: SweepConfig, experiment: Experiment, device: torch.d
     seed_everything(seed, device)
     snapshot = Snapshot.capture(model, optimizer, device)
     del optimizer  # every run builds its own
-    return model, snapshot, optimizer_failure
+    return StartingState(seed, model, snapshot, optimizer_failure)
+
+
+def execute(
+    experiment: Experiment,
+    model: torch.nn.Module | None,
+    cell: Cell,
+    config: SweepConfig,
+    snapshot: Snapshot,
+    optimizer_failure: UserFailure | None,
+    on_step: Callable[[int], None] | None = None,
+) -> RunResult:
+    """One run from its starting state: what every executor calls, here or in a worker."""
+    if optimizer_failure is not None:
+        return error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
+    return run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
+
+
+class Executor(Protocol):
+    """Runs tasks and yields ``(task, result)`` as each run ends; calls ``on_start(task)`` when
+    a run starts and ``on_step(task, step)`` after each of its steps."""
+
+    def run(
+        self,
+        experiment: Experiment,
+        config: SweepConfig,
+        tasks: Iterator[Task],
+        on_start: Callable[[Task], None],
+        on_step: Callable[[Task, int], None],
+    ) -> Iterator[tuple[Task, RunResult]]: ...
+
+
+class InProcess:
+    """Every run in this process, one after the other, on the model the snapshot came from.
+    No isolation: a run that kills its process ends the sweep (``--jobs 0``)."""
+
+    def run(self, experiment, config, tasks, on_start, on_step):
+        for task in tasks:
+            on_start(task)
+            state = task.state
+            result = execute(
+                experiment,
+                state.model,
+                task.cell,
+                config,
+                state.snapshot,
+                state.optimizer_failure,
+                on_step=lambda step, task=task: on_step(task, step),
+            )
+            yield task, result

@@ -18,6 +18,7 @@ from gradcheck_cli.report.terminal import (
     verdict_line,
 )
 from gradcheck_cli.results import (
+    CRASHED,
     DIVERGED,
     ERROR,
     NON_FINITE,
@@ -125,7 +126,7 @@ def test_summary_table_statuses_are_coloured():
     status_cells = list(table.columns[3].cells)
     assert [c.plain for c in status_cells] == [r.status for r in results]
     assert [str(c.style) for c in status_cells] == [STATUS_STYLES[r.status] for r in results]
-    assert STATUS_STYLES == {STABLE: "green", DIVERGED: "yellow", NON_FINITE: "red", ERROR: "magenta"}
+    assert STATUS_STYLES == {STABLE: "green", DIVERGED: "yellow", NON_FINITE: "red", ERROR: "magenta", CRASHED: "magenta"}
 
 
 def test_summary_table_histogram_uses_the_shared_bins():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 from gradcheck_cli.results import (
+    CRASHED,
     DIVERGED,
     ERROR,
     MODE_AGC,
@@ -93,6 +94,7 @@ def describe_result(result: RunResult) -> str:
       non-finite gradient in head.weight``
     * ``diverged at step 2: loss 3.457e+07 vs 1.789 at step 1``
     * ``error: ValueError: shapes do not match``
+    * ``crashed: worker process killed by signal SIGKILL (9) during step 4``
     """
     status = result.status
     steps = result.steps
@@ -131,6 +133,8 @@ def describe_result(result: RunResult) -> str:
         return text
     if status == ERROR:
         return f"error: {result.error}" if result.error else "error"
+    if status == CRASHED:
+        return f"crashed: {result.error}" if result.error else "crashed"
     return status
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gradcheck_cli.errors import ReportWriteError, UsageError
 from gradcheck_cli.report import describe_result, describe_setting, format_number
-from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, RunResult, format_float, format_norm_type
+from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, RunResult, format_float, format_norm_type
 
 
 # Characters XML 1.0 forbids even when escaped (most C0 controls, e.g. the ESC of colour codes).
@@ -66,7 +66,7 @@ def junit_tree(results: list[RunResult], suite_name: str = "gradclip") -> ET.Ele
     """The report as an ``ElementTree`` (``write_junit`` writes it)."""
     classname = _classname(suite_name)
     failures = sum(r.status in (NON_FINITE, DIVERGED) for r in results)
-    errors = sum(r.status == ERROR for r in results)
+    errors = sum(r.status in (ERROR, CRASHED) for r in results)
     total_time = f"{sum(r.seconds for r in results):.3f}"
     counts = {
         "tests": str(len(results)),
@@ -82,6 +82,9 @@ def junit_tree(results: list[RunResult], suite_name: str = "gradclip") -> ET.Ele
         if r.status in (NON_FINITE, DIVERGED):
             failure = ET.SubElement(case, "failure", {"type": r.status, "message": _xml_safe(describe_result(r))})
             failure.text = _xml_safe(_details(r))
+        elif r.status == CRASHED:
+            error = ET.SubElement(case, "error", {"type": CRASHED, "message": _xml_safe(r.error or CRASHED)})
+            error.text = _xml_safe(r.error or "")
         elif r.status == ERROR:
             exc_type = (r.error or "error").split(":", 1)[0]
             error = ET.SubElement(case, "error", {"type": _xml_safe(exc_type), "message": _xml_safe(r.error or "error")})

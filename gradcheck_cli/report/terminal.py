@@ -17,6 +17,7 @@ from rich.text import Text
 from gradcheck_cli.grid import SettingOverSeeds, lr_grid, lrs_vary, over_seeds, seeds_vary
 from gradcheck_cli.report import describe_result, describe_setting, format_number, onset_step
 from gradcheck_cli.results import (
+    CRASHED,
     DIVERGED,
     ERROR,
     MODE_NONE,
@@ -29,7 +30,7 @@ from gradcheck_cli.results import (
     histogram_counts,
 )
 
-STATUS_STYLES = {STABLE: "green", DIVERGED: "yellow", NON_FINITE: "red", ERROR: "magenta"}
+STATUS_STYLES = {STABLE: "green", DIVERGED: "yellow", NON_FINITE: "red", ERROR: "magenta", CRASHED: "magenta"}
 
 # Eight levels; a bin with no norms is a space, so an empty bin never looks like a small one.
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -460,23 +461,24 @@ def _steps(n: int) -> str:
 
 
 def error_blocks(results: list[RunResult]) -> list[tuple[str, str]]:
-    """``(title, body)`` for each errored run: its trimmed traceback, and the error's
+    """``(title, body)`` for each errored or crashed run: its trimmed traceback, and the error's
     explanation when the traceback does not already end with it (a broken contract, such as
-    an empty ``batches()``, has only the line where the function is defined)."""
+    an empty ``batches()``, has only the line where the function is defined; a crashed run has
+    only how its worker died)."""
     blocks = []
     for r in results:
-        if r.status != ERROR:
+        if r.status not in (ERROR, CRASHED):
             continue
         body = (r.error_traceback or "").rstrip()
         if r.error and not body.endswith(r.error):
             body = f"{body}\n{r.error}" if body else r.error
         where = f" after {_steps(len(r.steps))}" if r.steps else ""
-        blocks.append((f"{r.run}: error{where}", body or "no details recorded"))
+        blocks.append((f"{r.run}: {r.status}{where}", body or "no details recorded"))
     return blocks
 
 
 def error_panels(results: list[RunResult]) -> list[Panel]:
-    """One panel per errored run (``error_blocks``)."""
+    """One panel per errored or crashed run (``error_blocks``)."""
     return [
         Panel(Text(body), title=Text(title), title_align="left", border_style=STATUS_STYLES[ERROR])
         for title, body in error_blocks(results)
