@@ -8,8 +8,9 @@ never rebuild the starting state: they import the script by path themselves and 
 run gives the same numbers in a worker as in the sweep's own process, bit for bit on CPU (with
 the same number of torch threads; see ``threads_per_job``).
 
-A worker that dies mid-run (a segfault in an extension, ``os._exit``, the OOM killer's
-SIGKILL) gives that run the status ``crashed``, with the signal or exit code and the step it
+A worker that dies mid-run (a segfault in an extension, the OOM killer's SIGKILL, ``os._exit``
+from a thread of the script; in the main thread ``guard.guarded`` turns ``os._exit`` into an
+``error``, as in gradclip's own process) gives that run the status ``crashed``, with the signal or exit code and the step it
 was on in ``error``; the next run goes to a fresh worker and the sweep goes on. Runs that
 finished are already reported; nothing is lost.
 
@@ -146,6 +147,7 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
 
     torch.set_num_threads(threads)
     from gradcheck_cli.errors import GradclipError
+    from gradcheck_cli.guard import guarded
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.runner import UserFailure
     from gradcheck_cli.snapshot import seed_everything
@@ -165,47 +167,48 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
     model = None
     model_seed: int | None = None
     device = torch.device(config.device)
-    while True:
-        message = conn.recv()
-        if message is None:
-            return
-        _, cell, seed, snapshot_bytes, failure = message
-        if snapshot_bytes is not None:
-            snapshots = {seed: _for_this_worker(deserialise(snapshot_bytes), threads)}  # seed-major: keep one
-        if load_failure is not None:
-            send(("done", RunResult(cell=cell, status=ERROR, error=load_failure.error, seed=seed)))
-            continue
-        optimizer_failure = UserFailure(*failure) if failure is not None else None
-        if optimizer_failure is None and model_seed != seed:
-            # The module's structure only: its state comes from the snapshot. Built as the
-            # sweep built it (same seed first), so anything outside the state dict matches too.
-            model = None
+    with guarded():  # os._exit in the script's main thread: an error, as in one process
+        while True:
+            message = conn.recv()
+            if message is None:
+                return
+            _, cell, seed, snapshot_bytes, failure = message
+            if snapshot_bytes is not None:
+                snapshots = {seed: _for_this_worker(deserialise(snapshot_bytes), threads)}  # seed-major: keep one
+            if load_failure is not None:
+                send(("done", RunResult(cell=cell, status=ERROR, error=load_failure.error, seed=seed)))
+                continue
+            optimizer_failure = UserFailure(*failure) if failure is not None else None
+            if optimizer_failure is None and model_seed != seed:
+                # The module's structure only: its state comes from the snapshot. Built as the
+                # sweep built it (same seed first), so anything outside the state dict matches too.
+                model = None
+                try:
+                    seed_everything(seed, device)
+                    model = experiment.build_model()
+                    model.to(device)
+                    model_seed = seed
+                except GradclipError as err:
+                    optimizer_failure = UserFailure(f"build_model() failed in the worker process: {err.message}")
             try:
-                seed_everything(seed, device)
-                model = experiment.build_model()
-                model.to(device)
-                model_seed = seed
-            except GradclipError as err:
-                optimizer_failure = UserFailure(f"build_model() failed in the worker process: {err.message}")
-        try:
-            result = execute(
-                experiment,
-                model,
-                cell,
-                config,
-                snapshots.get(seed),
-                optimizer_failure,
-                on_step=lambda step: send(("step", step)),
-            )
-        except KeyboardInterrupt:  # raised by the script itself (SIGINT is ignored here)
-            send(("interrupted",))
-            return
-        except Exception as exc:  # a bug in gradclip: reported as such by the supervisor
-            import traceback
+                result = execute(
+                    experiment,
+                    model,
+                    cell,
+                    config,
+                    snapshots.get(seed),
+                    optimizer_failure,
+                    on_step=lambda step: send(("step", step)),
+                )
+            except KeyboardInterrupt:  # raised by the script itself (SIGINT is ignored here)
+                send(("interrupted",))
+                return
+            except Exception as exc:  # a bug in gradclip: reported as such by the supervisor
+                import traceback
 
-            send(("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-            return
-        send(("done", result))
+                send(("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+                return
+            send(("done", result))
 
 
 class WorkerError(RuntimeError):

@@ -3,13 +3,15 @@ killer would: no exception, no cleanup.
 
 ``CRASH_COUNTER`` names a file counting ``build_optimizer`` calls across processes (the sweep
 calls it once for the snapshot, then once per run). ``CRASH_PLAN`` says which calls' runs die at
-their second step, and how: ``3:exit,4:kill,5:segv`` (``os._exit(7)``, SIGKILL, a null-pointer
-read through ctypes). Without ``CRASH_COUNTER`` it never dies.
+their second step, and how: ``3:exit,4:kill,5:segv`` (``os._exit(7)`` from another thread: in
+the main thread gradclip turns it into an error; SIGKILL; a null-pointer read through ctypes). Without ``CRASH_COUNTER`` it never dies.
 """
 
 import ctypes
 import os
 import signal
+import threading
+import time
 
 import torch
 from data_helper import regression_data
@@ -48,7 +50,8 @@ def loss_fn(model, batch):
     if _doomed and _calls == 2:
         how = _doomed
         if how == "exit":
-            os._exit(7)
+            threading.Thread(target=os._exit, args=(7,)).start()
+            time.sleep(60)
         elif how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         else:

@@ -1,8 +1,9 @@
 """Under torchrun, rank 1 fails in its first run as ``RANK_FAILS`` says: ``exit`` (the rank's
-process dies, ``os._exit(9)``) or ``hang`` (it stops answering for longer than any test waits).
+process dies of SIGKILL, as from the OOM killer) or ``hang`` (it stops answering for longer than any test waits).
 Rank 0 and single-process runs train normally."""
 
 import os
+import signal
 import time
 
 import torch
@@ -22,7 +23,7 @@ def batches():
 def loss_fn(model, batch):
     if os.environ.get("RANK") == "1":
         if os.environ.get("RANK_FAILS") == "exit":
-            os._exit(9)
+            os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get("RANK_FAILS") == "hang":
             time.sleep(600)
     x, y = batch
