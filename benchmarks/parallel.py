@@ -9,6 +9,7 @@ Target: median(jobs 1) / median(jobs 2) >= 1.7 on 2 cores.
 
     python benchmarks/parallel.py              # 5 repetitions, 9 runs x 60 steps
     python benchmarks/parallel.py --reps 3 --steps 30
+    python benchmarks/parallel.py --script sample_models/tiny_lm.py   # a small model: threads barely help
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--script", type=Path, default=SCRIPT, help="the model script (default: cpu_bound_mlp.py)")
     args = parser.parse_args()
-    config = SweepConfig(script=SCRIPT, max_norms=(0.1, 1.0, 10.0, 100.0), norm_types=(2.0, float("inf")), steps=args.steps)
-    experiment = load_experiment(SCRIPT)
+    config = SweepConfig(script=args.script, max_norms=(0.1, 1.0, 10.0, 100.0), norm_types=(2.0, float("inf")), steps=args.steps)
+    experiment = load_experiment(args.script)
     cores = available_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(

@@ -90,6 +90,7 @@ from gradcheck_cli.detect import (
     is_diverged,
     is_non_finite,
 )
+from gradcheck_cli.distributed_norm import any_dtensor
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
@@ -535,6 +536,7 @@ def run_cell(
         params = list(model.parameters())
         named = list(model.named_parameters())
         grouping = LayerGrouping(config.layer_depth)
+        sharded = any_dtensor(params)
         # The control run also measures the total in every norm type of the grid, so that each
         # clipped cell can be compared with it on its own norm.
         extra_types = [] if cell.clipped else list(dict.fromkeys(config.norm_types))
@@ -589,9 +591,15 @@ def run_cell(
                         f"--amp fp16 cannot unscale this model's gradients ({describe_exception(exc)}); "
                         "keep the model's parameters in float32: autocast lowers the precision of the forward itself"
                     ) from exc
-                measured = engine.measure_grad_norms(named, cell.norm_type)
-                norm = measured.total_norm
-                groups, group_norms = grouping.combine(measured.names, measured.norms, cell.norm_type)
+                if sharded:
+                    # DTensor (FSDP2) gradients: the engine's global norm; per-layer norms of
+                    # sharded parameters would need a collective per layer, so none are recorded.
+                    norm = engine.get_total_norm([p.grad for p in params if p.grad is not None], cell.norm_type)
+                    groups, group_norms = (), torch.zeros(0, dtype=torch.float64, device=norm.device)
+                else:
+                    measured = engine.measure_grad_norms(named, cell.norm_type)
+                    norm = measured.total_norm
+                    groups, group_norms = grouping.combine(measured.names, measured.norms, cell.norm_type)
                 found_inf = precision.found_inf(optimizer)
                 losses = mean_across_ranks(losses)  # under torchrun in model mode: every rank's mean
                 scalars = [*losses, norm]

@@ -54,14 +54,7 @@ def test_cells_mode_writes_the_files_of_one_process(tmp_path):
     assert proc.stdout.count("gradclip sweep") == 1  # rank 0 alone prints the table
 
 
-FSDP2_PER_LAYER = pytest.mark.xfail(
-    strict=True,
-    reason="the per-layer norm pass (engine.measure_grad_norms, layers.LayerGrouping) combines DTensor "
-    "gradient norms with plain tensors (index_add_): FSDP2 model mode passed before it landed",
-)
-
-
-@pytest.mark.parametrize("script", ["ddp_linear.py", pytest.param("fsdp_mlp.py", marks=FSDP2_PER_LAYER)])
+@pytest.mark.parametrize("script", ["ddp_linear.py", "fsdp_mlp.py"])
 def test_model_mode_trains_the_model_of_one_process_on_the_whole_batch(tmp_path, script):
     """DDP replicas or FSDP2 shards, each rank with half of every batch: the global gradient
     norm and the mean loss are those of one process on the whole batch, to float rounding."""
