@@ -321,14 +321,15 @@ def _write_junit(junit: Optional[Path], results: list, suite_name: str, code: in
     return code
 
 
-def _fingerprint(config) -> dict:
+def _fingerprint(config, threads: int | None = None) -> dict:
     """The sweep's options plus what else decides its numbers on CPU: the script's content,
-    torch's version and torch's thread count (read before the script runs)."""
+    torch's version and the torch thread count the runs use (``threads``, a worker's; else this
+    process's, read before the script runs)."""
     import torch
 
     fingerprint = config.fingerprint()
     fingerprint["torch_version"] = torch.__version__
-    fingerprint["torch_threads"] = torch.get_num_threads()
+    fingerprint["torch_threads"] = threads if threads is not None else torch.get_num_threads()
     return fingerprint
 
 
@@ -517,11 +518,12 @@ def _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_diver
             stack.enter_context(files.OutDirLock(out_dir))
         else:
             out_dir = _absolute(out)
-        fingerprint = _fingerprint(config)
+        executor = stack.enter_context(_executor(jobs, threads_per_job, group))
+        # the thread count the runs use: each worker's, or this process's for --jobs 0
+        fingerprint = _fingerprint(config, getattr(executor, "threads", None))
         finished = files.load_finished(out_dir, fingerprint) if resume and lead else {}
         if group is not None:
             finished = group.broadcast(finished)  # every rank skips the same runs
-        executor = stack.enter_context(_executor(jobs, threads_per_job, group))
         if hasattr(executor, "start"):  # the workers start while the script loads here
             executor.start(config.script.resolve(), config if group is None else dataclasses.replace(config, device=group.device))
         return _run_sweep_command(

@@ -305,19 +305,34 @@ def test_resume_under_another_thread_count_or_changed_script_is_refused(tmp_path
     script.write_text((SCRIPTS / "stable_linear.py").read_text())
     (tmp_path / "data_helper.py").write_text((SCRIPTS / "data_helper.py").read_text())
     out = tmp_path / "out"
-    args = ("sweep", script, "--steps", 2, "--max-norm", 1, "--norm-type", 2, "--out", out)
-    assert invoke(*args).exit_code == 0
-    manifest = json.loads((out / files.MANIFEST_FILE).read_text())["fingerprint"]
-    assert manifest["torch_version"] == torch.__version__ and manifest["torch_threads"] == 1
-    torch.set_num_threads(2)
-    refused = invoke(*args, "--resume")
-    assert refused.exit_code == 2
-    assert "torch thread count 1 (saved) vs 2 (now)" in refused.stderr
-    torch.set_num_threads(1)
-    script.write_text(script.read_text() + "\n# edited\n")
-    refused = invoke(*args, "--resume")
-    assert refused.exit_code == 2
-    assert f"the script {script} has changed since the interrupted sweep" in refused.stderr
+    # --jobs 0: the runs use this process's thread count
+    args = ("sweep", script, "--steps", 2, "--max-norm", 1, "--norm-type", 2, "--out", out, "--jobs", 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert invoke(*args).exit_code == 0
+        manifest = json.loads((out / files.MANIFEST_FILE).read_text())["fingerprint"]
+        assert manifest["torch_version"] == torch.__version__ and manifest["torch_threads"] == 1
+        torch.set_num_threads(2)
+        refused = invoke(*args, "--resume")
+        assert refused.exit_code == 2
+        assert "torch thread count 1 (saved) vs 2 (now)" in refused.stderr
+        torch.set_num_threads(1)
+        script.write_text(script.read_text() + "\n# edited\n")
+        refused = invoke(*args, "--resume")
+        assert refused.exit_code == 2
+        assert f"the script {script} has changed since the interrupted sweep" in refused.stderr
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_with_workers_the_fingerprint_records_the_workers_thread_count(tmp_path):
+    out = tmp_path / "out"
+    args = ("sweep", SCRIPTS / "stable_linear.py", "--steps", 2, "--max-norm", 1, "--norm-type", 2, "--out", out)
+    assert invoke(*args, "--threads-per-job", 1).exit_code == 0
+    assert json.loads((out / files.MANIFEST_FILE).read_text())["fingerprint"]["torch_threads"] == 1
+    refused = invoke(*args, "--threads-per-job", 2, "--resume")
+    assert refused.exit_code == 2 and "torch thread count 1 (saved) vs 2 (now)" in refused.stderr
 
 
 def test_help_documents_the_exit_codes():
