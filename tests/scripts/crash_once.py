@@ -8,6 +8,7 @@ the main thread gradclip turns it into an error; SIGKILL; a null-pointer read th
 """
 
 import ctypes
+import fcntl
 import os
 import signal
 import threading
@@ -31,9 +32,12 @@ def build_optimizer(model):
     counter = os.environ.get("CRASH_COUNTER")
     if counter:
         with open(counter, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # two workers may count at once (--jobs 2)
             f.seek(0)
             n = len(f.read()) + 1
             f.write("x")
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
         plan = dict(item.split(":") for item in os.environ["CRASH_PLAN"].split(","))
         _doomed = plan.get(str(n))
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
