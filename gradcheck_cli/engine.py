@@ -119,6 +119,11 @@ _ROW = 1 << 10
 # _BATCH_LIMIT elements.
 _SHORT = 1 << 14
 _BATCH_LIMIT = 1 << 22
+# Models with at most _SMALL_MODEL gradient elements in all, none float64, take one float64
+# reduction per tensor (``_cpu_small_model``): below this size the fixed cost of the general
+# path's bookkeeping outweighs the upcast copy (measured: 18 vs 65 us for 161 elements, 35 vs
+# 124 us for 24,640; the copy wins from about 2^18 elements on).
+_SMALL_MODEL = 1 << 16
 # Exact recomputation works through float64 chunks of this many elements.
 _CHUNK = 1 << 20
 # Relative weight that underflowed terms may have in a fast result before it is recomputed.
@@ -568,9 +573,29 @@ def _generic_norms(grads: list[Tensor], p: float) -> Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _cpu_small_model(grads: list[Tensor], p: float) -> bool:
+    """Whether ``_cpu_small_norms`` applies: p of 1 or 2, no float64 tensor, few elements."""
+    return (
+        (p == 2.0 or p == 1.0)
+        and all(g.dtype != torch.float64 for g in grads)
+        and sum(g.numel() for g in grads) <= _SMALL_MODEL
+    )
+
+
+def _cpu_small_norms(grads: list[Tensor], p: float) -> tuple[Tensor, Tensor]:
+    """(total, per-tensor norms), float64, each tensor reduced once in float64. Exact to float64
+    rounding with neither overflow nor underflow: the squares of float32, float16 and bfloat16
+    values all lie well inside float64's normal range, and so do their sums here."""
+    norms = torch.stack(torch._foreach_norm(grads, p, dtype=torch.float64))
+    return torch.linalg.vector_norm(norms, p), norms
+
+
 def _cpu_norms(
     grads: list[Tensor], p: float, per_tensor: bool
 ) -> tuple[float | Tensor, Tensor | None]:
+    if _cpu_small_model(grads, p):
+        total, norms = _cpu_small_norms(grads, p)
+        return total, (norms if per_tensor else None)
     if p == _INF:
         if per_tensor:
             return _cpu_per_tensor_inf(grads)
