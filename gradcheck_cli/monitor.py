@@ -158,7 +158,7 @@ class StepRecorder:
     def _reset_step(self) -> None:
         self._losses: list[Any] = []
         self._measured: tuple | None = None  # (norm_type, total, per-tensor norms, names)
-        self._coef: Tensor | None = None
+        self._coef: Tensor | float | None = None
 
     @property
     def pending(self) -> bool:
@@ -188,14 +188,24 @@ class StepRecorder:
         max_norm = float(max_norm)
         if math.isfinite(max_norm) and self.max_norm is None:
             self.max_norm = max_norm
-        if not isinstance(total, Tensor):
-            total = torch.tensor(float(total))
+        if not isinstance(total, Tensor) or (total.is_cpu and not self.gather_on_device):
+            # On the host reading the total is no sync, and Python arithmetic is cheaper than
+            # three tensor ops; it equals torch's float32 coefficient to float32 rounding.
+            coef_f = min(max_norm / (float(total) + 1e-6), 1.0)  # NaN stays NaN
+            previous = self._coef
+            if isinstance(previous, Tensor):
+                previous = float(previous)
+            self._coef = coef_f if previous is None or math.isnan(coef_f) else min(previous, coef_f)
+            return
         coef = torch.clamp(max_norm / (total.detach() + 1e-6), max=1.0).to(torch.float64)
-        self._coef = coef if self._coef is None else torch.minimum(self._coef, coef.to(self._coef.device))
+        previous = self._coef
+        if previous is not None and not isinstance(previous, Tensor):
+            previous = torch.tensor(previous, dtype=torch.float64, device=coef.device)
+        self._coef = coef if previous is None else torch.minimum(previous, coef.to(previous.device))
 
     def note_unknown_coefficient(self) -> None:
         """Something clipped without a single coefficient (value clipping): record it blank."""
-        self._coef = torch.tensor(math.nan, dtype=torch.float64)
+        self._coef = math.nan
 
     def note_norm_type(self, norm_type: float) -> None:
         self.clip_norm_type = float(norm_type)
