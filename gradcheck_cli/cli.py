@@ -859,7 +859,14 @@ def recipes_command() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        from gradcheck_cli import ranks
+
+        code = done.code
+        ranks.exit_rank(code if isinstance(code, int) else (0 if code is None else 1))
+        raise
 
 
 if __name__ == "__main__":

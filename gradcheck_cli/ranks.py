@@ -36,6 +36,8 @@ DEFAULT_TIMEOUT_S = 600.0
 # The group of the sweep running in model mode in this process, if any: the runner averages
 # each step's loss over it (``mean_across_ranks``).
 _model_group: Any = None
+# Whether this process joined a process group (it is a torchrun rank): see ``exit_rank``.
+_joined = False
 
 
 def timeout_seconds() -> float:
@@ -89,6 +91,8 @@ class RankGroup:
         self.timeout_s = timeout_seconds()
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
+        global _joined
+        _joined = True
         self._dist = dist
 
     @property
@@ -185,6 +189,24 @@ class RankGroup:
         for _ in range(rounds - len(mine)):
             share(None)
         return [gathered[c.run] for c in cells]
+
+
+def exit_rank(code: int) -> None:
+    """End a torchrun rank with ``code`` once its output is flushed, skipping the interpreter's
+    teardown when this process joined a group. torch's distributed C++ side can still own a
+    joinable thread when static objects are destroyed, and the process then aborts ("terminate
+    called without an active exception", SIGABRT) after the sweep has finished and written
+    everything: torchrun would report the rank as failed. Returns (does nothing) otherwise."""
+    if not _joined:
+        return
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 class RankFailure(GradclipError):
