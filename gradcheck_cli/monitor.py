@@ -50,9 +50,11 @@ the ``with`` block. Later steps are still recorded; the first event is the verdi
 optimizer never applies the non-finite update.
 
 Files (``out``): ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv`` with one run
-named ``run`` (default ``monitor``), written by ``report.files.write_reports`` (each atomically)
-every ``write_every`` steps, at the first non-finite or diverged step, and on exit, so a killed
-training leaves readable files up to its last write.
+named ``run`` (default ``monitor``), brought up to date every ``write_every`` steps, at the first
+non-finite or diverged step, and on exit (``report.live.LiveRunWriter``: the new steps' rows
+appended in one write of whole lines, the summary and histograms replaced atomically), so a
+killed training leaves readable files up to its last write, and a long one pays per write only
+for the steps since the previous one.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ class StepRecorder:
         self._first_loss: float | None = None
         self._start = time.perf_counter()
         self._written = 0
+        self._writer: Any = None
         self._reset_step()
 
     # ---- per step -------------------------------------------------------------------------
@@ -240,7 +243,7 @@ class StepRecorder:
         if event is not None or self.status == DIVERGED and self.diverged_step == step:
             self.write()
         elif len(self.steps) - self._written >= self.write_every:
-            self.write()
+            self.write(refresh_histograms=False)
         return event
 
     # Two ways to the same numbers. On the host (CPU tensors) reading a value is no device sync,
@@ -355,12 +358,15 @@ class StepRecorder:
 
         prepare_out_dir(self.out)
 
-    def write(self) -> None:
-        """Rewrite the four report files atomically with every step recorded so far."""
-        from gradcheck_cli.report.files import write_reports
+    def write(self, *, refresh_histograms: bool = True) -> None:
+        """Bring the report files up to every step recorded so far: the new steps' rows are
+        appended, the summary replaced (``report.live.LiveRunWriter``); the histograms are
+        refreshed when asked (events, the end) or when the run has doubled since."""
+        if self._writer is None:
+            from gradcheck_cli.report.live import LiveRunWriter
 
-        result = self.result()
-        write_reports(self.out, [result], shared_log_bins([result]))
+            self._writer = LiveRunWriter(self.out)
+        self._writer.write(self.result(), refresh_histograms=refresh_histograms)
         self._written = len(self.steps)
 
 
@@ -504,9 +510,9 @@ class GradMonitor(ClipSession):
         run: the run's name in the files. Default ``monitor``.
         stop_on_non_finite: raise ``NonFiniteError`` (step, source, parameter) from
             ``optimizer.step()`` at the first non-finite step, before the update is applied.
-        write_every: rewrite the files every this many steps (and at the first non-finite or
-            diverged step, and on exit). Each write rewrites whole files: raise it for runs of
-            many thousands of steps.
+        write_every: bring the files up to date every this many steps (and at the first
+            non-finite or diverged step, and on exit). Each write appends the new steps' rows,
+            so its cost does not grow with the length of the run.
         layer_depth: per-layer grouping, as ``layers.LayerGrouping`` (``"auto"``, ``None`` for one
             group per parameter, or a module depth).
         divergence_factor: ``diverged`` when a finite loss exceeds this times the first recorded
