@@ -166,8 +166,13 @@ def _check_max_norm(max_norm: float) -> float:
     return max_norm
 
 
+_FLOAT32_ONLY = frozenset({torch.float32})
+
+
 def _result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     """``promote(gradient dtypes, float32)``, with complex dtypes mapped to their real dtype."""
+    if dtypes == _FLOAT32_ONLY:  # the usual case, without the promotion loop
+        return torch.float32
     dt = torch.float32
     for d in dtypes:
         if d.is_complex:
@@ -190,13 +195,14 @@ def _nonfinite_error(norm_type: float) -> RuntimeError:
 _CPU_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 
 
-def _cpu_fast(tensors: list[Tensor], dtypes: set[torch.dtype]) -> bool:
+_STRIDED = frozenset({torch.strided})
+
+
+def _cpu_fast(tensors: list[Tensor], dtypes: set[torch.dtype], layouts: set[torch.layout] | None = None) -> bool:
     """True when every tensor is a dense real floating-point CPU tensor (the fast paths)."""
-    return (
-        dtypes <= _CPU_DTYPES
-        and all(t.is_cpu for t in tensors)
-        and {t.layout for t in tensors} == {torch.strided}
-    )
+    if layouts is None:
+        layouts = {t.layout for t in tensors}
+    return dtypes <= _CPU_DTYPES and layouts == _STRIDED and all(t.is_cpu for t in tensors)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -573,13 +579,11 @@ def _generic_norms(grads: list[Tensor], p: float) -> Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _cpu_small_model(grads: list[Tensor], p: float) -> bool:
+def _cpu_small_model(grads: list[Tensor], p: float, dtypes: set[torch.dtype] | None = None) -> bool:
     """Whether ``_cpu_small_norms`` applies: p of 1 or 2, no float64 tensor, few elements."""
-    return (
-        (p == 2.0 or p == 1.0)
-        and all(g.dtype != torch.float64 for g in grads)
-        and sum(g.numel() for g in grads) <= _SMALL_MODEL
-    )
+    if dtypes is None:
+        dtypes = {g.dtype for g in grads}
+    return (p == 2.0 or p == 1.0) and torch.float64 not in dtypes and sum(g.numel() for g in grads) <= _SMALL_MODEL
 
 
 def _cpu_small_norms(grads: list[Tensor], p: float) -> tuple[Tensor, Tensor]:
@@ -591,9 +595,9 @@ def _cpu_small_norms(grads: list[Tensor], p: float) -> tuple[Tensor, Tensor]:
 
 
 def _cpu_norms(
-    grads: list[Tensor], p: float, per_tensor: bool
+    grads: list[Tensor], p: float, per_tensor: bool, dtypes: set[torch.dtype] | None = None
 ) -> tuple[float | Tensor, Tensor | None]:
-    if _cpu_small_model(grads, p):
+    if _cpu_small_model(grads, p, dtypes):
         total, norms = _cpu_small_norms(grads, p)
         return total, (norms if per_tensor else None)
     if p == _INF:
@@ -665,12 +669,14 @@ def _norms(
     if not grads:
         return torch.tensor(0.0), (torch.zeros(0) if per_tensor else None)
     dtypes = {t.dtype for t in grads}
-    if any(t.is_sparse for t in grads) or any(d.is_complex for d in dtypes):
+    layouts = {t.layout for t in grads}
+    if torch.sparse_coo in layouts or any(d.is_complex for d in dtypes):
         grads = [_norm_operand(t, p) for t in grads]
         dtypes = {t.dtype for t in grads}
+        layouts = {t.layout for t in grads}
     out_dtype = _result_dtype(dtypes)
-    if _CPU_PATHS and _cpu_fast(grads, dtypes):
-        total, norms = _cpu_norms(grads, p, per_tensor)
+    if _CPU_PATHS and _cpu_fast(grads, dtypes, layouts):
+        total, norms = _cpu_norms(grads, p, per_tensor, dtypes)
         if isinstance(total, float):
             total_t = torch.tensor(total, dtype=out_dtype)
         else:
