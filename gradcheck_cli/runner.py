@@ -243,6 +243,51 @@ def make_optimizer(experiment: Experiment, model: torch.nn.Module, lr: float) ->
     return optimizer
 
 
+def optimizer_members(optimizers: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers of what ``build_optimizer`` returned: one, or a list, tuple or dict of them."""
+    if isinstance(optimizers, dict):
+        return list(optimizers.values())
+    if isinstance(optimizers, (list, tuple)):
+        return list(optimizers)
+    return [optimizers]
+
+
+def start_run(experiment: Experiment, model: torch.nn.Module, lr: float | None, snapshot: Snapshot | None) -> Any:
+    """Put the process where every run of the sweep with this seed starts, and return the
+    run's optimizer(s): the snapshot's global torch state, weights and RNG restored, the
+    optimizer(s) built anew (``make_optimizer``) and loaded with the snapshot's state, every
+    param group at ``lr`` when the sweep sets it. Raises ``UserFailure`` when ``build_optimizer``
+    does not build the same optimizer(s) as on its first call."""
+    if snapshot is not None:
+        snapshot.restore_global_state()
+        snapshot.restore_model(model)
+        snapshot.restore_rng()
+    model.train()
+    optimizers = make_optimizer(experiment, model, lr if lr is not None else DEFAULT_LR)
+    several = isinstance(optimizers, (list, tuple, dict))
+    site = definition_site(experiment.build_optimizer_fn, "build_optimizer") if experiment.build_optimizer_fn else None
+    if snapshot is not None:
+        if not several and snapshot.optimizer_class is not None and type(optimizers) is not snapshot.optimizer_class:
+            raise UserFailure(
+                "build_optimizer(model) returned an optimizer that does not match the first one it built "
+                f"({type(optimizers).__name__}, first {snapshot.optimizer_class.__name__}); it must build the same optimizer on every call",
+                site,
+            )
+        try:
+            snapshot.restore_optimizer(optimizers)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            what = "optimizers that do not match the first ones" if several else "an optimizer that does not match the first one"
+            raise UserFailure(
+                f"build_optimizer(model) returned {what} it built ({describe_exception(exc)}); "
+                f"it must build the same optimizer{'s' if several else ''} on every call",
+                site,
+            ) from exc
+    if lr is not None:  # the lr axis: every optimizer trains at it
+        for optimizer in optimizer_members(optimizers):
+            set_lr(optimizer, lr)
+    return optimizers
+
+
 def to_device(batch: Any, device: str | torch.device) -> Any:
     """``batch`` with every tensor moved to ``device``, looking inside tuples (named tuples
     too), lists and dicts; anything else is returned unchanged."""
@@ -504,31 +549,7 @@ def run_cell(
         )
 
     try:
-        if snapshot is not None:
-            snapshot.restore_global_state()
-            snapshot.restore_model(model)
-            snapshot.restore_rng()
-        model.train()
-        optimizer = make_optimizer(experiment, model, lr if lr is not None else DEFAULT_LR)
-        if snapshot is not None and snapshot.optimizer_class is not None and type(optimizer) is not snapshot.optimizer_class:
-            raise UserFailure(
-                "build_optimizer(model) returned an optimizer that does not match the first one it built "
-                f"({type(optimizer).__name__}, first {snapshot.optimizer_class.__name__}); it must build the same optimizer on every call",
-                definition_site(experiment.build_optimizer_fn, "build_optimizer") if experiment.build_optimizer_fn else None,
-            )
-        if snapshot is not None:
-            try:
-                snapshot.restore_optimizer(optimizer)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise UserFailure(
-                    "build_optimizer(model) returned an optimizer that does not match the first "
-                    f"one it built ({describe_exception(exc)}); it must build the same optimizer on every call",
-                    definition_site(experiment.build_optimizer_fn, "build_optimizer")
-                    if experiment.build_optimizer_fn
-                    else None,
-                ) from exc
-        if lr is not None:
-            set_lr(optimizer, lr)
+        optimizer = start_run(experiment, model, lr, snapshot)
         scheduler = make_scheduler(experiment, optimizer)
         precision = Precision(config.amp, device, config.amp_init_scale)
         accumulate = config.accumulate

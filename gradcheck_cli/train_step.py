@@ -53,10 +53,10 @@ import torch
 from torch import Tensor
 
 from gradcheck_cli import engine
-from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
+from gradcheck_cli.config import SweepConfig, agc_excluded
 from gradcheck_cli.detect import is_diverged, is_non_finite
 from gradcheck_cli.layers import LayerGrouping
-from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
+from gradcheck_cli.loader import Experiment, definition_site, type_name
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -74,10 +74,10 @@ from gradcheck_cli.runner import (
     UserFailure,
     apply_clipping,
     call_user,
-    make_optimizer,
     make_rule,
+    optimizer_members,
     run_lr,
-    set_lr,
+    start_run,
     to_device,
 )
 from gradcheck_cli.snapshot import Snapshot
@@ -167,14 +167,6 @@ def _largest(values: list[float]) -> float:
     return max(present) if present else math.nan
 
 
-def _members(optimizers: Any) -> list[torch.optim.Optimizer]:
-    if isinstance(optimizers, dict):
-        return list(optimizers.values())
-    if isinstance(optimizers, (list, tuple)):
-        return list(optimizers)
-    return [optimizers]
-
-
 def _loss_value(experiment: Experiment, out: Any) -> float | None:
     """The step's loss as a float (``None`` when it returned none); ``UserFailure`` for
     anything that is not a scalar."""
@@ -222,26 +214,8 @@ def run_train_step_cell(
                 "--amp and --accumulate do not apply to a train_step script: its own update decides "
                 "precision and accumulation (use autocast, a GradScaler and several backward passes inside train_step)"
             )
-        if snapshot is not None:
-            snapshot.restore_model(model)
-            snapshot.restore_rng()
-        model.train()
-        optimizers = make_optimizer(experiment, model, lr if lr is not None else DEFAULT_LR)
-        if snapshot is not None:
-            try:
-                snapshot.restore_optimizer(optimizers)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise UserFailure(
-                    "build_optimizer(model) returned optimizers that do not match the first ones it "
-                    f"built ({describe_exception(exc)}); it must build the same optimizers on every call",
-                    definition_site(experiment.build_optimizer_fn, "build_optimizer")
-                    if experiment.build_optimizer_fn
-                    else None,
-                ) from exc
-        if lr is not None:  # the lr axis: every optimizer trains at it
-            for optimizer in _members(optimizers):
-                set_lr(optimizer, lr)
-        first_optimizer = _members(optimizers)[0]
+        optimizers = start_run(experiment, model, lr, snapshot)
+        first_optimizer = optimizer_members(optimizers)[0]
         stream = BatchStream(experiment)
         clip = Clip(model, cell, config)
         first_loss: float | None = None

@@ -341,3 +341,29 @@ def test_help_documents_the_exit_codes():
     for fragment in ("5 reports could not be written", "129/130/143", "141 stdout closed early"):
         assert fragment in text
     assert {int(c) for c in ExitCode} == {0, 1, 2, 3, 4, 5, 129, 130, 141, 143}
+
+
+def test_a_train_step_script_gets_the_same_global_torch_state_every_run(tmp_path):
+    """The same restore for scripts that run their own update (``train_step``)."""
+    script = write_script(tmp_path, LINEAR + """
+seen = []
+def build_optimizer(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+def train_step(model, batch, optimizers, clip):
+    seen.append((torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads()))
+    x, y = batch
+    optimizers.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    clip(model.parameters())
+    optimizers.step()
+    torch.set_default_dtype(torch.float64)  # careless, every step
+    torch.set_num_threads(3)
+    return loss
+""")
+    experiment = load_experiment(script)
+    config = SweepConfig(script=script, steps=2, max_norms=(0.5, 1.0), norm_types=(2.0,))
+    results = run_sweep(config, experiment)
+    assert [r.status for r in results] == ["stable"] * 3
+    assert experiment.module.seen[::2] == [(torch.float32, True, 1)] * 3
+    assert len({r.steps[0].loss for r in results}) == 1
