@@ -33,8 +33,6 @@ and when training ends.
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,10 +44,8 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in the t
         "gradcheck_cli.integrations.hf needs transformers and accelerate: pip install 'gradclip[hf]'"
     ) from exc
 
-from gradcheck_cli.layers import AUTO
-from gradcheck_cli.monitor import DEFAULT_OUT, DEFAULT_RUN, ClipSession, StepRecorder, first_param_lr
-
-_log = logging.getLogger("gradclip")
+from gradcheck_cli.integrations.recording import RecordingCallback
+from gradcheck_cli.monitor import first_param_lr
 
 
 def _innermost_optimizer(optimizer: Any) -> Any:
@@ -75,7 +71,7 @@ def _loss_of(output: Any) -> Any:
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
 
 
-class GradclipTrainerCallback(TrainerCallback):
+class GradclipTrainerCallback(RecordingCallback, TrainerCallback):
     """Record gradclip's per-step measurements of a ``Trainer.train`` (module docstring).
 
     Args:
@@ -85,40 +81,12 @@ class GradclipTrainerCallback(TrainerCallback):
         write_every, layer_depth, divergence_factor: as for ``GradMonitor``.
     """
 
-    def __init__(
-        self,
-        out: str | Path = DEFAULT_OUT,
-        *,
-        run: str = DEFAULT_RUN,
-        stop_on_non_finite: bool = False,
-        write_every: int = 100,
-        layer_depth: int | str | None = AUTO,
-        divergence_factor: float | None = 10.0,
-    ) -> None:
-        self.out = out
-        self.run = run
-        self.stop_on_non_finite = stop_on_non_finite
-        self.write_every = write_every
-        self.layer_depth = layer_depth
-        self.divergence_factor = divergence_factor
-        self.recorder: StepRecorder | None = None
-        self._session: ClipSession | None = None
-        self._handles: list[Any] = []
-        self._optimizer: Any = None
-        self._stop = False
+    # per-training state, set again in on_train_begin
+    _optimizer: Any = None
+    _stop = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.recorder = StepRecorder(
-            model,
-            self.out,
-            run=self.run,
-            layer_depth=self.layer_depth,
-            write_every=self.write_every,
-            divergence_factor=self.divergence_factor,
-        )
-        self.recorder.prepare()
-        self._session = ClipSession(self.recorder)
-        self._session.install()
+        self._open(model)
         self._optimizer = _innermost_optimizer(optimizer)
         self._stop = False
         self._handles = [
@@ -144,9 +112,7 @@ class GradclipTrainerCallback(TrainerCallback):
         return control
 
     def _finish(self, *, skipped: bool, lr: Any) -> None:
-        event = self.recorder.finish_step(skipped=skipped, lr=lr)
-        if event is not None:
-            _log.warning("gradclip: %s", event)
+        if self._record_step(skipped=skipped, lr=lr) is not None:
             self._stop = self.stop_on_non_finite
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -155,11 +121,4 @@ class GradclipTrainerCallback(TrainerCallback):
     def close(self) -> None:
         """Stop intercepting and write the files. ``on_train_end`` calls it; the Trainer has no
         hook for a training that raised, so call it yourself in that case."""
-        if self._session is None:
-            return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._session.uninstall()
-        self._session = None
-        self.recorder.write()
+        self._close()

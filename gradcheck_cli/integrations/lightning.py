@@ -36,16 +36,12 @@ when only ``pytorch_lightning`` is installed); ``PLGradclipCallback`` is the sam
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gradcheck_cli.layers import AUTO
-from gradcheck_cli.monitor import DEFAULT_OUT, DEFAULT_RUN, ClipSession, StepRecorder, first_param_lr
-
-_log = logging.getLogger("gradclip")
+from gradcheck_cli.integrations.recording import RecordingCallback
+from gradcheck_cli.monitor import first_param_lr
 
 
 def _import_callback_bases() -> dict[str, type]:
@@ -69,61 +65,20 @@ def _import_callback_bases() -> dict[str, type]:
     return bases
 
 
-class _GradclipCallbackMixin:
-    def __init__(
-        self,
-        out: str | Path = DEFAULT_OUT,
-        *,
-        run: str = DEFAULT_RUN,
-        stop_on_non_finite: bool = False,
-        write_every: int = 100,
-        layer_depth: int | str | None = AUTO,
-        divergence_factor: float | None = 10.0,
-    ) -> None:
-        super().__init__()
-        self.out = out
-        self.run = run
-        self.stop_on_non_finite = stop_on_non_finite
-        self.write_every = write_every
-        self.layer_depth = layer_depth
-        self.divergence_factor = divergence_factor
-        self.recorder: StepRecorder | None = None
-        self._session: ClipSession | None = None
-        self._handles: list[Any] = []
-        self._trainer: Any = None
-        self._stepped = False
-        self._lr: Any = None
+class _GradclipCallbackMixin(RecordingCallback):
+    # per-fit state, set again in on_train_start
+    _trainer: Any = None
+    _stepped = False
+    _lr: Any = None
 
     # ---- set up and tear down -----------------------------------------------------------------
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.recorder = StepRecorder(
-            pl_module,
-            self.out,
-            run=self.run,
-            layer_depth=self.layer_depth,
-            write_every=self.write_every,
-            divergence_factor=self.divergence_factor,
-        )
-        self.recorder.prepare()
-        self._trainer = trainer
-        self._session = ClipSession(self.recorder)
-        self._session.install()
+        self._open(pl_module)
+        self._trainer, self._stepped, self._lr = trainer, False, None
         # A post-hook: Lightning runs the closure (forward, backward, on_before_optimizer_step,
         # clipping) inside optimizer.step(closure), after any pre-hook.
         self._handles = [opt.register_step_post_hook(self._post_step) for opt in trainer.optimizers]
-
-    def _close(self, exc: BaseException | None = None) -> None:
-        if self._session is None:
-            return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._session.uninstall()
-        self._session = None
-        if exc is not None:
-            self.recorder.fail(exc)
-        self.recorder.write()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._close()
@@ -155,11 +110,8 @@ class _GradclipCallbackMixin:
             self._finish(skipped=not stepped, lr=lr)
 
     def _finish(self, *, skipped: bool, lr: Any) -> None:
-        event = self.recorder.finish_step(skipped=skipped, lr=lr)
-        if event is not None:
-            _log.warning("gradclip: %s", event)
-            if self.stop_on_non_finite:
-                self._trainer.should_stop = True
+        if self._record_step(skipped=skipped, lr=lr) is not None and self.stop_on_non_finite:
+            self._trainer.should_stop = True
 
 
 _BASES = _import_callback_bases()
