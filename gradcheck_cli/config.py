@@ -99,6 +99,16 @@ class SweepConfig:
             ),
         )
         config.check_run_names()
+        if config.agc_exclude and not config.agc_clip_factors:
+            raise UsageError(
+                "--agc-exclude was given without --agc: it only changes AGC runs, and no AGC run is swept",
+                "add AGC clip factors (e.g. --agc 0.01) or drop --agc-exclude",
+            )
+        if values.get("zclip_max_norm") is not None and not config.zclip_z_thresholds:
+            raise UsageError(
+                "--zclip-max-norm was given without --zclip: it only changes ZClip runs, and no ZClip run is swept",
+                "add ZClip z thresholds (e.g. --zclip 2.5) or drop --zclip-max-norm",
+            )
         return config
 
     def lr_of(self, cell: Cell) -> float | None:

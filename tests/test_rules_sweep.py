@@ -381,6 +381,9 @@ def test_resume_with_a_different_rule_grid_is_refused(all_modes, tmp_path):
         (["--zclip", "inf"], "--zclip value 'inf' must be a positive finite number"),
         (["--zclip", "2", "--zclip-max-norm", "0"], "--zclip-max-norm '0' must be a positive finite number or 'none'"),
         (["--agc", "0.01", "--agc-exclude", "heads,rnn"], "--agc-exclude heads matches no parameter of the model"),
+        (["--agc-exclude", "head"], "--agc-exclude was given without --agc: it only changes AGC runs"),
+        (["--max-norm", "1", "--zclip-max-norm", "2"], "--zclip-max-norm was given without --zclip: it only changes ZClip runs"),
+        (["--zclip-max-norm", "none"], "--zclip-max-norm was given without --zclip"),
     ],
 )
 def test_usage_errors(args, message, tmp_path):
