@@ -89,10 +89,10 @@ class SweepConfig:
             layer_depth=check_layer_depth(values.get("layer_depth", d["layer_depth"].default)),
             spike_factor=check_spike_factor(values.get("spike_factor", d["spike_factor"].default)),
             refine=check_refine(values.get("refine", d["refine"].default)),
-            clip_values=_optional(values, "clip_values", parse_max_norms, "--clip-value"),
-            agc_clip_factors=_optional(values, "agc_clip_factors", parse_max_norms, "--agc"),
-            autoclip_percentiles=_optional(values, "autoclip_percentiles", parse_percentiles, "--autoclip"),
-            zclip_z_thresholds=_optional(values, "zclip_z_thresholds", parse_max_norms, "--zclip"),
+            clip_values=_optional(values, "clip_values", parse_max_norms, "--clip-value", notes),
+            agc_clip_factors=_optional(values, "agc_clip_factors", parse_max_norms, "--agc", notes),
+            autoclip_percentiles=_optional(values, "autoclip_percentiles", parse_percentiles, "--autoclip", notes),
+            zclip_z_thresholds=_optional(values, "zclip_z_thresholds", parse_max_norms, "--zclip", notes),
             agc_exclude=parse_names(values.get("agc_exclude") or ()),
             zclip_max_norm=parse_optional_positive(
                 values.get("zclip_max_norm", d["zclip_max_norm"].default), "--zclip-max-norm"
@@ -225,13 +225,14 @@ def parse_max_norms(value: str | list | tuple, option: str = "--max-norm", notes
     return tuple(out)
 
 
-def _optional(values: dict, key: str, parse, option: str) -> tuple[float, ...]:
+def _optional(values: dict, key: str, parse, option: str, notes: list | None = None) -> tuple[float, ...]:
     value = values.get(key)
-    return () if value is None else parse(value, option)
+    return () if value is None else parse(value, option, notes)
 
 
-def parse_percentiles(value: str | list | tuple, option: str = "--autoclip") -> tuple[float, ...]:
-    """Comma-separated percentiles from 0 to 100, kept in order, duplicates dropped."""
+def parse_percentiles(value: str | list | tuple, option: str = "--autoclip", notes: list | None = None) -> tuple[float, ...]:
+    """Comma-separated percentiles from 0 to 100, kept in order; duplicates merged as in
+    ``parse_max_norms``."""
     out: list[float] = []
     for item in _split(value, option):
         try:
@@ -242,6 +243,8 @@ def parse_percentiles(value: str | list | tuple, option: str = "--autoclip") -> 
             raise UsageError(f"{option} value {item!r} is not a percentile from 0 to 100", f"use e.g. {option} 10,25")
         if x not in out:
             out.append(x)
+        else:
+            _note_duplicate(notes, option, item, x)
     return tuple(out)
 
 

@@ -333,3 +333,19 @@ def test_neighbouring_values_are_two_runs_and_exact_duplicates_one_with_a_note()
                      "--max-norm 1e0 equals 1, already in the grid: one run for both"]
     assert cfg.parse_norm_types("2,2.0000001,inf,Inf", notes=notes) == (2.0, 2.0000001, math.inf)
     assert notes[-1] == "--norm-type Inf equals inf, already in the grid: one run for both"
+
+
+def test_exact_duplicates_in_the_rule_grids_are_one_run_each_with_a_note():
+    notes: list[str] = []
+    config = SweepConfig.from_values(
+        {"script": str(REPO / "sample_models" / "exploding_rnn.py"), "clip_values": "0.5,0.50", "agc_clip_factors": "0.01,1e-2",
+         "autoclip_percentiles": "10,10.0", "zclip_z_thresholds": "2.5,2.5"},
+        notes=notes,
+    )
+    assert [c.run for c in config.cells()] == ["unclipped", "value_0.5", "agc_0.01", "autoclip_p10", "zclip_z2.5"]
+    assert notes == [
+        "--clip-value 0.50 equals 0.5, already in the grid: one run for both",
+        "--agc 1e-2 equals 0.01, already in the grid: one run for both",
+        "--autoclip 10.0 equals 10, already in the grid: one run for both",
+        "--zclip 2.5 equals 2.5, already in the grid: one run for both",
+    ]
