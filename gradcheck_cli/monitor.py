@@ -76,6 +76,7 @@ from gradcheck_cli.layers import AUTO, LayerGrouping
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
+    MODE_VALUE,
     NON_FINITE,
     SOURCE_BACKWARD,
     SOURCE_FORWARD,
@@ -149,6 +150,7 @@ class StepRecorder:
         self.diverged_step: int | None = None
         self.error: str | None = None
         self.max_norm: float | None = None  # first finite max_norm seen in a clip call
+        self.clip_value: float | None = None  # first finite clip_value of a clip_grad_value_ call
         self.clip_norm_type: float | None = None
         self._first_loss: float | None = None
         self._start = time.perf_counter()
@@ -206,8 +208,13 @@ class StepRecorder:
             previous = torch.tensor(previous, dtype=torch.float64, device=coef.device)
         self._coef = coef if previous is None else torch.minimum(previous, coef.to(previous.device))
 
-    def note_unknown_coefficient(self) -> None:
-        """Something clipped without a single coefficient (value clipping): record it blank."""
+    def note_value_clip(self, clip_value: float) -> None:
+        """A ``clip_grad_value_`` call clipped: no single coefficient, so the step's is blank;
+        the run is a value-clipping run (its first finite ``clip_value``) unless norm clipping
+        was seen too."""
+        clip_value = float(clip_value)
+        if math.isfinite(clip_value) and self.clip_value is None:
+            self.clip_value = clip_value
         self._coef = math.nan
 
     def note_norm_type(self, norm_type: float) -> None:
@@ -340,8 +347,12 @@ class StepRecorder:
 
     def result(self) -> RunResult:
         norm_type = self.clip_norm_type if self.clip_norm_type is not None else self.norm_type
+        if self.max_norm is None and self.clip_value is not None:
+            cell = Cell(None, norm_type, mode=MODE_VALUE, param=self.clip_value)
+        else:
+            cell = Cell(self.max_norm, norm_type)
         return RunResult(
-            cell=Cell(self.max_norm, norm_type),
+            cell=cell,
             status=self.status,
             steps=list(self.steps),
             nan_step=self.nan_step,
@@ -420,7 +431,7 @@ def _clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, 
         rec.measure()
     _ORIGINAL_CLIP_VALUE(params, clip_value, foreach=foreach)
     for rec in recorders:
-        rec.note_unknown_coefficient()
+        rec.note_value_clip(clip_value)
 
 
 def _scaler_step(self, optimizer, *args, **kwargs):

@@ -367,5 +367,8 @@ def test_value_clipping_is_measured_first_and_has_no_coefficient(tmp_path):
             torch.nn.utils.clip_grad_value_(model.parameters(), 1e-3)
             assert f64_norm(model) < ref[-1]  # it did clip
             opt.step()
-    steps = read(tmp_path)[1]
+    summary, steps = read(tmp_path)[:2]
     assert steps["grad_norm"].tolist() == pytest.approx(ref, rel=1e-6) and steps["clip_coef"].isna().all()
+    # a value-clipping run, not an unclipped one
+    row = summary.iloc[0]
+    assert (row["clip_mode"], row["clip_param"], pd.isna(row["max_norm"])) == ("value", 1e-3, True)
