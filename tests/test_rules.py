@@ -228,7 +228,9 @@ def test_zclip_matches_reference(steps, warmup, z_thresh, alpha, max_grad_norm, 
         assert rule.initialized == ref.initialized
         if ref.initialized:
             assert rule.mean == pytest.approx(ref.mean, rel=1e-12)
-            assert rule.var == pytest.approx(ref.var, rel=1e-12, abs=1e-300)
+            # The norms agree to 1e-12 relative, not bit for bit: a variance that is rounding
+            # noise (below 1e-12 of mean^2) may come out 0 on one side.
+            assert rule.var == pytest.approx(ref.var, rel=1e-12, abs=1e-12 * ref.mean**2 + 1e-300)
 
 
 def test_zclip_spike_threshold_formula():
