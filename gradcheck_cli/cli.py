@@ -562,7 +562,9 @@ def _run_sweep_command(
     with guarded():
         with _user_output_to_stderr(json_out):
             experiment = load_experiment(config.script)
-        most = len(cells) + config.refine * len(config.norm_types)  # refined runs come after the grid
+        # refined runs come after the grid: per lr and norm type, each in every seed
+        axes = len({c.lr for c in cells}) * len({c.seed for c in cells})
+        most = len(cells) + config.refine * len(config.norm_types) * axes
         if finished and lead:
             of = f"{len(cells)}" if not config.refine else f"up to {most}"
             err.print(f"resuming: {len(finished)} of {of} runs already finished in {shown_out}", markup=False)

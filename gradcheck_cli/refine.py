@@ -1,9 +1,11 @@
 """``--refine K``: up to K extra runs per norm type, bisecting the stability boundary.
 
-Each refined run is an ordinary run (``sweep.run_sweep`` with one cell, from the same starting
-state as every other run), flagged ``refined``. Its ``max_norm`` is chosen from the results so
-far by ``analysis.next_refine_max_norm``, so on CPU the sequence is deterministic and a resumed
-sweep asks for the same refined runs, finds them finished and skips them.
+Each refined run is an ordinary run (``sweep.run_sweep``, from the same starting state as every
+other run of its seed), flagged ``refined``. Its ``max_norm`` is chosen from the results so far
+by ``analysis.next_refine_max_norm``, so on CPU the sequence is deterministic and a resumed
+sweep asks for the same refined runs, finds them finished and skips them. With several seeds a
+bracket is one lr's, over every seed (a ``max_norm`` is stable only when stable in every seed,
+unstable when unstable in any), and each refined ``max_norm`` is run in every seed.
 """
 
 from __future__ import annotations
@@ -27,33 +29,39 @@ def run_refinement(
     on_run_done: Callable[[RunResult], None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> list[RunResult]:
-    """``results`` (the grid's) followed by up to ``config.refine`` refined runs per norm type,
-    norm types in the grid's order. ``skip`` holds finished runs by name (resume): a refined
-    run found there is taken as it is instead of running again."""
+    """``results`` (the grid's) followed by up to ``config.refine`` refined ``max_norm``s per lr
+    and norm type, each run in every seed: lrs, norm types and seeds in the grid's order. ``skip``
+    holds finished runs by name (resume): a refined run found there is taken as it is instead of
+    running again."""
     out = list(results)
     skip = dict(skip or {})
-    # With lr or seed axes, each (lr, seed) of the sweep has its own boundary to bisect.
-    groups = list(dict.fromkeys((c.lr, c.seed) for c in config.cells()))
-    for lr, seed in groups:
+    cells = config.cells()
+    lrs = list(dict.fromkeys(c.lr for c in cells))
+    seeds = list(dict.fromkeys(c.seed for c in cells))
+    for lr in lrs:
         for norm_type in config.norm_types:
             for _ in range(config.refine):
-                mine = [r for r in out if (r.cell.lr, r.cell.seed) == (lr, seed)]
-                max_norm = next_refine_max_norm(mine, norm_type)
+                max_norm = next_refine_max_norm(out, norm_type, lr)
                 if max_norm is None:
                     break
-                out.append(_refined_run(config, experiment, Cell(max_norm, norm_type, lr=lr, seed=seed), skip,
-                                        on_run_start, on_run_done, on_step))
+                refined = [Cell(max_norm, norm_type, lr=lr, seed=seed) for seed in seeds]
+                out.extend(_refined_runs(config, experiment, refined, skip, on_run_start, on_run_done, on_step))
     return out
 
 
-def _refined_run(config, experiment, cell, skip, on_run_start, on_run_done, on_step) -> RunResult:
-    """The refined run of ``cell``: the finished one from ``skip``, else run now."""
-    if cell.run in skip:
-        return skip[cell.run]
-    if on_run_start is not None:
-        on_run_start(cell)
-    result = run_sweep(config, experiment, cells=[cell], on_step=on_step)[0]
-    result.refined = True
-    if on_run_done is not None:
-        on_run_done(result)
-    return result
+def _refined_runs(config, experiment, cells, skip, on_run_start, on_run_done, on_step) -> list[RunResult]:
+    """The refined runs of ``cells``: the finished ones from ``skip``, the others run now."""
+
+    def started(index, total, cell):
+        if on_run_start is not None:
+            on_run_start(cell)
+
+    def done(index, total, result):
+        result.refined = True
+        if on_run_done is not None:
+            on_run_done(result)
+
+    results = run_sweep(config, experiment, cells=cells, skip=skip, on_run_start=started, on_run_done=done, on_step=on_step)
+    for result in results:
+        result.refined = True
+    return results

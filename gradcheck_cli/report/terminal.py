@@ -2,7 +2,7 @@
 
 Nothing here prints: the CLI decides which console (stdout for data, stderr for hints) gets
 what. Nothing here decides either: statuses and onsets come from the runner; ``verdict_line``
-only ranks the runs it is given by final loss.
+words the ranking and the noise rule of ``analysis``.
 """
 
 from __future__ import annotations
@@ -279,11 +279,6 @@ def stability_map(results: list[RunResult]) -> Table | None:
     return table
 
 
-def _final_loss(r: RunResult) -> float:
-    """Final loss for ranking; runs without a finite one rank last."""
-    if not r.steps or not math.isfinite(r.steps[-1].loss):
-        return math.inf
-    return r.steps[-1].loss
 def _has_bins(r: RunResult, edges) -> bool:
     e = edges.get(r.cell.norm_type, []) if isinstance(edges, dict) else edges
     return len(e) >= 2
@@ -296,12 +291,6 @@ def _setting(r: RunResult) -> str:
 def _cell_setting(cell) -> str:
     text = describe_setting(cell)
     return text + (f" lr={format_number(cell.lr)}" if cell.lr is not None else "")
-
-
-def _group_final(group: SettingOverSeeds) -> float:
-    """Mean final loss for ranking; settings without a finite one rank last."""
-    loss = group.mean_final_loss
-    return loss if math.isfinite(loss) else math.inf
 
 
 def _group_outcome(group: SettingOverSeeds, several_seeds: bool) -> str:
@@ -322,34 +311,58 @@ def _controls(groups: list[SettingOverSeeds], several_seeds: bool) -> str | None
 
 
 def _grouped_verdict(results: list[RunResult]) -> str:
-    """The verdict when the sweep varies the lr or the seed: a setting (clipping cell at an lr)
-    counts as stable only if stable in every seed; ranked by mean final loss."""
+    """The verdict when the sweep varies the lr or the seed, with the single-run verdict's cases
+    and rules: settings (a clipping cell at an lr) count as stable only if stable in every seed,
+    are ranked by ``analysis.rank_settings`` (the mean over the seeds of each run's figure) and
+    are only called better beyond noise (across the seeds; with one seed, within the run)."""
+    from gradcheck_cli.analysis import best_settings, rank_settings, settings_of, sweep_seeds
+
     several_seeds = seeds_vary(results)
-    groups = over_seeds(results)
+    seeds = sweep_seeds(results)
+    groups = settings_of(results)
     controls = [g for g in groups if not g.cell.clipped]
-    stable_clipped = [g for g in groups if g.cell.clipped and g.stable]
-    stable_controls = [g for g in controls if g.stable]
-    best = min(stable_clipped, key=_group_final) if stable_clipped else None
-    best_control = min(stable_controls, key=_group_final) if stable_controls else None
-    seeds_note = f"in all {len(best.runs)} seeds, mean " if best is not None and several_seeds else ""
+    ranking = rank_settings(groups, seeds)
+    best, best_control = best_settings(ranking)
+    every = " in every seed" if several_seeds else ""
     unclipped = _controls(controls, several_seeds)
-    if best_control is not None and (best is None or _group_final(best_control) <= _group_final(best)):
-        where = f" at lr={format_number(best_control.cell.lr)}" if best_control.cell.lr is not None else ""
-        line = (
-            f"clipping not needed: unclipped is stable{where}"
-            f"{' in every seed' if several_seeds else ''}, final loss {format_number(_group_final(best_control))}"
-        )
+    if best_control is not None and (best is None or not ranking.better(best, best_control)):
+        line = f"clipping not needed: unclipped is stable{_at_lr(best_control)}{every}, {_group_figure(best_control, ranking)}"
         if best is not None:
-            line += f", no higher than the best clipped setting ({_cell_setting(best.cell)})"
+            return line + (
+                f"; no clipped setting is meaningfully better (best: {_cell_setting(best.cell)}, "
+                f"{_group_figure(best, ranking)})"
+            )
+        if any(g.cell.clipped for g in groups):
+            return line + f"; no clipped setting was stable{every}"
         return line
     if best is not None:
-        line = f"best: {_cell_setting(best.cell)} (stable {seeds_note}final loss {format_number(_group_final(best))})"
+        seeds_note = f" in all {len(best.runs)} seeds" if several_seeds else ""
+        line = f"best: {_cell_setting(best.cell)} (stable{seeds_note}, {_group_figure(best, ranking)})"
+        clipped_ranked = [g for g in ranking.settings if g.cell.clipped]
+        tied = [g.cell.run for g in clipped_ranked[1:] if not ranking.better(best, g)]
+        if tied:
+            line += f"; no meaningful difference from {', '.join(tied)}"
+        if best_control is not None:
+            line += (
+                f"; meaningfully better than unclipped{_at_lr(best_control)}: stable{every}, "
+                f"{_group_figure(best_control, ranking)}"
+            )
         return f"{line}; {unclipped}" if unclipped else line
-    every = " in every seed" if several_seeds else ""
     line = f"no clipped setting is stable{every}"
     if unclipped:
         line += f"; {unclipped}"
     return line + "; try smaller max_norm values or a lower learning rate"
+
+
+def _at_lr(group: SettingOverSeeds) -> str:
+    return f" at lr={format_number(group.cell.lr)}" if group.cell.lr is not None else ""
+
+
+def _group_figure(group: SettingOverSeeds, ranking) -> str:
+    """``smoothed loss 0.25``; over several seeds ``mean smoothed loss 0.25`` (or eval_metric)."""
+    name = "eval_metric" if ranking.basis == "eval_metric" else "smoothed loss"
+    mean = "mean " if len(group.runs) > 1 else ""
+    return f"{mean}{name} {format_number(ranking.value(group))}"
 
 
 def _figure(r: RunResult, ranking) -> str:
