@@ -21,13 +21,26 @@ The rules, as the README states them:
   than ``NOISE_SE`` standard errors apart: ``|m_a - m_b| > 2 * sqrt(sd_a^2/n_a + sd_b^2/n_b)``
   (both need at least 2 losses). A script's ``evaluate`` metric is a single number per run and
   carries no spread, so differences in it are reported as they are.
-* **Boundary.** Per norm type, the largest ``max_norm`` found stable and the smallest found
-  unstable (``non_finite`` or ``diverged``; runs that raised are neither).
-* **Refinement.** ``--refine K`` adds up to K runs per norm type, each at the geometric mean
-  (the midpoint in log space) of the largest stable ``max_norm`` below the smallest unstable one
-  and that unstable one, rounded to 3 significant digits; it stops early when the bracket cannot
-  be split any further at that precision.
-* **Recommendation.** See ``recommend``.
+* **Across seeds and lrs (settings).** With several seeds or lrs, a *setting* is a clipping cell
+  at one lr over its seeds (``settings_of``). It is stable only when it was run and found stable
+  in every seed of the sweep, unstable when it went non-finite or diverged in any, and otherwise
+  (a seed raised, crashed or was not run) neither (``setting_status``). Its figure is the mean
+  over its seeds of each run's figure (the ``evaluate`` metric when every run ranked has a finite
+  one, else the smoothed loss). With 2 or more seeds its noise is the spread of the per-seed
+  figures: two settings differ meaningfully only when ``|m_a - m_b| > 2 * sqrt(s_a^2/n_a +
+  s_b^2/n_b)``, ``m`` and ``s`` the mean and sample standard deviation of a setting's per-seed
+  figures and ``n`` its number of seeds (``differ_meaningfully`` over seeds instead of steps; an
+  ``evaluate`` metric has a spread here too). With one seed a setting is one run and the rule
+  for runs above applies as it is. A setting is never called better on noise.
+* **Boundary.** Per norm type (and lr), the largest ``max_norm`` found stable and the smallest
+  found unstable (``non_finite`` or ``diverged``; runs that raised are neither); with several
+  seeds a ``max_norm`` is stable only when stable in every seed and unstable when in any.
+* **Refinement.** ``--refine K`` adds up to K ``max_norm``s per norm type (and lr; each run in
+  every seed), each at the geometric mean (the midpoint in log space) of the largest stable
+  ``max_norm`` below the smallest unstable one and that unstable one, rounded to 3 significant
+  digits; it stops early when the bracket cannot be split any further at that precision.
+* **Recommendation.** See ``recommend``; with several lrs it is judged at each lr and given at
+  ``training_lr``.
 """
 
 from __future__ import annotations
@@ -661,7 +674,7 @@ def training_lr(results: list[RunResult]) -> tuple[float | None, str]:
     clipped, control = best_settings(ranking)
     by = ranking.basis.replace("_", " ") + (" (higher is better)" if ranking.higher_is_better else "")
     if control is not None and (clipped is None or not ranking.better(clipped, control)):
-        return control.cell.lr, f"the lr of the best stable setting by {by}, unclipped"
+        return control.cell.lr, f"the lr of the best stable setting by {by} (unclipped)"
     if clipped is not None:
         return clipped.cell.lr, f"the lr of the best stable setting by {by}"
     lrs = [r.cell.lr for r in results if r.cell.lr is not None]
@@ -696,10 +709,10 @@ def recommend(results: list[RunResult]) -> Recommendation:
     if len(lrs) <= 1:
         return _recommend_at(results)
     per = {lr: _recommend_at([r for r in results if r.cell.lr == lr]) for lr in lrs}
+    per_lr = [rec.at_lr(at) for at, rec in per.items()]
     lr, why = training_lr(results)
     chosen = per[lr]
-    chosen.lr, chosen.lr_choice = lr, why
-    chosen.per_lr = [rec.at_lr(at) for at, rec in per.items()]
+    chosen.lr, chosen.lr_choice, chosen.per_lr = lr, why, per_lr
     return chosen
 
 
@@ -806,8 +819,6 @@ def _recommend_at(results: list[RunResult]) -> Recommendation:
         reason = f"the unclipped run {past}; no fixed threshold was stable, this adaptive rule was"
     else:
         reason = f"the unclipped run {past}; best stable setting by {by}"
-    if several_seeds:
-        reason += f" (stable in all {len(seeds)} seeds)"
     return Recommendation(True, run=chosen.runs[0], reason=reason, evidence=evidence, setting=chosen)
 
 

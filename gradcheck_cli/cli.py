@@ -428,7 +428,10 @@ def sweep(
     layer_depth: Optional[str] = _LAYER_DEPTH,
     spike_factor: Optional[float] = _SPIKE_FACTOR,
     refine: Optional[int] = typer.Option(
-        None, "--refine", help="Up to this many extra runs per norm type, bisecting the stability boundary (default 0)."
+        None,
+        "--refine",
+        help="Up to this many extra max_norms per norm type (and lr), each run in every seed, bisecting the "
+        "stability boundary (default 0).",
     ),
     jobs: int = typer.Option(
         1, "--jobs", help="Runs at once, each in its own worker process (default 1; 0: every run in this process, no isolation)."

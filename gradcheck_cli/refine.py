@@ -1,4 +1,4 @@
-"""``--refine K``: up to K extra runs per norm type, bisecting the stability boundary.
+"""``--refine K``: up to K extra ``max_norm``s per norm type (and lr), bisecting the stability boundary.
 
 Each refined run is an ordinary run (``sweep.run_sweep``, from the same starting state as every
 other run of its seed), flagged ``refined``. Its ``max_norm`` is chosen from the results so far

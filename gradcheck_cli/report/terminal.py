@@ -400,7 +400,9 @@ def verdict_line(results: list[RunResult]) -> str:
     step 3, then diverged at step 5: ...``). Cases: a best clipped setting exists; the
     unclipped control is stable and no clipped run is meaningfully better (``clipping not
     needed: ...``); no clipped run is stable (with what to try); every run raised. A note says
-    when divergence was not judged. Ties go to the earlier run of the sweep.
+    when divergence was not judged. Ties go to the earlier run of the sweep. When the sweep varies
+    the lr or the seed, the same cases are worded for settings over their seeds
+    (``_grouped_verdict``).
     """
     from gradcheck_cli.analysis import _advice, rank
 
