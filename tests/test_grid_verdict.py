@@ -377,13 +377,13 @@ def without_evaluate(tmp_path: Path) -> Path:
     return path
 
 
-def reference(script: Path, max_norm, seed: int) -> dict:
+def reference(script: Path, max_norm, seed: int, lr: float | None = None) -> dict:
     """The run in plain torch: its losses up to where gradclip stops it, status and final model."""
     exp = load_experiment(script)
     built = []
     build = exp.build_model_fn
     exp.build_model_fn = lambda: built.append(build()) or built[-1]
-    steps = reference_training(exp, STEPS, max_norm=max_norm, seed=seed)
+    steps = reference_training(exp, STEPS, max_norm=max_norm, seed=seed, lr=lr)
     losses = [s.loss for s in steps]
     stop = next((i for i, x in enumerate(losses) if x > 10 * losses[0]), None)
     return {
@@ -478,3 +478,40 @@ def test_evaluate_over_seeds_ranks_by_the_metric_and_refine_runs_every_seed(tmp_
     assert rec["evidence"]["boundaries"][0]["largest_stable"] == 100.0
     again = invoke("report", out)
     assert again.exit_code == 0 and lines(again) == [verdict, recommendation]
+
+
+def test_lrs_and_seeds_sweep_recommends_at_the_lr_of_the_best_stable_setting(tmp_path):
+    script = without_evaluate(tmp_path)
+    out = tmp_path / "r"
+    result = invoke("sweep", script, "--steps", STEPS, "--seeds", "0,1,2", "--lr", "0.01,0.001", "--max-norm", "1,10,1000",
+                    "--norm-type", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    refs = {(m, lr, s): reference(script, m, s, lr) for m in (None, 1.0, 10.0, 1000.0) for lr in (0.01, 0.001) for s in SEEDS}
+    # at lr 0.01 the kick diverges seed 2 unclipped; at lr 0.001 it moves w ten times less: nothing diverges
+    assert [refs[None, 0.01, s]["status"] for s in SEEDS] == [STABLE, STABLE, DIVERGED]
+    assert all(r["status"] == STABLE for (m, lr, s), r in refs.items() if lr == 0.001)
+    figures = {(m, lr): [fig(refs[m, lr, s]["losses"]) for s in SEEDS] for m in (None, 1.0, 10.0, 1000.0) for lr in (0.01, 0.001)}
+    stable_everywhere = [k for k in figures if all(refs[k[0], k[1], s]["status"] == STABLE for s in SEEDS)]
+    best = min(stable_everywhere, key=lambda k: (statistics.fmean(figures[k]), k[0] is not None))
+    # the best stable setting is the unclipped one at lr 0.001 (max_norm 1000 never binds there: a tie)
+    assert best == (None, 0.001) and figures[1000.0, 0.001] == figures[None, 0.001]
+    verdict, recommendation = lines(result)
+    m = format_number(statistics.fmean(figures[None, 0.001]))
+    assert verdict == (
+        f"clipping not needed: unclipped is stable at lr=0.001 in every seed, mean smoothed loss {m}; no clipped setting "
+        f"is meaningfully better (best: max_norm=1000 norm_type=2 lr=0.001, mean smoothed loss {m})"
+    )
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert (rec["needs_clipping"], rec["lr"], rec["lr_choice"]) == (
+        False, 0.001, "the lr of the best stable setting by smoothed loss (unclipped)")
+    assert [(e["lr"], e["needs_clipping"], e.get("run")) for e in rec["per_lr"]] == [
+        (0.01, True, "clip_1_2@lr=0.01"), (0.001, False, None)]
+    assert rec["per_lr"][0]["boundaries"] == [
+        {"norm_type": "2", "largest_stable": 10.0, "smallest_unstable": 1000.0, "factor": 100.0}]
+    assert recommendation == (
+        "recommendation: no clipping needed (the unclipped run is stable in every seed; no clipped setting is "
+        "meaningfully better); at lr=0.001: the lr of the best stable setting by smoothed loss (unclipped)"
+    )
+    again = invoke("report", out)
+    assert again.exit_code == 0 and lines(again) == [verdict, recommendation]
+    assert json.loads((out / "recommendation.json").read_text()) == rec
