@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import os
 import warnings
 
 import pytest
@@ -37,7 +38,16 @@ NORM_TYPES = [0.0, 0.5, 1.0, 2.0, 3.0, -1.0, -INF, INF, "inf"]
 # fractional p > 1, large p (whose powers overflow or underflow float32 for ordinary values),
 # negative p other than -1
 WIDE_NORM_TYPES = NORM_TYPES + [1.5, 2.5, 20.0, 100.0, -0.5, -2.0]
-FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def examples(n: int) -> int:
+    """``n`` hypothesis examples, or a quarter of them (at least 8) when mutmut runs the tests
+    once per mutant (its workers have MUTANT_UNDER_TEST set; conftest.py then draws the
+    examples deterministically): every mutant meets the same examples, in seconds."""
+    return max(8, n // 4) if "MUTANT_UNDER_TEST" in os.environ else n
+
+
+FAST = settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REAL = (torch.float32, torch.float64)
 HALF = (torch.float16, torch.bfloat16)
 COMPLEX = (torch.complex64, torch.complex128)
@@ -744,7 +754,7 @@ def test_no_underflow_for_tiny_nonzero_gradients():
     assert get_total_norm([torch.tensor([3e38, 3e38])]).item() == INF
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(
     exponent=st.integers(-44, 37),
     dtype=st.sampled_from([torch.float32, torch.float64]),
@@ -794,7 +804,7 @@ def test_half_precision_norm_is_float32(dtype):
     assert per.dtype == torch.float32
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     grads=gradient_sets(dtypes=(torch.float16, torch.bfloat16), scales=[1e-3, 1.0, 300.0]),
     norm_type=st.sampled_from([0.5, 1.0, 2.0, 3.0, INF, -INF, 0.0]),
@@ -991,7 +1001,7 @@ def engine_path(path: str):
 
 
 @sparse_set_paths()
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), norm_type=wide_norm_types)
 def test_sparse_norms_match_the_dense_reference(path, foreach, data, norm_type):
     p = float(norm_type)
@@ -1045,7 +1055,7 @@ def test_sparse_norms_match_the_dense_reference(path, foreach, data, norm_type):
 
 
 @sparse_set_paths()
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), norm_type=wide_norm_types,
        max_norm=st.sampled_from([0.0, 1e-3, 0.5, 7.0, 1e4]))
 def test_sparse_clip_grad_norm_matches_torch_on_dense_copies(path, foreach, data, norm_type, max_norm):
@@ -1086,7 +1096,7 @@ def test_sparse_clip_grad_norm_matches_torch_on_dense_copies(path, foreach, data
 
 
 @pytest.mark.parametrize("path", ["cpu", "device"])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(grads=mixed_sparse_sets(), clip_value=st.sampled_from([0.0, 1e-2, 0.7, 5.0, INF]),
        foreach=st.sampled_from([None, True, False]))
 def test_sparse_clip_grad_value_matches_torch_on_dense_copies(path, grads, clip_value, foreach):
@@ -1209,7 +1219,7 @@ DEVICE_TOTAL_RTOL = 4.8e-7
 
 
 @pytest.mark.parametrize("foreach", [None, True, False])  # each value: its own kernels
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(50), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     grads=wide_sets,
     norm_type=wide_norm_types,
@@ -1244,7 +1254,7 @@ def test_device_path_matches_torch_kernels_and_reference(foreach, grads, norm_ty
 
 
 @pytest.mark.parametrize("foreach", [None, True, False])  # each value: its own kernels
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(
     grads=wide_real_sets,
     clip_value=st.sampled_from([0.0, 1e-2, 0.7, 5.0, INF, -0.5]),
