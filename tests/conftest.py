@@ -23,3 +23,7 @@ settings.register_profile(
 )
 if MUTATION_RUN:
     settings.load_profile("mutation")
+    # Tensors on the "meta" device (tests/test_engine.py) import torch._dynamo on their first
+    # operation, about 5 s. mutmut imports this file once in its fork server: import it there,
+    # so that every worker forked for a mutant starts with it.
+    import torch._dynamo  # noqa: F401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import math
 import os
 import warnings
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 from torch.nn.utils import clip_grad_value_ as torch_clip_grad_value_
 from torch.nn.utils import get_total_norm as torch_get_total_norm
+from torch.overrides import TorchFunctionMode
 
 from gradcheck_cli import engine
 from gradcheck_cli.engine import (
@@ -867,9 +869,13 @@ def test_accuracy_on_1e8_element_tensor():
 def test_invalid_max_norm_raises(max_norm):
     g = torch.tensor([3.0, 4.0])
     (p,) = make_params([g.clone()])
-    with pytest.raises(ValueError, match="max_norm"):
+    message = (
+        f"^max_norm must be a non-negative number, got {max_norm}: a negative max_norm would flip "
+        r"the sign of every gradient \(use max_norm=0 to zero them\)$"
+    )
+    with pytest.raises(ValueError, match=message):
         clip_grad_norm_([p], max_norm)
-    with pytest.raises(ValueError, match="max_norm"):
+    with pytest.raises(ValueError, match=message):
         clip_grads_with_norm_([p], max_norm, torch.tensor(5.0))
     assert torch.equal(p.grad, g)
     if max_norm < 0:
@@ -1183,7 +1189,12 @@ def test_sparse_clip_grad_value_rejects_a_negative_clip_value():
     (prm,) = make_params([torch.zeros(5, 2)])
     prm.grad = g
     for bad in (-0.5, NAN):
-        with pytest.raises(ValueError, match="clip_value must be a non-negative number for sparse"):
+        message = (
+            f"^clip_value must be a non-negative number for sparse gradients, got {bad}: it would "
+            "set every element to clip_value, the unstored zeros included, which a sparse "
+            r"gradient cannot hold \(use clip_value=0 to zero them\)$"
+        )
+        with pytest.raises(ValueError, match=message):
             clip_grad_value_([prm], bad)
     assert not g.is_coalesced()  # untouched
     assert torch.equal(g._indices(), snapshot[0]) and torch.equal(g._values(), snapshot[1])
@@ -1299,3 +1310,455 @@ def test_device_path_half_precision_and_overflow_across_tensors():
     many = [torch.full((1,), 3e38) for _ in range(4)]  # each norm finite, the sum of squares not
     total, _ = engine._device_norms(many, 2.0, None, False)
     assert_close_to_ref(total.item(), 6e38, 1e-6)
+
+
+class KernelLog(TorchFunctionMode):
+    """Records the kernels torch is asked for, as ``(name, number of tensors)``: the norms
+    (``foreach_norm``, ``vector_norm``), the multiplies (``foreach_mul_``, ``mul_``) and the
+    clamps (``foreach_clamp_min_``, ``foreach_clamp_max_``, ``clamp_``)."""
+
+    NAMES = {
+        torch._foreach_norm: "foreach_norm",
+        torch.linalg.vector_norm: "vector_norm",
+        torch._foreach_mul_: "foreach_mul_",
+        torch.Tensor.mul_: "mul_",
+        torch._foreach_clamp_min_: "foreach_clamp_min_",
+        torch._foreach_clamp_max_: "foreach_clamp_max_",
+        torch.Tensor.clamp_: "clamp_",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = self.NAMES.get(func)
+        if name is not None:
+            self.calls.append((name, len(args[0]) if name.startswith("foreach") else 1))
+        return func(*args, **(kwargs or {}))
+
+    def of(self, *names: str) -> list[tuple[str, int]]:
+        return [c for c in self.calls if c[0] in names]
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, INF, "inf", 3.0, 0.5, -1.0, -INF, 0.0])
+def test_device_path_takes_one_foreach_kernel_per_group_for_torchs_fused_norms(foreach, norm_type):
+    """On a GPU the kernel choice is the speed of the path: one ``_foreach_norm`` launch per
+    (device, dtype) group for p in (1, 2, inf) unless ``foreach=False``, one ``vector_norm``
+    per tensor otherwise (and for tensor subclasses, which the foreach kernels refuse). On CPU
+    both kernels give the same bits, so only the calls tell them apart."""
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(5, generator=gen), torch.empty(0), torch.randn(3, 2, generator=gen),
+             torch.randn(4, dtype=torch.float64, generator=gen), torch.randn(6, generator=gen).half()]
+    with device_path(), KernelLog() as log:
+        total = get_total_norm(grads, norm_type, foreach=foreach)
+    fused = foreach is not False and float(norm_type) in (1.0, 2.0, INF)
+    norms = log.of("foreach_norm", "vector_norm")
+    if fused:  # float32 (two tensors), float64, float16; the empty tensor takes no part
+        assert sorted(norms) == [("foreach_norm", 1), ("foreach_norm", 1), ("foreach_norm", 2)]
+    else:
+        assert norms == [("vector_norm", 1)] * 4
+    per = [torch_kernel_norms(g, float(norm_type))[0] for g in grads if g.numel()]
+    assert_close_to_ref(total.item(), ref_combine(per, float(norm_type)), DEVICE_TOTAL_RTOL)
+    subclassed = [torch.nn.Parameter(g.float()) for g in grads if g.numel()]
+    with device_path(), KernelLog() as log:
+        get_total_norm(subclassed, norm_type, foreach=foreach)
+    assert log.of("foreach_norm", "vector_norm") == [("vector_norm", 1)] * 4
+
+
+def meta_param(*shape: int) -> torch.nn.Parameter:
+    prm = torch.nn.Parameter(torch.empty(shape, device="meta"))
+    prm.grad = torch.empty(shape, device="meta")
+    return prm
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, INF, 3.0, 0.5, -1.0, -INF, 0.0])
+def test_gradients_on_several_devices_are_measured_on_the_first_ones(norm_type):
+    """Model-parallel gradients: the per-device norms are gathered on the first tensor's
+    device, as in torch ("meta" tensors stand in for an accelerator: they carry a device and a
+    dtype, no values)."""
+    meta, empty_meta = torch.empty(3, device="meta"), torch.empty(0, device="meta")
+    cpu = torch.ones(3, dtype=torch.float64)
+    for tensors in ([meta, cpu], [meta], [empty_meta], [empty_meta, cpu], [empty_meta, meta]):
+        ours = get_total_norm(tensors, norm_type)
+        assert ours.device.type == "meta" and ours.shape == ()
+        assert ours.dtype == result_dtype(tensors)
+        if torch_accepts(tensors, norm_type):
+            assert torch_get_total_norm(tensors, norm_type).device == ours.device
+    measured = measure_grad_norms([meta_param(0), meta_param(2, 3)], norm_type)
+    assert measured.norms.device.type == measured.total_norm.device.type == "meta"
+    assert measured.norms.shape == (2,) and measured.norms.dtype == torch.float32
+
+
+def test_foreach_devices_are_torchs():
+    """``foreach=True`` is refused exactly where torch refuses it, and the device path takes the
+    foreach kernels exactly where torch has them: torch's list, plus CPU."""
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+    assert engine._foreach_devices() == set(_get_foreach_kernels_supported_devices()) | {"cpu"}
+
+
+def test_adaptive_rules_are_reexported_lazily():
+    from gradcheck_cli import rules
+
+    for name in ("AGC", "AutoClip", "ClipStep", "ZClip", "adaptive_clip_grad_"):
+        assert getattr(engine, name) is getattr(rules, name)
+    with pytest.raises(AttributeError, match="^module 'gradcheck_cli.engine' has no attribute 'AGCC'$"):
+        engine.AGCC  # noqa: B018
+    assert not hasattr(engine, "clip")
+
+
+# ------------------------------------------------------------------------------------------
+# the exact per-tensor norm, the fallback for overflow, underflow and subnormal partial norms:
+# reached only in those regimes through the public calls, so tested directly as well
+
+
+def exact_rtol(t: torch.Tensor) -> float:
+    """float64 arithmetic on exact inputs; a complex64 magnitude is rounded once to float32."""
+    return 2e-6 if t.dtype == torch.complex64 else 1e-12
+
+
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    g=gradient(dtypes=REAL + HALF + COMPLEX, extreme=True,
+               scales=[1e-3, 1.0, 30.0, 1e-300, 1e300, 1e-310]),
+    p=st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 20.0, -0.5, -1.0, -2.0]),
+)
+def test_exact_norm_matches_the_float64_reference(g, p):
+    got = engine._exact_norm(g, p)
+    assert isinstance(got, float)
+    assert_close_to_ref(got, ref_tensor_norm(g, p), exact_rtol(g), f"p={p} {g.dtype}")
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, -1.0, -0.5])
+def test_exact_norm_special_values(p):
+    x = torch.tensor
+    assert engine._exact_norm(torch.empty(0), p) == 0.0
+    assert engine._exact_norm(torch.empty(0, 3, dtype=torch.complex64), p) == 0.0
+    assert engine._exact_norm(x([0.0, 0.0]), p) == 0.0
+    assert math.isnan(engine._exact_norm(x([1.0, NAN, 2.0]), p))
+    assert math.isnan(engine._exact_norm(x([NAN, 0.0]), p))
+    assert math.isnan(engine._exact_norm(x([INF, NAN]), p))
+    # a zero element decides a negative p (harmonic-like means), an inf one a positive p
+    assert_close_to_ref(engine._exact_norm(x([0.0, 3.0]), p), 0.0 if p < 0 else 3.0, 1e-15)
+    assert_close_to_ref(engine._exact_norm(x([-INF, 3.0]), p), 3.0 if p < 0 else INF, 1e-15)
+    # the largest magnitude is negative; a range wider than float64's squares
+    big = x([-1e300, 1e-300, 0.5], dtype=torch.float64)
+    assert_close_to_ref(engine._exact_norm(big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
+    assert_close_to_ref(engine._exact_norm(-big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
+
+
+# ------------------------------------------------------------------------------------------
+# which tensors are recomputed exactly (difference 1): only those concerned, and all of those
+
+
+@pytest.fixture
+def exact_calls(monkeypatch):
+    """The element counts of the tensors the engine recomputes exactly, in call order."""
+    calls: list[int] = []
+    real = engine._exact_norm
+
+    def spy(g, p):
+        calls.append(g.numel())
+        return real(g, p)
+
+    monkeypatch.setattr(engine, "_exact_norm", spy)
+    return calls
+
+
+# per element: a float32 sum of p-th powers below tiny * 2**26 may have lost too much to underflow
+F32_UNDERFLOW_FLOOR = torch.finfo(torch.float32).tiny * 2.0**26
+
+
+def ordinary_grads(p: float) -> list[torch.Tensor]:
+    """Gradients the fast paths measure well for ``p``: every length around the row (1024) and
+    batch (16384) sizes of the CPU reductions, strided and transposed ones, float64 values whose
+    float32 squares would underflow, fp16 values whose fp16 sums of squares would overflow,
+    constant values whose p-th powers are just above the underflow threshold, an empty tensor."""
+    gen = torch.Generator().manual_seed(12)
+    grads = [torch.randn(n, generator=gen) for n in (1, 5, 1023, 1024, 1025, 2048, 16383, 16384, 16385)]
+    grads += [
+        torch.randn(600, 90, generator=gen)[:, ::3],  # 18000 elements, not dense
+        torch.randn(200, 100, generator=gen).t(),  # dense, transposed
+        torch.randn(3000, dtype=torch.float64, generator=gen) * 1e-20,
+        (torch.randn(1500, generator=gen) * 100).to(torch.float16),
+        torch.randn(2000, generator=gen).to(torch.bfloat16),
+        torch.full((3000,), (4 * F32_UNDERFLOW_FLOOR) ** (1 / p) if p >= 1 else 1e-30),
+        torch.empty(0),
+    ]
+    return grads
+
+
+SUSPECTS = [  # (gradient, p)
+    (torch.full((10,), 1e20), 2.0),  # its float32 squares overflow
+    (torch.full((10,), 1e38), 0.5),  # its partial norm (sum of square roots)**2 overflows
+    (torch.full((20_000,), 1e20), 2.0),  # the same, in rows
+    (torch.tensor([1.0, INF]), 2.0),  # an inf element: the exact answer is inf
+    (torch.tensor([1.0, INF]), 0.5),
+    (torch.full((3000,), (F32_UNDERFLOW_FLOOR / 4) ** 0.5), 2.0),  # its squares may have underflowed
+    (torch.full((4,), 1e-200, dtype=torch.float64), 2.0),  # float64 squares underflow
+    (torch.full((3,), 3e-45), 0.5),  # a subnormal partial norm (p < 1)
+    (torch.full((2048,), 3e-45), 0.5),  # the same, in rows
+]
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 1.5, 2.0, 3.0])
+def test_ordinary_gradients_are_never_recomputed(p, exact_calls):
+    grads = ordinary_grads(p)
+    total = get_total_norm(grads, p)
+    measured = measure_grad_norms(make_params(grads), p)
+    assert exact_calls == []
+    assert_close_to_ref(total.item(), ref_total(grads, p), half_rtol(p), f"p={p}")
+    assert_close_to_ref(measured.total_norm.item(), ref_total(grads, p), half_rtol(p), f"p={p}")
+    for g, n in zip(grads, measured.norms.tolist()):  # float32 rows of constant values: half_rtol
+        assert_close_to_ref(n, ref_tensor_norm(g, p), half_rtol(p), f"p={p} {g.shape} {g.dtype}")
+
+
+@pytest.mark.parametrize("case", range(len(SUSPECTS)))
+def test_exactly_the_tensors_concerned_are_recomputed(case, exact_calls):
+    suspect, p = SUSPECTS[case]
+    grads = ordinary_grads(p) + [suspect]
+    measured = measure_grad_norms(make_params(grads), p)
+    assert exact_calls == [suspect.numel()]
+    assert_close_to_ref(measured.norms[-1].item(), ref_tensor_norm(suspect, p), tensor_rtol(suspect, p),
+                        f"p={p}", measured.norms.dtype)
+    exact_calls.clear()
+    total = get_total_norm(grads, p)
+    # in a total, no other tensor is recomputed (this one only if the fast total is in doubt)
+    assert exact_calls in ([], [suspect.numel()])
+    assert_close_to_ref(total.item(), ref_total(grads, p), half_rtol(p), f"p={p}", total.dtype)
+    exact_calls.clear()
+    # alone (with an empty tensor), its total is recomputed whatever the reason
+    alone = get_total_norm([torch.empty(0), suspect], p)
+    assert exact_calls == [suspect.numel()]
+    assert_close_to_ref(alone.item(), ref_tensor_norm(suspect, p), tensor_rtol(suspect, p), f"p={p}",
+                        alone.dtype)
+
+
+def test_a_total_of_tiny_gradients_is_recomputed_tensor_by_tensor(exact_calls):
+    grads = [torch.full((7,), 1e-30), torch.empty(0), torch.full((20_000,), -1e-25)]
+    total = get_total_norm(grads, 2.0)
+    assert exact_calls == [7, 20_000]
+    assert_close_to_ref(total.item(), ref_total(grads, 2.0), 1e-6)
+
+
+def test_float64_powers_that_overflow_only_across_tensors():
+    """Each tensor's sum of squares is a finite float64, their sum is not: the per-tensor
+    norms are combined with scaling instead."""
+    grads = [torch.full((1,), 1e154, dtype=torch.float64), torch.full((2,), -1e154, dtype=torch.float64)]
+    expected = math.sqrt(3) * 1e154
+    assert_close_to_ref(get_total_norm(grads).item(), expected, 1e-15)
+    measured = measure_grad_norms(make_params(grads))
+    assert_close_to_ref(measured.total_norm.item(), expected, 1e-15)
+    assert_close_to_ref(measured.norms[1].item(), math.sqrt(2) * 1e154, 1e-15)
+
+
+@pytest.mark.parametrize("norm_type", [0.5, 1.0, 2.0, INF, -1.0, -INF, 0.0])
+def test_only_empty_gradients(norm_type):
+    grads = [torch.empty(0), torch.empty(3, 0, dtype=torch.float64)]
+    total = get_total_norm(grads, norm_type)
+    measured = measure_grad_norms(make_params(grads), norm_type)
+    assert total.item() == measured.total_norm.item() == 0.0
+    assert total.dtype == measured.norms.dtype == torch.float64
+    assert measured.norms.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("norm_type", [INF, 2.0, 1.0, 0.5, 3.0])
+def test_lengths_at_the_row_and_batch_sizes(norm_type):
+    """One large value in a tensor of each length around the reductions' sizes, alone and
+    among others: a boundary that drops an element or a remainder shows."""
+    p = float(norm_type)
+    for n in (1023, 1024, 1025, 2048, 16383, 16384, 16385, 32768):
+        g = torch.ones(n)
+        for where in (0, n - 1):
+            g2 = g.clone()
+            g2[where] = 50.0
+            for grads in ([g2], [torch.ones(3), g2, torch.ones(5)]):
+                assert_close_to_ref(get_total_norm(grads, p).item(), ref_total(grads, p), 2e-6, f"n={n}")
+                per = measure_grad_norms(make_params(grads), p).norms.tolist()
+                for t, v in zip(grads, per):
+                    assert_close_to_ref(v, ref_tensor_norm(t, p), 2e-6, f"n={n} p={p}")
+
+
+def test_per_tensor_plan_is_built_once_per_layout():
+    engine._PLANS.clear()
+    grads = [torch.randn(5), torch.randn(3000), torch.empty(0)]
+    measure_grad_norms(make_params(grads))
+    ((key, plan),) = engine._PLANS.items()
+    owner, thresholds, all_nonempty = plan
+    assert not all_nonempty and thresholds[2].item() == -INF
+    measure_grad_norms(make_params([g * 3 for g in grads]), 2.0)  # same shapes and dtypes
+    assert len(engine._PLANS) == 1 and engine._PLANS[key] is plan
+
+
+# ------------------------------------------------------------------------------------------
+# clipping: what is multiplied, by what
+
+
+def test_clip_skips_the_multiply_on_cpu_when_nothing_is_clipped():
+    """On CPU the coefficient is read on the host (no device sync) and a coefficient of 1
+    multiplies nothing; on the device path the multiply always runs."""
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([1.0], dtype=torch.float64)]
+    for max_norm, multiplies in ((100.0, False), (5.1, False), (5.09, True), (1.0, True)):
+        params = make_params(grads)
+        with KernelLog() as log:
+            clip_grad_norm_(params, max_norm)
+        assert bool(log.of("foreach_mul_", "mul_")) is multiplies
+        params = make_params(grads)
+        with device_path(), KernelLog() as log:
+            clip_grad_norm_(params, max_norm)
+        assert log.of("foreach_mul_", "mul_")
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_device_path_multiplies_and_clamps_with_foreach_kernels_unless_told_not_to(foreach):
+    gen = torch.Generator().manual_seed(13)
+    grads = [torch.randn(5, generator=gen), torch.randn(3, generator=gen),
+             torch.randn(4, dtype=torch.float64, generator=gen)]
+    fused = foreach is not False
+    params = make_params(grads)
+    with device_path(), KernelLog() as log:
+        clip_grads_with_norm_(params, 1.0, torch.tensor(10.0), foreach=foreach)
+    expected = [("foreach_mul_", 2), ("foreach_mul_", 1)] if fused else [("mul_", 1)] * 3
+    assert log.of("foreach_mul_", "mul_") == expected
+    for g, out in zip(grads, grads_of(params)):
+        assert torch.equal(out, g * (torch.tensor(1.0) / (torch.tensor(10.0) + 1e-6)).to(g.dtype))
+    params = make_params(grads)
+    with device_path(), KernelLog() as log:
+        clip_grad_value_(params, 0.5, foreach=foreach)
+    expected = ([("foreach_clamp_min_", 2), ("foreach_clamp_max_", 2), ("foreach_clamp_min_", 1),
+                 ("foreach_clamp_max_", 1)] if fused else [("clamp_", 1)] * 3)
+    assert log.of("foreach_clamp_min_", "foreach_clamp_max_", "clamp_") == expected
+    for g, out in zip(grads, grads_of(params)):
+        assert torch.equal(out, g.clamp(-0.5, 0.5))
+    params = make_params(grads)
+    with KernelLog() as log:  # on CPU: one clamp per tensor, in one pass
+        clip_grad_value_(params, 0.5, foreach=foreach)
+    assert log.of("foreach_clamp_min_", "foreach_clamp_max_", "clamp_") == [("clamp_", 1)] * 3
+
+
+def test_clip_grads_with_norm_accepts_a_float_total():
+    g = torch.tensor([3.0, 4.0, -12.0])
+    a, b = make_params([g]), make_params([g])
+    clip_grads_with_norm_(a, 2.0, 13.0)
+    clip_grads_with_norm_(b, 2.0, torch.tensor(13.0))
+    assert torch.equal(grads_of(a)[0], grads_of(b)[0])
+    assert torch.equal(grads_of(a)[0], g * (2.0 / (torch.tensor(13.0) + 1e-6)))
+    c = make_params([g])
+    clip_grads_with_norm_(c, 20.0, 13)  # an int, clamped to 1: untouched
+    assert torch.equal(grads_of(c)[0], g)
+
+
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_complex_inf_gradient_keeps_its_imaginary_part_when_clipped(path):
+    """Scaled as pairs of reals: (inf+0j) * 0 is nan+0j, where torch's complex product gives
+    nan+nanj; the finite element is zeroed."""
+    g = torch.tensor([INF + 0j, 1 + 2j], dtype=torch.complex64)
+    params = make_params([g])
+    with engine_path(path):
+        total = clip_grad_norm_(params, 1.0)
+    assert total.item() == INF
+    out = torch.view_as_real(grads_of(params)[0])
+    assert torch.isnan(out[0, 0]) and out[0, 1].item() == 0.0
+    assert out[1].tolist() == [0.0, 0.0]
+    theirs = make_params([g])
+    torch_clip_grad_norm_(theirs, 1.0)
+    assert torch.isnan(torch.view_as_real(grads_of(theirs)[0])[0]).all()
+
+
+def test_device_path_never_reads_a_device_value():
+    """Tensors on the "meta" device have no values: reading one on the host raises. The path
+    for devices other than CPU runs through on them, so it syncs with no device."""
+    params = [meta_param(3), meta_param(0), meta_param(2, 2)]
+    for p in (2.0, 1.0, INF, 0.5, -1.0, -INF, 0.0):
+        total = clip_grad_norm_(params, 1.0, p)
+        assert total.device.type == "meta"
+        clip_grads_with_norm_(params, 1.0, total)
+        measured = measure_grad_norms(params, p)
+        assert measured.norms.device.type == "meta"
+    clip_grad_value_(params, 0.1)
+    empty = torch.empty(0, dtype=torch.float64, device="meta")
+    for p in (2.0, 0.5, -1.0, INF, 0.0):
+        combined = engine._combine(empty, p)
+        assert combined.device.type == "meta" and combined.dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------
+# building blocks: the scaled combination of per-tensor norms, the pieces of a tensor
+
+
+finite_norms = st.one_of(
+    st.sampled_from([0.0, 5e-324, 2.2e-308, 1.0, 1.7976931348623157e308]),
+    st.builds(lambda m, e: m * 10.0**e, st.floats(1.0, 9.99), st.integers(-300, 300)),
+)
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(
+    norms=st.lists(st.one_of(finite_norms, finite_norms, st.sampled_from([INF, NAN])), max_size=8),
+    p=st.sampled_from([0.5, 1.0, 2.0, 3.0, 20.0, -0.5, -1.0, -2.0, INF, -INF, 0.0]),
+)
+def test_combine_matches_the_float64_reference(norms, p):
+    got = engine._combine(torch.tensor(norms, dtype=torch.float64), p)
+    assert got.dtype == torch.float64 and got.shape == ()
+    if p == 0:  # a count of the nonzero norms (NaN is nonzero)
+        assert got.item() == sum(1 for n in norms if n != 0)
+    else:
+        assert_close_to_ref(got.item(), ref_combine(norms, p), 1e-12, f"p={p} {norms}")
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(data=st.data())
+def test_flat_pieces_cover_every_element_once(data):
+    """Pieces of a dense tensor are views of at most ``view_size`` elements; a tensor that is
+    not dense (not a permutation of a contiguous one) is copied a block of whole rows at a time,
+    as many rows as fit in ``copy_size`` (at least one)."""
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    base = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+    g = base.permute(data.draw(st.permutations(range(len(shape)))))
+    if data.draw(st.booleans()):
+        g = g[::2]
+    if data.draw(st.booleans()):
+        g = g[..., ::2]
+    view_size, copy_size = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
+    pieces = list(engine._flat_pieces(g, view_size, copy_size))
+    assert all(piece.ndim == 1 and 0 < piece.numel() <= view_size for piece in pieces)
+    assert sorted(torch.cat(pieces).tolist()) == sorted(g.flatten().tolist())
+    dense = any(g.permute(order).is_contiguous() for order in itertools.permutations(range(g.ndim)))
+    if g.ndim >= 2:
+        view = engine._dense_view(g)
+        assert (view is not None) == dense
+        if dense:
+            assert view.is_contiguous() and view.data_ptr() == g.data_ptr()
+    else:
+        assert engine._dense_view(g) is None
+    # the pieces of each block (the whole tensor when dense), in order: view_size elements each,
+    # the block's remainder last
+    if dense:
+        blocks = [g.numel()]
+    else:
+        rows_per_copy = max(1, copy_size // max(1, g[0].numel()))
+        blocks = [len(rows) * max(1, g[0].numel()) for rows in torch.arange(g.shape[0]).split(rows_per_copy)]
+    sizes = [min(view_size, b - start) for b in blocks for start in range(0, b, view_size)]
+    assert [piece.numel() for piece in pieces] == sizes
+    if dense:  # views of g's memory
+        assert {piece.untyped_storage().data_ptr() for piece in pieces} == {g.untyped_storage().data_ptr()}
+    else:  # copies of whole rows, in g's order
+        assert torch.equal(torch.cat(pieces), g.flatten())
+
+
+def test_exact_norm_of_a_tensor_longer_than_its_chunks():
+    """The exact recomputation reads float64 chunks of 2**20 elements: an overflowing tensor
+    longer than that is recomputed chunk by chunk, every element once."""
+    n = (1 << 20) * 2 + 7
+    g = torch.full((n,), 1e20)
+    g[0] = 3e20
+    g[-1] = -2e20
+    expected = math.sqrt((n - 2) * 1e40 + 9e40 + 4e40)
+    assert_close_to_ref(get_total_norm([g]).item(), expected, 1e-6)
+    assert_close_to_ref(engine._exact_norm(g, 2.0), math.sqrt(float(n - 2) * float(torch.tensor(1e20)) ** 2
+                                                               + float(torch.tensor(3e20)) ** 2
+                                                               + float(torch.tensor(-2e20)) ** 2), 1e-10)
+    assert_close_to_ref(engine._exact_norm(g, 1.0), (n - 2) * float(torch.tensor(1e20))
+                        + float(torch.tensor(3e20)) + float(torch.tensor(2e20)), 1e-10)
