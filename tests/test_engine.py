@@ -1487,19 +1487,30 @@ def ordinary_grads(p: float) -> list[torch.Tensor]:
         torch.full((3000,), (4 * F32_UNDERFLOW_FLOOR) ** (1 / p) if p >= 1 else 1e-30),
         torch.empty(0),
     ]
+    if p == 2:  # float32 row norms whose squares overflow float32 once summed (not in float64)
+        grads.append(torch.full((40_000,), 1e17))
     return grads
 
 
-SUSPECTS = [  # (gradient, p)
-    (torch.full((10,), 1e20), 2.0),  # its float32 squares overflow
-    (torch.full((10,), 1e38), 0.5),  # its partial norm (sum of square roots)**2 overflows
-    (torch.full((20_000,), 1e20), 2.0),  # the same, in rows
-    (torch.tensor([1.0, INF]), 2.0),  # an inf element: the exact answer is inf
-    (torch.tensor([1.0, INF]), 0.5),
-    (torch.full((3000,), (F32_UNDERFLOW_FLOOR / 4) ** 0.5), 2.0),  # its squares may have underflowed
-    (torch.full((4,), 1e-200, dtype=torch.float64), 2.0),  # float64 squares underflow
-    (torch.full((3,), 3e-45), 0.5),  # a subnormal partial norm (p < 1)
-    (torch.full((2048,), 3e-45), 0.5),  # the same, in rows
+def strided(n_rows: int, value: float) -> torch.Tensor:
+    """A tensor of ``n_rows * 30`` copies of ``value`` that is not dense (every third column)."""
+    return torch.full((n_rows, 90), value)[:, ::3]
+
+
+# (gradient, p, whether a total with ordinary gradients recomputes it: True, False, or None
+# where that depends on the other values in its row of the CPU reduction)
+SUSPECTS = [
+    (torch.full((10,), 1e20), 2.0, None),  # its float32 squares overflow
+    (torch.full((10,), 1e38), 0.5, None),  # its partial norm (sum of square roots)**2 overflows
+    (torch.full((20_000,), 1e20), 2.0, True),  # the same, in rows of its own
+    (strided(600, 1e20), 2.0, True),  # in copied rows
+    (torch.tensor([1.0, INF]), 2.0, True),  # an inf element: the exact answer is inf
+    (torch.tensor([1.0, INF]), 0.5, True),
+    (torch.full((3000,), (F32_UNDERFLOW_FLOOR / 4) ** 0.5), 2.0, False),  # squares may have underflowed
+    (torch.full((4,), 1e-200, dtype=torch.float64), 2.0, False),  # float64 squares underflow
+    (torch.full((3,), 3e-45), 0.5, None),  # a subnormal partial norm (p < 1)
+    (torch.full((20_000,), 3e-45), 0.5, True),  # the same, in rows of its own
+    (strided(600, 3e-45), 0.5, True),  # in copied rows
 ]
 
 
@@ -1508,6 +1519,8 @@ def test_ordinary_gradients_are_never_recomputed(p, exact_calls):
     grads = ordinary_grads(p)
     total = get_total_norm(grads, p)
     measured = measure_grad_norms(make_params(grads), p)
+    for g in grads:  # alone, too
+        get_total_norm([g], p)
     assert exact_calls == []
     assert_close_to_ref(total.item(), ref_total(grads, p), half_rtol(p), f"p={p}")
     assert_close_to_ref(measured.total_norm.item(), ref_total(grads, p), half_rtol(p), f"p={p}")
@@ -1517,7 +1530,7 @@ def test_ordinary_gradients_are_never_recomputed(p, exact_calls):
 
 @pytest.mark.parametrize("case", range(len(SUSPECTS)))
 def test_exactly_the_tensors_concerned_are_recomputed(case, exact_calls):
-    suspect, p = SUSPECTS[case]
+    suspect, p, in_total = SUSPECTS[case]
     grads = ordinary_grads(p) + [suspect]
     measured = measure_grad_norms(make_params(grads), p)
     assert exact_calls == [suspect.numel()]
@@ -1525,8 +1538,8 @@ def test_exactly_the_tensors_concerned_are_recomputed(case, exact_calls):
                         f"p={p}", measured.norms.dtype)
     exact_calls.clear()
     total = get_total_norm(grads, p)
-    # in a total, no other tensor is recomputed (this one only if the fast total is in doubt)
-    assert exact_calls in ([], [suspect.numel()])
+    # in a total, no other tensor is recomputed; this one if the fast total is in doubt
+    assert exact_calls in (([], [suspect.numel()]) if in_total is None else ([suspect.numel()] if in_total else [],))
     assert_close_to_ref(total.item(), ref_total(grads, p), half_rtol(p), f"p={p}", total.dtype)
     exact_calls.clear()
     # alone (with an empty tensor), its total is recomputed whatever the reason
@@ -1562,6 +1575,13 @@ def test_only_empty_gradients(norm_type):
     assert total.item() == measured.total_norm.item() == 0.0
     assert total.dtype == measured.norms.dtype == torch.float64
     assert measured.norms.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, INF])
+def test_a_lone_tensor_that_is_not_dense(p):
+    g = torch.randn(600, 90, generator=torch.Generator().manual_seed(14))[:, ::3]
+    assert_close_to_ref(get_total_norm([g], p).item(), ref_tensor_norm(g, p), 2e-6)
+    assert_close_to_ref(get_total_norm([g, torch.ones(3)], p).item(), ref_total([g, torch.ones(3)], p), 2e-6)
 
 
 @pytest.mark.parametrize("norm_type", [INF, 2.0, 1.0, 0.5, 3.0])
