@@ -1444,6 +1444,9 @@ def test_exact_norm_special_values(p):
     assert_close_to_ref(engine._exact_norm(x([0.0, 3.0]), p), 0.0 if p < 0 else 3.0, 1e-15)
     assert_close_to_ref(engine._exact_norm(x([-INF, 3.0]), p), 3.0 if p < 0 else INF, 1e-15)
     # the largest magnitude is negative; a range wider than float64's squares
+    # the extreme magnitude is exactly 1
+    assert_close_to_ref(engine._exact_norm(x([1.0, 2.0]), p), ref_tensor_norm(x([1.0, 2.0]), p), 1e-15)
+    assert_close_to_ref(engine._exact_norm(x([1.0, -0.5]), p), ref_tensor_norm(x([1.0, 0.5]), p), 1e-15)
     big = x([-1e300, 1e-300, 0.5], dtype=torch.float64)
     assert_close_to_ref(engine._exact_norm(big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
     assert_close_to_ref(engine._exact_norm(-big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
@@ -1469,6 +1472,7 @@ def exact_calls(monkeypatch):
 
 # per element: a float32 sum of p-th powers below tiny * 2**26 may have lost too much to underflow
 F32_UNDERFLOW_FLOOR = torch.finfo(torch.float32).tiny * 2.0**26
+F64_UNDERFLOW_FLOOR = torch.finfo(torch.float64).tiny * 2.0**26
 
 
 def ordinary_grads(p: float) -> list[torch.Tensor]:
@@ -1489,6 +1493,8 @@ def ordinary_grads(p: float) -> list[torch.Tensor]:
     ]
     if p == 2:  # float32 row norms whose squares overflow float32 once summed (not in float64)
         grads.append(torch.full((40_000,), 1e17))
+    if p >= 1:  # a row whose norm is subnormal (or 0) next to an ordinary row: fine for p >= 1
+        grads.append(torch.cat([torch.full((1024,), 1e-44), torch.ones(1024)]))
     return grads
 
 
@@ -1508,7 +1514,10 @@ SUSPECTS = [
     (torch.tensor([1.0, INF]), 0.5, True),
     (torch.full((3000,), (F32_UNDERFLOW_FLOOR / 4) ** 0.5), 2.0, False),  # squares may have underflowed
     (torch.full((4,), 1e-200, dtype=torch.float64), 2.0, False),  # float64 squares underflow
+    (torch.full((3000,), (F64_UNDERFLOW_FLOOR / 4) ** 0.5, dtype=torch.float64), 2.0, False),
+    (torch.zeros(20_000), 0.5, False),  # exactly 0: underflow may be why
     (torch.full((3,), 3e-45), 0.5, None),  # a subnormal partial norm (p < 1)
+    (torch.tensor([1e-322, 3e-322], dtype=torch.float64), 0.5, None),  # the same in float64
     (torch.full((20_000,), 3e-45), 0.5, True),  # the same, in rows of its own
     (strided(600, 3e-45), 0.5, True),  # in copied rows
 ]
@@ -1559,12 +1568,12 @@ def test_a_total_of_tiny_gradients_is_recomputed_tensor_by_tensor(exact_calls):
 def test_float64_powers_that_overflow_only_across_tensors():
     """Each tensor's sum of squares is a finite float64, their sum is not: the per-tensor
     norms are combined with scaling instead."""
-    grads = [torch.full((1,), 1e154, dtype=torch.float64), torch.full((2,), -1e154, dtype=torch.float64)]
-    expected = math.sqrt(3) * 1e154
+    grads = [torch.full((1,), 1e154, dtype=torch.float64), torch.full((1,), -1.2e154, dtype=torch.float64)]
+    expected = math.hypot(1e154, 1.2e154)
     assert_close_to_ref(get_total_norm(grads).item(), expected, 1e-15)
     measured = measure_grad_norms(make_params(grads))
     assert_close_to_ref(measured.total_norm.item(), expected, 1e-15)
-    assert_close_to_ref(measured.norms[1].item(), math.sqrt(2) * 1e154, 1e-15)
+    assert measured.norms.tolist() == [1e154, 1.2e154]
 
 
 @pytest.mark.parametrize("norm_type", [0.5, 1.0, 2.0, INF, -1.0, -INF, 0.0])
@@ -1579,9 +1588,10 @@ def test_only_empty_gradients(norm_type):
 
 @pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, INF])
 def test_a_lone_tensor_that_is_not_dense(p):
-    g = torch.randn(600, 90, generator=torch.Generator().manual_seed(14))[:, ::3]
-    assert_close_to_ref(get_total_norm([g], p).item(), ref_tensor_norm(g, p), 2e-6)
-    assert_close_to_ref(get_total_norm([g, torch.ones(3)], p).item(), ref_total([g, torch.ones(3)], p), 2e-6)
+    gen = torch.Generator().manual_seed(14)
+    for g in (torch.randn(600, 90, generator=gen)[:, ::3], torch.randn(512, 96, generator=gen)[:, ::3]):
+        assert_close_to_ref(get_total_norm([g], p).item(), ref_tensor_norm(g, p), 2e-6)
+        assert_close_to_ref(get_total_norm([g, torch.ones(3)], p).item(), ref_total([g, torch.ones(3)], p), 2e-6)
 
 
 @pytest.mark.parametrize("norm_type", [INF, 2.0, 1.0, 0.5, 3.0])
@@ -1589,6 +1599,7 @@ def test_lengths_at_the_row_and_batch_sizes(norm_type):
     """One large value in a tensor of each length around the reductions' sizes, alone and
     among others: a boundary that drops an element or a remainder shows."""
     p = float(norm_type)
+    warnings.simplefilter("error")  # e.g. torch's warning for an output of the wrong size
     for n in (1023, 1024, 1025, 2048, 16383, 16384, 16385, 32768):
         g = torch.ones(n)
         for where in (0, n - 1):
@@ -1599,6 +1610,19 @@ def test_lengths_at_the_row_and_batch_sizes(norm_type):
                 per = measure_grad_norms(make_params(grads), p).norms.tolist()
                 for t, v in zip(grads, per):
                     assert_close_to_ref(v, ref_tensor_norm(t, p), 2e-6, f"n={n} p={p}")
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5])
+def test_a_tensor_of_more_rows_than_one_row_holds(p):
+    """2**21 elements: 2048 rows of 1024, more rows than a row has elements."""
+    n = 1 << 21
+    g = torch.ones(n)
+    g[7] = 50.0
+    expected = ((n - 1) + 50.0**p) ** (1 / p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's warning for an output of the wrong size
+        assert_close_to_ref(get_total_norm([g], p).item(), expected, half_rtol(p))
+        assert_close_to_ref(measure_grad_norms(make_params([g]), p).norms.item(), expected, half_rtol(p))
 
 
 def test_per_tensor_plan_is_built_once_per_layout():
@@ -1720,6 +1744,18 @@ finite_norms = st.one_of(
     p=st.sampled_from([0.5, 1.0, 2.0, 3.0, 20.0, -0.5, -1.0, -2.0, INF, -INF, 0.0]),
 )
 def test_combine_matches_the_float64_reference(norms, p):
+    _check_combine(norms, p)
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, -0.5, -1.0, -2.0])
+def test_combine_scales_by_the_extreme_norm(p):
+    """Scaled by the largest norm for p > 0 and the smallest for p < 0: every term is then at
+    most 1 (p > 0) or at least 1 (p < 0), and neither overflows nor underflows."""
+    for norms in ([1e-200, 1e200], [1e-200, 3e-200], [1e200, 3e200], [1.0, 2.0], [0.5, 1.0], [5e-324, 1e-320]):
+        _check_combine(norms, p)
+
+
+def _check_combine(norms: list[float], p: float) -> None:
     got = engine._combine(torch.tensor(norms, dtype=torch.float64), p)
     assert got.dtype == torch.float64 and got.shape == ()
     if p == 0:  # a count of the nonzero norms (NaN is nonzero)
@@ -1782,3 +1818,71 @@ def test_exact_norm_of_a_tensor_longer_than_its_chunks():
                                                                + float(torch.tensor(-2e20)) ** 2), 1e-10)
     assert_close_to_ref(engine._exact_norm(g, 1.0), (n - 2) * float(torch.tensor(1e20))
                         + float(torch.tensor(3e20)) + float(torch.tensor(2e20)), 1e-10)
+    assert_close_to_ref(engine._exact_norm(g, 3.0), ref_tensor_norm(g, 3.0), 1e-10)
+
+
+def test_result_dtype_maps_complex_and_integer_dtypes_to_real_floats():
+    """Also used for DTensor gradients (distributed_norm), which reach it unconverted."""
+    rd = engine._result_dtype
+    assert rd(set()) == torch.float32
+    assert rd({torch.complex64}) == torch.float32
+    assert rd({torch.complex128}) == torch.float64
+    assert rd({torch.complex64, torch.float16}) == torch.float32
+    assert rd({torch.int64}) == rd({torch.bool}) == torch.float32
+    assert rd({torch.int64, torch.float64}) == torch.float64
+    assert rd({torch.bfloat16}) == rd({torch.float16, torch.bfloat16}) == torch.float32
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 20), max_size=12),
+    short=st.integers(1, 21),
+    limit=st.integers(1, 40),
+)
+def test_short_batches_close_as_soon_as_they_reach_the_limit(sizes, short, limit):
+    """The short tensors (0 < n < short), flattened, in order, in consecutive batches; a batch
+    ends with the tensor that brings it to at least ``limit`` elements (all in one batch when
+    they fit)."""
+    grads = [torch.full((n,), float(i)).view(n, 1) for i, n in enumerate(sizes)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "_SHORT", short)
+        mp.setattr(engine, "_BATCH_LIMIT", limit)
+        batches = list(engine._short_batches(grads, sizes))
+    chosen = [i for i, n in enumerate(sizes) if 0 < n < short]
+    expected: list[list[int]] = []
+    if sum(sizes[i] for i in chosen) <= limit:
+        expected = [chosen] if chosen else []
+    else:
+        current, acc = [], 0
+        for i in chosen:
+            current.append(i)
+            acc += sizes[i]
+            if acc >= limit:
+                expected.append(current)
+                current, acc = [], 0
+        if current:
+            expected.append(current)
+    got = [[int(t[0]) for t in batch] for batch in batches]
+    assert got == expected
+    assert all(t.ndim == 1 for batch in batches for t in batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_sparse_real_and_complex_gradients_without_warnings(dtype):
+    """Duplicates are summed in float64 (complex128 for complex values) and nothing is cast
+    through a complex or real dtype it does not need (torch warns when that drops imaginary
+    parts)."""
+    values = torch.tensor([1.0, 2.0, -3.0, 0.5], dtype=dtype)
+    if dtype.is_complex:
+        values = values * torch.tensor([1 + 1j, 1 - 2j, 1j, 1.0], dtype=dtype)
+    g = torch.sparse_coo_tensor([[0, 0, 2, 3]], values, (5,), check_invariants=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for p in (2.0, 1.0, INF, 0.5, -1.0):
+            assert_close_to_ref(get_total_norm([g], p).item(), ref_tensor_norm(g, p), 1e-6, f"p={p}")
+        if not dtype.is_complex:
+            (prm,) = make_params([torch.zeros(5)])
+            prm.grad = g.clone()
+            clip_grad_norm_([prm], 1.0)
+            expected = dense(g).double() / (ref_tensor_norm(g, 2.0) + 1e-6)
+            torch.testing.assert_close(prm.grad.to_dense().double(), expected, rtol=1e-6, atol=0)
