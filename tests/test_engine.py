@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils import clip_grad_norm_ as torch_clip_grad_norm_
 from torch.nn.utils import clip_grad_value_ as torch_clip_grad_value_
@@ -1834,6 +1834,8 @@ def test_result_dtype_maps_complex_and_integer_dtypes_to_real_floats():
 
 
 @settings(max_examples=examples(100), deadline=None)
+@example(sizes=[1, 3, 1, 3, 2], short=21, limit=4)  # batches that reach the limit exactly
+@example(sizes=[2, 2, 1, 2, 3], short=21, limit=4)  # a new batch starts empty
 @given(
     sizes=st.lists(st.integers(0, 20), max_size=12),
     short=st.integers(1, 21),
