@@ -576,6 +576,14 @@ def test_error_if_nonfinite(bad):
         get_total_norm([g], error_if_nonfinite=True)
 
 
+def test_error_if_nonfinite_accepts_a_finite_total():
+    g = torch.tensor([3.0, -4.0])
+    assert get_total_norm([g], error_if_nonfinite=True).item() == 5.0
+    (p,) = make_params([g])
+    assert clip_grad_norm_([p], 1.0, error_if_nonfinite=True).item() == 5.0
+    assert torch.equal(p.grad, g * (torch.tensor(1.0) / (torch.tensor(5.0) + 1e-6)))
+
+
 def test_nonfinite_propagates_when_not_checked():
     (p,) = make_params([torch.tensor([1.0, NAN, 2.0])])
     assert math.isnan(clip_grad_norm_([p], 1.0).item())
