@@ -1559,15 +1559,18 @@ def test_exactly_the_tensors_concerned_are_recomputed(case, exact_calls):
     assert exact_calls in (([], [suspect.numel()]) if in_total is None else ([suspect.numel()] if in_total else [],))
     assert_close_to_ref(total.item(), ref_total(grads, p), half_rtol(p), f"p={p}", total.dtype)
     exact_calls.clear()
-    # alone (with an empty tensor), its total is recomputed whatever the reason
-    alone = get_total_norm([torch.empty(0), suspect], p)
+    # alone (with an empty tensor), its total is recomputed whatever the reason; the empty tensor
+    # is float64 to keep the total off the small-model path (float64 sums, nothing to recompute)
+    alone = get_total_norm([torch.empty(0, dtype=torch.float64), suspect], p)
     assert exact_calls == [suspect.numel()]
     assert_close_to_ref(alone.item(), ref_tensor_norm(suspect, p), tensor_rtol(suspect, p), f"p={p}",
                         alone.dtype)
 
 
 def test_a_total_of_tiny_gradients_is_recomputed_tensor_by_tensor(exact_calls):
-    grads = [torch.full((7,), 1e-30), torch.empty(0), torch.full((20_000,), -1e-25)]
+    # (the empty float64 tensor keeps the total off the small-model path, which has nothing to
+    # recompute)
+    grads = [torch.full((7,), 1e-30), torch.empty(0, dtype=torch.float64), torch.full((20_000,), -1e-25)]
     total = get_total_norm(grads, 2.0)
     assert exact_calls == [7, 20_000]
     assert_close_to_ref(total.item(), ref_total(grads, 2.0), 1e-6)
@@ -1635,7 +1638,7 @@ def test_a_tensor_of_more_rows_than_one_row_holds(p):
 
 def test_per_tensor_plan_is_built_once_per_layout():
     engine._PLANS.clear()
-    grads = [torch.randn(5), torch.randn(3000), torch.empty(0)]
+    grads = [torch.randn(5), torch.randn(3000, dtype=torch.float64), torch.empty(0)]  # not a small model
     measure_grad_norms(make_params(grads))
     ((key, plan),) = engine._PLANS.items()
     owner, thresholds, all_nonempty = plan
