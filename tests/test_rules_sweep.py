@@ -141,11 +141,8 @@ def test_grid_names_are_unique_or_refused(values, percentiles, lrs, seeds):
     grid = {"max_norms": values, "clip_values": values, "agc_clip_factors": values,
             "autoclip_percentiles": percentiles, "zclip_z_thresholds": values, "lr": lrs, "seeds": seeds}
     values_given = {"script": RNN, **{k: v for k, v in grid.items() if v}}
-    # names spell numbers with %g (6 significant digits): values closer than that would share one
-    if not all(len({f"{v:g}" for v in set(vs)}) == len(set(vs)) for vs in (values, percentiles)):
-        with pytest.raises(UsageError, match="would both be named"):
-            SweepConfig.from_values(values_given)
-        return
+    # names spell numbers in their shortest round-trip form, so distinct values never share a
+    # name (1e-06 and 1.0000000000000002e-06 are two runs): no grid is refused
     config = SweepConfig.from_values(values_given)
     cells = config.cells()
     assert len({c.run for c in cells}) == len(set(cells)) == len(cells)
@@ -676,3 +673,11 @@ def test_recommendation_picks_a_rule_only_when_it_beats_every_fixed_threshold():
     unstable = _run(Cell(1.0, 2.0), DIVERGED, 0)
     rec = recommend([control, unstable, close])
     assert rec.run is close and "no fixed threshold was stable" in rec.reason
+
+
+def test_rule_values_one_ulp_apart_are_two_runs_with_two_names():
+    config = SweepConfig.from_values({"script": RNN, "autoclip_percentiles": [1.0000000000000002e-06, 1e-06],
+                                      "zclip_z_thresholds": [2.5, 2.5000000000000004]})
+    assert [c.run for c in config.cells()] == [
+        "unclipped", "autoclip_p1.0000000000000002e-06", "autoclip_p1e-06", "zclip_z2.5", "zclip_z2.5000000000000004"
+    ]
