@@ -61,8 +61,10 @@ def test_small_model_path_agrees_with_the_general_path(grads, p):
         mp.setattr(engine, "_SMALL_MODEL", -1)  # the general CPU path
         general = engine.measure_grad_norms(grads_as_params(grads), p)
     assert fast.total_norm.dtype == general.total_norm.dtype
-    assert float(fast.total_norm) == pytest.approx(float(general.total_norm), rel=2e-7, abs=0.0)
-    assert fast.norms.tolist() == pytest.approx(general.norms.tolist(), rel=2e-7, abs=0.0)
+    # the general path sums short tensors in float32, a few float32 ulps from the exact value
+    # (e.g. 33.600006 for an exact 33.6); the float64 reference test above pins the small path
+    assert float(fast.total_norm) == pytest.approx(float(general.total_norm), rel=1e-6, abs=0.0)
+    assert fast.norms.tolist() == pytest.approx(general.norms.tolist(), rel=1e-6, abs=0.0)
 
 
 def grads_as_params(grads: list[torch.Tensor]) -> list[torch.Tensor]:
