@@ -91,6 +91,7 @@ from __future__ import annotations
 import math
 import types
 import warnings
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -586,12 +587,50 @@ def _cpu_small_model(grads: list[Tensor], p: float, dtypes: set[torch.dtype] | N
     return (p == 2.0 or p == 1.0) and torch.float64 not in dtypes and sum(g.numel() for g in grads) <= _SMALL_MODEL
 
 
+def _small_norms_f64(grads: list[Tensor], p: float) -> tuple[float, list[float]]:
+    """(total, per-tensor norms) as Python floats, each tensor reduced once in float64 in two
+    tensor ops (the norms, one stack), the total summed exactly (``math.fsum``) and rounded
+    once. Exact to float64 rounding with neither overflow nor underflow: the squares of
+    float32, float16 and bfloat16 values all lie well inside float64's normal range, and so do
+    their sums here."""
+    norms = torch.stack(torch._foreach_norm(grads, p, dtype=torch.float64)).tolist()
+    total = math.sqrt(math.fsum([v * v for v in norms])) if p == 2.0 else math.fsum(norms)
+    return total, norms
+
+
 def _cpu_small_norms(grads: list[Tensor], p: float) -> tuple[Tensor, Tensor]:
-    """(total, per-tensor norms), float64, each tensor reduced once in float64. Exact to float64
-    rounding with neither overflow nor underflow: the squares of float32, float16 and bfloat16
-    values all lie well inside float64's normal range, and so do their sums here."""
-    norms = torch.stack(torch._foreach_norm(grads, p, dtype=torch.float64))
-    return torch.linalg.vector_norm(norms, p), norms
+    """(total, per-tensor norms), float64 tensors, from ``_small_norms_f64``."""
+    total, norms = _small_norms_f64(grads, p)
+    return torch.tensor(total, dtype=torch.float64), torch.tensor(norms, dtype=torch.float64)
+
+
+_SMALL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def host_grad_norms(grads: list[Tensor], p: float) -> tuple[float, list[float]] | None:
+    """The total and per-tensor norms :func:`measure_grad_norms` gives for ``grads``, as Python
+    floats, when the small-model path applies (CPU, dense, no float64, p of 1 or 2, at most
+    ``_SMALL_MODEL`` elements); else None.
+
+    For code that reads every step's norms on the host (the monitor): the small-model path's
+    numbers (``_small_norms_f64``) without building tensors from them. Right after a backward
+    pass each dispatched op costs several microseconds more than in a warm loop, so on a small
+    model the op count is the cost. Values are rounded to float32, the result dtype of such
+    gradients, exactly as :func:`measure_grad_norms` rounds them."""
+    if not _CPU_PATHS or not grads or not (p == 2.0 or p == 1.0):
+        return None
+    size = 0
+    for g in grads:
+        if g.dtype not in _SMALL_DTYPES or g.layout != torch.strided or not g.is_cpu:
+            return None
+        size += g.numel()
+    if size > _SMALL_MODEL:
+        return None
+    total, norms = _small_norms_f64(grads, p)
+    rounded = array("f", norms)  # float64 -> float32, round to nearest even, inf beyond range
+    rounded.append(total)
+    values = rounded.tolist()
+    return values.pop(), values
 
 
 def _cpu_norms(
@@ -829,6 +868,44 @@ def _scale_target(g: Tensor) -> Tensor:
     return torch.view_as_real(g) if g.is_complex() else g
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (to nearest even; inf beyond its range)."""
+    return array("f", (x,))[0]
+
+
+_F32_EPS_TERM = _f32(1e-6)
+
+
+def host_clip_coef(max_norm: float, total: float, dtype: torch.dtype = torch.float32) -> float:
+    """``torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)`` for a 0-dim ``total_norm`` of
+    ``dtype``, in Python floats, bit for bit: torch adds in ``dtype``, takes the reciprocal and
+    multiplies by ``max_norm`` (each a float32 operation for float32, computed here in float64
+    and rounded once, which is exact for these operations). Three tensor ops and a read fewer
+    per clipping step; NaN stays NaN."""
+    if dtype == torch.float64:
+        coef = (1.0 / (total + 1e-6)) * max_norm
+    elif dtype == torch.float32:
+        coef = _f32(_f32(1.0 / _f32(total + _F32_EPS_TERM)) * _f32(max_norm))
+    else:
+        t = torch.tensor(total, dtype=dtype)
+        return torch.clamp(max_norm / (t + 1e-6), max=1.0).item()
+    return 1.0 if coef >= 1.0 else coef
+
+
+def clip_grads_with_host_norm_(grads: list[Tensor], max_norm: float, total: float, dtype: torch.dtype) -> float:
+    """The scaling of :func:`clip_grads_with_norm_` when the total norm (of ``dtype``) is known
+    on the host: the gradient tensors themselves (dense) are multiplied in place unless the
+    coefficient is 1. Returns the coefficient applied (1.0 when none; NaN is applied and
+    returned, as torch propagates it). ``max_norm`` must be checked by the caller."""
+    if not grads or max_norm == _INF:
+        return 1.0
+    coef = host_clip_coef(max_norm, total, dtype)
+    if coef >= 1.0:
+        return 1.0
+    torch._foreach_mul_(grads, coef)
+    return coef
+
+
 def _scale_(
     grads: list[Tensor], max_norm: float, total_norm: Tensor | float, foreach: bool | None
 ) -> None:
@@ -838,14 +915,11 @@ def _scale_(
         grads = [_scale_target(g) for g in grads]
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
-    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     if _CPU_PATHS and total_norm.is_cpu:
         # reading a CPU tensor is not a device sync, whatever device the gradients are on
-        coef = clip_coef.item()
-        if coef >= 1.0:  # NaN falls through and is propagated, as in torch
-            return
-        torch._foreach_mul_(grads, coef)
+        clip_grads_with_host_norm_(grads, max_norm, total_norm.item(), total_norm.dtype)
         return
+    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for g in grads:
         groups.setdefault((g.device, g.dtype), []).append(g)

@@ -1,7 +1,9 @@
 """The engine's path for small models on CPU (``engine._cpu_small_norms``): L1 and L2 norms of
 models with at most ``_SMALL_MODEL`` gradient elements, none float64, reduced once per tensor in
 float64. Checked against a float64 reference computed here, against the general CPU path, and
-on the edges of when it applies."""
+on the edges of when it applies. Also its host form (``host_grad_norms``, Python floats for the
+monitor) and the clip coefficient computed on the host (``host_clip_coef``), each bit for bit
+against the tensor form they stand in for."""
 
 from __future__ import annotations
 
@@ -123,3 +125,80 @@ def test_float32_values_whose_squares_overflow_float32_are_exact():
     assert float(norms[0]) == pytest.approx(want, rel=1e-15)
     assert float(norms[1]) == pytest.approx(math.sqrt(2) * float(g[1][0]), rel=1e-15)
     assert float(total) == pytest.approx(want, rel=1e-15)
+
+
+# ---- the same numbers as Python floats (``host_grad_norms``), and the host clip coefficient ----
+
+
+@settings(max_examples=150, deadline=None)
+@given(grads=small_models(), p=st.sampled_from([1.0, 2.0]), poison=st.sampled_from([None, math.nan, math.inf]))
+def test_host_norms_are_measure_grad_norms_bit_for_bit(grads, p, poison):
+    """The monitor reads these floats instead of ``measure_grad_norms``' tensors: they must be
+    the same float32 numbers, non-finite gradients included."""
+    if poison is not None and grads[0].numel():
+        grads[0].view(-1)[0] = poison
+    host = engine.host_grad_norms(grads, p)
+    assert host is not None
+    total, norms = host
+    gn = engine.measure_grad_norms(grads_as_params(grads), p)
+    assert gn.total_norm.dtype == torch.float32 and gn.norms.dtype == torch.float32
+    same = lambda a, b: a == b or (math.isnan(a) and math.isnan(b))  # noqa: E731
+    assert same(total, gn.total_norm.item()), (total, gn.total_norm.item())
+    assert len(norms) == len(grads) and all(same(a, b) for a, b in zip(norms, gn.norms.tolist()))
+
+
+def test_host_norms_decline_what_the_small_path_does_not_take():
+    small = [torch.ones(3)]
+    root3 = torch.tensor(math.sqrt(3.0), dtype=torch.float32).item()  # float32 results
+    assert engine.host_grad_norms(small, 2.0) == (root3, [root3])
+    assert engine.host_grad_norms(small, 1.0) == (3.0, [3.0])
+    assert engine.host_grad_norms(small, math.inf) is None  # p other than 1 and 2
+    assert engine.host_grad_norms([torch.ones(3, dtype=torch.float64)], 2.0) is None  # float64
+    assert engine.host_grad_norms([torch.ones(engine._SMALL_MODEL + 1)], 2.0) is None  # too big
+    assert engine.host_grad_norms([torch.ones(3).to_sparse()], 2.0) is None  # not dense
+    assert engine.host_grad_norms([], 2.0) is None
+
+
+def _torch_coef(max_norm: float, total: float, dtype: torch.dtype) -> float:
+    """torch's own arithmetic: ``clamp(max_norm / (total_norm + 1e-6), max=1)`` on a 0-dim tensor."""
+    t = torch.tensor(total, dtype=dtype)
+    return torch.clamp(max_norm / (t + 1e-6), max=1.0).item()
+
+
+_EDGES = [0.0, 1e-45, 1e-40, 1e-7, 1e-6, 1.0, 3.4028234663852886e38, 1e39, 1e300, math.inf, math.nan]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    max_norm=st.one_of(st.floats(0, 1e10), st.sampled_from([0.0, 1e-45, 1e-6, 3.5e38, 1e300, math.inf])),
+    total=st.one_of(st.floats(0, 1e39, allow_infinity=False), st.sampled_from(_EDGES), st.floats(0, 5)),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_host_clip_coefficient_is_torchs_bit_for_bit(max_norm, total, dtype):
+    if dtype == torch.float32:
+        total = torch.tensor(total, dtype=torch.float32).item()  # a float32 total, as the engine's
+    want = _torch_coef(max_norm, total, dtype)
+    got = engine.host_clip_coef(max_norm, total, dtype)
+    assert got == want or (math.isnan(got) and math.isnan(want)), (max_norm, total, dtype, got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_host_clip_coefficient_of_other_dtypes_uses_torch(dtype):
+    for total in (0.5, 3.0, 70000.0):
+        assert engine.host_clip_coef(1.0, total, dtype) == _torch_coef(1.0, total, dtype)
+
+
+def test_clip_grads_with_host_norm_scales_like_clip_grads_with_norm():
+    torch.manual_seed(0)
+    grads = [torch.randn(5), torch.randn(3, 2)]
+    total = engine.get_total_norm(grads).item()
+    for max_norm in (0.1, total * 2, math.inf):
+        a = [g.clone() for g in grads]
+        b = [g.clone() for g in grads]
+        coef = engine.clip_grads_with_host_norm_(a, max_norm, total, torch.float32)
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in b]
+        for prm, g in zip(params, b):
+            prm.grad = g
+        engine.clip_grads_with_norm_(params, max_norm, torch.tensor(total))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert coef == (min(engine.host_clip_coef(max_norm, total), 1.0) if math.isfinite(max_norm) else 1.0)
