@@ -86,6 +86,7 @@ class LayerGrouping:
         self.depth = depth
         self.max_groups = max_groups
         self._cache: dict[tuple[tuple[str, ...], torch.device], tuple[tuple[str, ...], Tensor]] = {}
+        self._host_cache: dict[tuple[tuple[str, ...], None], tuple[tuple[str, ...], list[int]]] = {}
 
     def resolve_depth(self, names: Sequence[str]) -> int | None:
         if self.depth == AUTO:
@@ -103,6 +104,23 @@ class LayerGrouping:
             hit = (tuple(order), torch.tensor(index, dtype=torch.long, device=device))
             self._cache[key] = hit
         return hit
+
+    def host_groups(self, names: tuple[str, ...]) -> tuple[tuple[str, ...], list[int]]:
+        """``groups`` with the index as a Python list, for norms read on the host."""
+        key = (names, None)
+        hit = self._host_cache.get(key)
+        if hit is None:
+            groups, index = self.groups(names, torch.device("cpu"))
+            hit = (groups, index.tolist())
+            self._host_cache[key] = hit
+        return hit
+
+    def combine_host(self, names: tuple[str, ...], norms: list[float], norm_type: float) -> tuple[tuple[str, ...], list[float]]:
+        """``combine`` for per-tensor norms already on the host, in Python: the same values."""
+        groups, index = self.host_groups(names)
+        if len(groups) == len(names) and norm_type != 0:
+            return groups, norms
+        return groups, combine_grouped_floats(norms, index, len(groups), norm_type)
 
     def combine(self, names: tuple[str, ...], norms: Tensor, norm_type: float) -> tuple[tuple[str, ...], Tensor]:
         """(group names, group norms) from per-tensor ``norms`` named ``names``: in float64, or
@@ -138,6 +156,54 @@ def combine_grouped(norms: Tensor, index: Tensor, n_groups: int, p: float) -> Te
     scale = torch.where(ok, scale, torch.ones_like(scale))
     sums = torch.zeros_like(out).scatter_add_(0, index, (norms / scale[index]) ** p)
     return scale * sums ** (1.0 / p)
+
+
+def combine_grouped_floats(norms: list[float], index: list[int], n_groups: int, p: float) -> list[float]:
+    """``combine_grouped`` on Python floats: the same scaling and order of additions, equal to
+    float64 rounding (torch's vectorised square root may differ in the last bit). A host that
+    reads every step's norms pays no kernel launches for the grouping."""
+    if p == 0:
+        counts = [0.0] * n_groups
+        for v, g in zip(norms, index):
+            if v != 0:  # NaN counts, as (norms != 0) does
+                counts[g] += 1.0
+        return counts
+    if p == math.inf or p == -math.inf:
+        pick = max if p > 0 else min
+        out: list[float | None] = [None] * n_groups
+        nan = [False] * n_groups
+        for v, g in zip(norms, index):
+            if v != v:
+                nan[g] = True
+            else:
+                cur = out[g]
+                out[g] = v if cur is None else pick(cur, v)
+        return [math.nan if bad else (0.0 if v is None else v) for v, bad in zip(out, nan)]
+    pick = max if p > 0 else min
+    scale: list[float | None] = [None] * n_groups
+    for v, g in zip(norms, index):
+        cur = scale[g]
+        scale[g] = v if cur is None or v != v else (cur if cur != cur else pick(cur, v))
+    scales = [s if s is not None and s > 0 and math.isfinite(s) else 1.0 for s in scale]
+    sums = [0.0] * n_groups
+    for v, g in zip(norms, index):
+        x = v / scales[g]
+        sums[g] += x * x if p == 2.0 else (x if p == 1.0 else _pow(x, p))
+    if p == 2.0:
+        return [s * math.sqrt(t) for s, t in zip(scales, sums)]
+    if p == 1.0:
+        return [s * t for s, t in zip(scales, sums)]
+    return [s * _pow(t, 1.0 / p) for s, t in zip(scales, sums)]
+
+
+def _pow(x: float, e: float) -> float:
+    """``x ** e`` as torch computes it: 0 to a negative power and overflow give inf, not an error."""
+    if x == 0 and e < 0:
+        return math.inf
+    try:
+        return x**e
+    except OverflowError:
+        return math.inf
 
 
 def _propagate_nan(out: Tensor, norms: Tensor, index: Tensor) -> Tensor:

@@ -130,3 +130,45 @@ def test_huge_norms_do_not_overflow_in_a_group():
     out = combine_grouped(norms, torch.tensor([0, 0, 1]), 2, 2.0).tolist()
     assert out[0] == pytest.approx(math.sqrt(2) * 1e300)
     assert out[1] == pytest.approx(1e-300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    members=st.lists(
+        st.one_of(
+            st.floats(0, 1e6),
+            st.sampled_from([0.0, 1e-300, 1e300, math.inf, math.nan]),
+            st.floats(1e-30, 1e30),
+        ),
+        min_size=1,
+        max_size=9,
+    ),
+    data=st.data(),
+    p=st.sampled_from([2.0, 1.0, math.inf, -math.inf, 0.0, 3.0, 0.5, -1.0]),
+)
+def test_host_combination_equals_the_tensor_one(members, data, p):
+    """``combine_grouped_floats`` (the monitor's host path) against ``combine_grouped``: equal
+    to float64 rounding, NaN and inf where the tensor path has them."""
+    from gradcheck_cli.layers import combine_grouped, combine_grouped_floats
+
+    n_groups = data.draw(st.integers(1, len(members)))
+    index = list(range(n_groups)) + data.draw(
+        st.lists(st.integers(0, n_groups - 1), min_size=len(members) - n_groups, max_size=len(members) - n_groups)
+    )
+    index = data.draw(st.permutations(index))
+    want = combine_grouped(torch.tensor(members, dtype=torch.float64), torch.tensor(index), n_groups, p).tolist()
+    got = combine_grouped_floats(members, index, n_groups, p)
+    assert len(got) == n_groups
+    for a, b in zip(got, want):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-13, abs=0.0), (a, b)
+
+
+def test_host_grouping_of_one_parameter_per_group_returns_the_norms_themselves():
+    grouping = LayerGrouping(None)
+    names = ("a.weight", "a.bias")
+    norms = [1.5, 2.5]
+    groups, values = grouping.combine_host(names, norms, 2.0)
+    assert groups == names and values is norms
+    grouping = LayerGrouping(1)
+    groups, values = grouping.combine_host(names, norms, 2.0)
+    assert groups == ("a",) and values == pytest.approx([math.hypot(1.5, 2.5)], rel=1e-15)
