@@ -17,14 +17,18 @@ The loop stays as it is. While the monitor is active:
 
 * ``torch.nn.utils.clip_grad_norm_`` (also reached as ``torch.nn.utils.clip_grad.clip_grad_norm_``,
   and the name ``clip_grad_norm_`` imported into ``__main__`` or into the module that enters the
-  monitor) is wrapped: before the original runs, gradclip's engine measures the gradients of all
-  the model's parameters in the call's norm type, so the recorded norm is the pre-clip norm and
-  the first non-finite parameter is located before clipping spreads NaN; then the original clips
-  exactly as it would have (training is bit-identical with and without the monitor), and the
-  coefficient it applied, ``min(max_norm / (total + 1e-6), 1)`` from the total it returned, is
-  recorded. Calls on parameters of another model pass straight through.
-  ``torch.nn.utils.clip_grad_value_`` is wrapped the same way (measure, then clip); value
-  clipping has no single coefficient, so such a step's ``clip_coef`` is blank.
+  monitor) is wrapped: first gradclip's engine measures the gradients of all the model's
+  parameters in the call's norm type, so the recorded norm is the pre-clip norm and the first
+  non-finite parameter is located before clipping spreads NaN. Then, with ``clip="engine"`` (the
+  default), the engine clips, reusing that measurement: one pass over the gradients, the call
+  returns ``gradcheck_cli.engine.clip_grad_norm_``'s total and the gradients are what that
+  function leaves, bit for bit (the same formula as torch's; the total is exact instead of
+  torch's float32 accumulation, so clipped steps differ from torch's by that rounding). With
+  ``clip="torch"`` torch's original clips exactly as it would have (a second pass; training
+  bit-identical with and without the monitor). Either way the coefficient applied is recorded.
+  Calls on parameters of another model pass straight through to torch.
+  ``torch.nn.utils.clip_grad_value_`` is wrapped the same way (measure, then torch's original
+  clamps); value clipping has no single coefficient, so such a step's ``clip_coef`` is blank.
 * a step pre-hook on the optimizer closes the step just before ``optimizer.step()`` (after the
   last micro-batch under gradient accumulation): when nothing clipped, the gradients are measured
   there (L2, or the norm type of the last clip call);
@@ -39,7 +43,11 @@ the step), ``lr`` (the first parameter group's, as used by the step), ``skipped`
 per-layer norms (``layers.LayerGrouping``, as a sweep groups them) from the same measuring pass.
 
 Host syncs: everything a step records is gathered on the gradients' device and brought to the
-host in one transfer per step (one ``.tolist()``); nothing else reads device values.
+host in one transfer per step (one ``.tolist()``); nothing else reads device values. On the CPU
+reading a value is no sync, and right after a backward pass every tensor op costs several
+microseconds, so there the numbers come to Python as they are made (a small model's norms in
+two tensor ops, ``engine.host_grad_norms``) and the rest of the step's bookkeeping is plain
+Python; the ``StepRecord`` objects are built when they are read (a write, the result).
 
 Verdicts use a sweep's words: ``stable``; ``non_finite`` at the first step whose loss
 (``forward``) or pre-clip norm (``backward``, in a step the optimizer took) is NaN/inf, with the
@@ -89,8 +97,14 @@ from gradcheck_cli.results import (
 
 DEFAULT_RUN = "monitor"
 DEFAULT_OUT = "gradclip-monitor"
+# Who clips when the training calls torch.nn.utils.clip_grad_norm_ on the monitored model:
+# gradclip's engine, reusing the measuring pass (one pass), or torch's own function after the
+# engine has measured (two passes, training bit-identical to an unmonitored run).
+CLIP_ENGINE = "engine"
+CLIP_TORCH = "torch"
+CLIP_CHOICES = (CLIP_ENGINE, CLIP_TORCH)
 
-__all__ = ["DEFAULT_OUT", "DEFAULT_RUN", "GradMonitor", "NonFiniteError", "StepRecorder"]
+__all__ = ["CLIP_CHOICES", "DEFAULT_OUT", "DEFAULT_RUN", "GradMonitor", "NonFiniteError", "StepRecorder"]
 
 
 class NonFiniteError(RuntimeError):
@@ -130,9 +144,13 @@ class StepRecorder:
         write_every: int = 100,
         divergence_factor: float | None = 10.0,
         norm_type: float = 2.0,
+        clip: str = CLIP_ENGINE,
     ) -> None:
         if write_every < 1:
             raise ValueError(f"write_every must be a whole number >= 1, got {write_every}")
+        if clip not in CLIP_CHOICES:
+            raise ValueError(f"clip must be one of {', '.join(map(repr, CLIP_CHOICES))}, got {clip!r}")
+        self.clip = clip
         self.model = model
         self.out = Path(out)
         self.run = run
@@ -141,8 +159,14 @@ class StepRecorder:
         self.norm_type = float(norm_type)
         self.grouping = LayerGrouping(layer_depth)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._names = tuple(n for n, _ in self.named)
+        self._params = [p for _, p in self.named]
         self._owned = {id(p) for _, p in self.named}
-        self.steps: list[StepRecord] = []
+        self._records: list[StepRecord] = []
+        # Steps closed since ``steps`` was last read, as plain tuples: building the records is
+        # left to the reader (a write, the result), not paid inside the training step.
+        self._rows: list[tuple] = []
+        self._count = 0
         self.status = STABLE
         self.nan_step: int | None = None
         self.nan_source: str | None = None
@@ -162,8 +186,22 @@ class StepRecorder:
 
     def _reset_step(self) -> None:
         self._losses: list[Any] = []
-        self._measured: tuple | None = None  # (norm_type, total, per-tensor norms, names)
+        self._measured_grads: list[Tensor] = []
+        # (norm_type, total, per-tensor norms, names): tensors, or Python floats (a float total
+        # and a list of norms) when the engine gave them on the host
+        self._measured: tuple | None = None
         self._coef: Tensor | float | None = None
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        """One ``StepRecord`` per optimizer step recorded so far."""
+        if self._rows:
+            self._records.extend(
+                StepRecord(step, loss, norm, coef, layers=tuple(zip(groups, values)), lr=lr, skipped=skipped)
+                for step, loss, norm, coef, groups, values, lr, skipped in self._rows
+            )
+            self._rows.clear()
+        return self._records
 
     @property
     def pending(self) -> bool:
@@ -175,38 +213,105 @@ class StepRecorder:
 
     def add_loss(self, loss: Tensor | float) -> None:
         """Add one (micro-batch) loss to the current step; the step records their mean."""
-        self._losses.append(loss.detach().reshape(()) if isinstance(loss, Tensor) else float(loss))
+        if not isinstance(loss, Tensor):
+            self._losses.append(float(loss))
+        elif loss.is_cpu and not self.gather_on_device:
+            self._losses.append(loss.item())  # on the host reading a value is no sync
+        else:
+            self._losses.append(loss.detach().reshape(()))
 
-    def measure(self, norm_type: float | None = None) -> None:
-        """Measure every gradient of the model now (once per step): total, per-tensor norms."""
+    def measure(self, norm_type: float | None = None) -> bool:
+        """Measure every gradient of the model now (once per step): total, per-tensor norms.
+        True when it measured now, False when the step was already measured."""
         if self._measured is not None:
-            return
+            return False
         if norm_type is None:
             norm_type = self.clip_norm_type if self.clip_norm_type is not None else self.norm_type
         p = float(norm_type)
+        names, grads = self._grads()
+        self._measured_grads = grads
+        if not self.gather_on_device:
+            on_host = engine.host_grad_norms(grads, p)
+            if on_host is not None:
+                self._measured = (p, on_host[0], on_host[1], names)
+                return True
         gn = engine.measure_grad_norms(self.named, p)
         self._measured = (p, gn.total_norm, gn.norms, tuple(gn.names or ()))
+        return True
+
+    def _grads(self) -> tuple[tuple[str, ...], list[Tensor]]:
+        """(names, gradients) of the parameters that have a gradient now."""
+        grads = [prm.grad for prm in self._params]
+        if any(g is None for g in grads):
+            kept = [(n, g) for n, g in zip(self._names, grads) if g is not None]
+            return tuple(n for n, _ in kept), [g for _, g in kept]
+        return self._names, grads
+
+    def clip_measured_(
+        self, grads: list[Tensor], params: list[Tensor], max_norm: float, norm_type: float,
+        error_if_nonfinite: bool, foreach: bool | None, *, reuse: bool,
+    ) -> Tensor:
+        """Clip with gradclip's engine. With ``reuse`` (the step was measured just now, in
+        this call) and the same gradients in the same norm type, the measurement is the clip's
+        norm: one pass over the gradients instead of two. Otherwise (e.g. a framework measured
+        earlier in the step, and something may have changed the gradients since)
+        ``engine.clip_grad_norm_`` measures for itself. Either way the result is
+        ``engine.clip_grad_norm_``'s, bit for bit: the same total, the same coefficient."""
+        measured = self._measured
+        same = (
+            reuse
+            and measured is not None
+            and measured[0] == norm_type
+            and len(grads) == len(self._measured_grads)
+            and all(a is b for a, b in zip(grads, self._measured_grads))
+        )
+        if not same:
+            total = engine.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+            self.note_clip(max_norm, total)
+            return total
+        total = measured[1]
+        if isinstance(total, Tensor):
+            if error_if_nonfinite and not bool(torch.isfinite(total)):
+                raise engine._nonfinite_error(norm_type)
+            engine.clip_grads_with_norm_(params, max_norm, total, foreach)
+            self.note_clip(max_norm, total)
+            return total
+        # The norms came to the host as floats (a small CPU model; float32 results): scale
+        # from the float, as clip_grads_with_norm_ would from the same total as a tensor.
+        max_norm = engine._check_max_norm(max_norm)
+        if error_if_nonfinite and not math.isfinite(total):
+            raise engine._nonfinite_error(norm_type)
+        engine._check_foreach(foreach, grads)
+        self.note_coef(max_norm, engine.clip_grads_with_host_norm_(grads, max_norm, total, torch.float32))
+        return torch.tensor(total, dtype=torch.float32)
 
     def note_clip(self, max_norm: float, total: Tensor | float) -> None:
         """Record the coefficient a ``clip_grad_norm_`` call applied, from the total it returned
         (computed in the total's dtype, as torch computes it). Several calls: the smallest."""
         max_norm = float(max_norm)
-        if math.isfinite(max_norm) and self.max_norm is None:
-            self.max_norm = max_norm
         if not isinstance(total, Tensor) or (total.is_cpu and not self.gather_on_device):
             # On the host reading the total is no sync, and Python arithmetic is cheaper than
-            # three tensor ops; it equals torch's float32 coefficient to float32 rounding.
-            coef_f = min(max_norm / (float(total) + 1e-6), 1.0)  # NaN stays NaN
-            previous = self._coef
-            if isinstance(previous, Tensor):
-                previous = float(previous)
-            self._coef = coef_f if previous is None or math.isnan(coef_f) else min(previous, coef_f)
+            # three tensor ops: torch's coefficient, bit for bit, in the total's dtype.
+            dtype = total.dtype if isinstance(total, Tensor) else torch.float64
+            self.note_coef(max_norm, engine.host_clip_coef(max_norm, float(total), dtype))
             return
+        if math.isfinite(max_norm) and self.max_norm is None:
+            self.max_norm = max_norm
         coef = torch.clamp(max_norm / (total.detach() + 1e-6), max=1.0).to(torch.float64)
         previous = self._coef
         if previous is not None and not isinstance(previous, Tensor):
             previous = torch.tensor(previous, dtype=torch.float64, device=coef.device)
         self._coef = coef if previous is None else torch.minimum(previous, coef.to(previous.device))
+
+    def note_coef(self, max_norm: float, coef: float) -> None:
+        """Record a clip call's coefficient known on the host (NaN stays NaN; several calls in a
+        step: the smallest)."""
+        if math.isfinite(max_norm) and self.max_norm is None:
+            self.max_norm = float(max_norm)
+        previous = self._coef
+        if isinstance(previous, Tensor):
+            previous = float(previous)
+        self._coef = coef if previous is None or math.isnan(coef) else min(previous, coef)
 
     def note_value_clip(self, clip_value: float) -> None:
         """A ``clip_grad_value_`` call clipped: no single coefficient, so the step's is blank;
@@ -225,37 +330,31 @@ class StepRecorder:
         self.measure()
         p, total, norms, names = self._measured
         has_loss = bool(self._losses)
-        if self.gather_on_device or not total.is_cpu:
+        if isinstance(total, Tensor) and (self.gather_on_device or not total.is_cpu):
             loss_f, norm_f, coef_f, bad_f, groups, layer_values, lr_value = self._gather_on_device(
                 p, total, norms, names, skipped, lr
             )
         else:
-            loss_f, norm_f, coef_f, bad_f, groups, layer_values, lr_value = self._gather_on_cpu(
+            if isinstance(total, Tensor):  # CPU tensors: reading them is no sync
+                total, norms = float(total), norms.tolist()
+            loss_f, norm_f, coef_f, bad_f, groups, layer_values, lr_value = self._gather_on_host(
                 p, total, norms, names, skipped, lr
             )
-        step = len(self.steps) + 1
-        self.steps.append(
-            StepRecord(
-                step,
-                loss_f,
-                norm_f,
-                coef_f,
-                layers=tuple(zip(groups, layer_values)),
-                lr=lr_value,
-                skipped=bool(skipped),
-            )
-        )
+        self._count = step = self._count + 1
+        self._rows.append((step, loss_f, norm_f, coef_f, groups, layer_values, lr_value, bool(skipped)))
         self._reset_step()
         event = self._judge(step, loss_f if has_loss else None, norm_f, bad_f, names, skipped)
         if event is not None or self.status == DIVERGED and self.diverged_step == step:
             self.write()
-        elif len(self.steps) - self._written >= self.write_every:
+        elif step - self._written >= self.write_every:
             self.write(refresh_histograms=False)
         return event
 
     # Two ways to the same numbers. On the host (CPU tensors) reading a value is no device sync,
-    # so plain Python is cheapest. Elsewhere every number is computed on the device and comes
-    # over in one ``.tolist()``. ``gather_on_device`` forces the second way (tests use it on CPU).
+    # so plain Python is cheapest: right after a backward pass every tensor op costs several
+    # microseconds, so the host path uses none. Elsewhere every number is computed on the device
+    # and comes over in one ``.tolist()``. ``gather_on_device`` forces the second way (tests use
+    # it on CPU).
     gather_on_device = False
 
     def _coef_value(self, skipped: bool) -> Tensor | float:
@@ -265,20 +364,18 @@ class StepRecorder:
             return 1.0  # nothing clipped
         return self._coef
 
-    def _gather_on_cpu(self, p, total, norms, names, skipped, lr):
+    def _gather_on_host(self, p, total, norms, names, skipped, lr):
+        """Everything from Python floats (``total``, the list ``norms``): no tensor ops."""
+        losses = self._losses
         loss_f = math.nan
-        if self._losses:
-            loss_f = sum(float(x) for x in self._losses) / len(self._losses)
-        norm_f = float(total)
-        coef = self._coef_value(skipped)
-        coef_f = float(coef)
-        norm_list = norms.tolist()
+        if losses:
+            loss_f = sum(float(x) for x in losses) / len(losses)
+        coef_f = float(self._coef_value(skipped))
         bad_f = math.nan
-        if not math.isfinite(norm_f):
-            bad_f = float(next((i for i, v in enumerate(norm_list) if not math.isfinite(v)), math.nan))
-        groups, group_norms = self._groups(names, norms, p)
-        layer_values = norm_list if group_norms is None else group_norms.tolist()
-        return loss_f, norm_f, coef_f, bad_f, groups, layer_values, (math.nan if lr is None else float(lr))
+        if not math.isfinite(total):
+            bad_f = float(next((i for i, v in enumerate(norms) if not math.isfinite(v)), math.nan))
+        groups, layer_values = self.grouping.combine_host(names, norms, p) if names else ((), [])
+        return loss_f, total, coef_f, bad_f, groups, layer_values, (math.nan if lr is None else float(lr))
 
     def _gather_on_device(self, p, total, norms, names, skipped, lr):
         device, f64 = total.device, torch.float64
@@ -378,7 +475,7 @@ class StepRecorder:
 
             self._writer = LiveRunWriter(self.out)
         self._writer.write(self.result(), refresh_histograms=refresh_histograms)
-        self._written = len(self.steps)
+        self._written = self._count
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,24 +498,50 @@ def _clip_grad_norm_(
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
 ) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` while a gradclip monitor is active: measure the
-    pre-clip gradients with gradclip's engine, then clip with the original, unchanged."""
+    """``torch.nn.utils.clip_grad_norm_`` while a gradclip monitor is active: the engine
+    measures the pre-clip gradients of the monitored model; then the engine clips, reusing that
+    pass (``clip="engine"``), or torch's original clips, unchanged (``clip="torch"``). Calls on
+    other parameters go straight to the original."""
+    was_generator = False
     if isinstance(parameters, Tensor):
         params: list[Tensor] = [parameters]
-        passed: Any = parameters
     else:
         was_generator = isinstance(parameters, types.GeneratorType)
         params = list(parameters)
-        passed = (p for p in params) if was_generator else params  # keeps torch's warning
-    first = next((p for p in params if p.grad is not None), None)
-    recorders = [s.recorder for s in _SESSIONS if first is not None and s.recorder.owns(first)]
+    grads: list[Tensor] = []
+    first = None
+    for prm in params:
+        g = prm.grad
+        if g is not None:
+            if first is None:
+                first = prm
+            grads.append(g)
+    recorders = [s.recorder for s in _SESSIONS if s.recorder.owns(first)] if first is not None else []
+    if not recorders:
+        return _original_clip(parameters, params, was_generator, max_norm, norm_type, error_if_nonfinite, foreach)
+    p = float(norm_type)
+    measured_now = []
     for rec in recorders:
-        rec.note_norm_type(float(norm_type))
-        rec.measure(float(norm_type))
-    total = _ORIGINAL_CLIP(passed, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
-    for rec in recorders:
-        rec.note_clip(max_norm, total)
+        rec.note_norm_type(p)
+        measured_now.append(rec.measure(p))
+    clipper = next((i for i, rec in enumerate(recorders) if rec.clip == CLIP_ENGINE), None)
+    if clipper is None:
+        total = _original_clip(parameters, params, was_generator, max_norm, norm_type, error_if_nonfinite, foreach)
+    else:
+        total = recorders[clipper].clip_measured_(
+            grads, params, max_norm, p, error_if_nonfinite, foreach, reuse=measured_now[clipper]
+        )
+    for i, rec in enumerate(recorders):
+        if i != clipper:  # the clipper noted the coefficient it applied
+            rec.note_clip(max_norm, total)
     return total
+
+
+def _original_clip(parameters, params, was_generator, max_norm, norm_type, error_if_nonfinite, foreach) -> Tensor:
+    """torch's own function on what the caller passed (a generator again when it was one, so
+    that torch still warns about an empty one)."""
+    passed: Any = parameters if isinstance(parameters, Tensor) else ((q for q in params) if was_generator else params)
+    return _ORIGINAL_CLIP(passed, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
 
 
 def _clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None) -> None:
@@ -528,6 +651,13 @@ class GradMonitor(ClipSession):
             group per parameter, or a module depth).
         divergence_factor: ``diverged`` when a finite loss exceeds this times the first recorded
             loss (``None``: never judged). Needs ``record_loss``.
+        clip: who clips when the loop calls ``clip_grad_norm_`` on this model. ``"engine"``
+            (default): gradclip's engine, whose measuring pass is also the clip's, so a step
+            reads its gradients once; the training equals the same loop with
+            ``gradcheck_cli.engine.clip_grad_norm_``, which differs from torch's only by the
+            rounding of torch's float32 norm, in steps that clip. ``"torch"``: torch's own
+            function clips after the engine has measured (a second pass over the gradients),
+            and the training is bit-identical to the loop without the monitor.
     """
 
     def __init__(
@@ -541,6 +671,7 @@ class GradMonitor(ClipSession):
         write_every: int = 100,
         layer_depth: int | str | None = AUTO,
         divergence_factor: float | None = 10.0,
+        clip: str = CLIP_ENGINE,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -552,6 +683,7 @@ class GradMonitor(ClipSession):
                 layer_depth=layer_depth,
                 write_every=write_every,
                 divergence_factor=divergence_factor,
+                clip=clip,
             )
         )
         self.optimizer = optimizer

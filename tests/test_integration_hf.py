@@ -148,3 +148,23 @@ def test_nan_at_a_known_step_and_parameter(tmp_path, stop):
         assert len(steps) == 5 and trainer.state.global_step == 5
     else:
         assert len(steps) == 12
+
+
+@pytest.mark.parametrize("clip", ["engine", "torch"])
+def test_training_is_that_of_the_chosen_clipper(tmp_path, clip, monkeypatch):
+    """With clip="torch" the Trainer's training is bit-identical to one without the callback;
+    with the default clip="engine" (the measuring pass is the clip's) bit-identical to one whose
+    clip_grad_norm_ is gradclip's engine."""
+    from gradcheck_cli import engine
+
+    monitored = Tiny()
+    out = tmp_path / "mon"
+    train(tmp_path / "a", monitored, [GradclipTrainerCallback(out=out, clip=clip)], max_grad_norm=0.3)
+    steps = pd.read_csv(out / "steps.csv")
+    assert (steps["clip_coef"] < 1).sum() >= 6  # the comparison covers clipped steps
+    if clip == "engine":
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", engine.clip_grad_norm_)
+    bare = Tiny()
+    train(tmp_path / "b", bare, [], max_grad_norm=0.3)
+    for a, b in zip(monitored.parameters(), bare.parameters()):
+        assert torch.equal(a, b)

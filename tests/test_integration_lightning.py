@@ -158,3 +158,26 @@ def test_amp_skipped_steps_and_unscaled_norms(tmp_path):
     assert steps["loss"].tolist() == pytest.approx(module.losses, rel=1e-6)  # unscaled
     row = summary.iloc[0]
     assert row["status"] == "stable" and row["skipped_steps"] == sum(skipped) and row["first_skip"] == 1
+
+
+@pytest.mark.parametrize("clip", ["engine", "torch"])
+def test_training_is_that_of_the_chosen_clipper(tmp_path, clip, monkeypatch):
+    """With clip="torch" the fit is bit-identical to one without the callback; with the default
+    clip="engine" it is bit-identical to one whose clip_grad_norm_ is gradclip's engine."""
+    from gradcheck_cli import engine
+
+    monitored = Tiny()
+    fit(monitored, [GradclipCallback(out=tmp_path, clip=clip)], gradient_clip_val=0.3)
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    assert (steps["clip_coef"] < 1).sum() >= 6  # the comparison covers clipped steps
+    if clip == "engine":
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", engine.clip_grad_norm_)
+    bare = Tiny()
+    fit(bare, [], gradient_clip_val=0.3)
+    for a, b in zip(monitored.parameters(), bare.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_unknown_clip_choice_is_refused_at_once():
+    with pytest.raises(ValueError, match="clip must be one of 'engine', 'torch'"):
+        GradclipCallback(clip="fast")

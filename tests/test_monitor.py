@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import clip_grad_norm_  # imported by name, as many scripts do
 
+from gradcheck_cli import engine
 from gradcheck_cli.monitor import GradMonitor, NonFiniteError
 from gradcheck_cli.results import LAYER_COLUMNS, STEP_COLUMNS, SUMMARY_COLUMNS
 
@@ -76,9 +77,10 @@ def monitored(tmp_path, max_norm=None, norm_type=2.0, accumulate=1, n=12, **kw):
     return model, ref, out, monitor
 
 
-def _train_with(model, opt, batches, monitor, max_norm, norm_type, accumulate, nan=None):
+def _train_with(model, opt, batches, monitor, max_norm, norm_type, accumulate, nan=None, clip=None):
     """A plain loop; returns, per optimizer step, (mean loss, float64 pre-clip norm in
-    ``norm_type``, float64 L2 norm of each parameter's gradient)."""
+    ``norm_type``, float64 L2 norm of each parameter's gradient). ``clip``: the clipping
+    function (default: this module's name ``clip_grad_norm_``, which the monitor rebinds)."""
     counter = [1]
     if nan is not None:
         poison(model, nan[1], nan[0], counter)
@@ -94,20 +96,25 @@ def _train_with(model, opt, batches, monitor, max_norm, norm_type, accumulate, n
                 monitor.record_loss(loss)
         ref.append((sum(losses) / len(losses), f64_norm(model, norm_type), f64_param_norms(model)))
         if max_norm is not None:
-            clip_grad_norm_(model.parameters(), max_norm, norm_type)
+            (clip or clip_grad_norm_)(model.parameters(), max_norm, norm_type)
         opt.step()
         counter[0] += 1
     return ref
 
 
-@pytest.mark.parametrize("max_norm,norm_type", [(None, 2.0), (0.5, 2.0), (0.3, math.inf), (100.0, 1.0)])
-def test_recorded_pre_clip_norms_match_float64_and_training_is_unchanged(tmp_path, max_norm, norm_type):
-    model, ref, out, _ = monitored(tmp_path, max_norm, norm_type)
+@pytest.mark.parametrize("clip", ["engine", "torch"])
+@pytest.mark.parametrize("max_norm,norm_type", [(None, 2.0), (0.5, 2.0), (0.3, math.inf), (100.0, 1.0), (0.05, 1.0)])
+def test_recorded_pre_clip_norms_match_float64_and_training_is_unchanged(tmp_path, max_norm, norm_type, clip):
+    model, ref, out, _ = monitored(tmp_path, max_norm, norm_type, clip=clip)
+    # The training is bit-identical to the same loop clipping with the monitor's clipper:
+    # torch's function with clip="torch" (the unmonitored loop itself), gradclip's engine with
+    # clip="engine" (the default; one pass over the gradients per step).
     bare = make_model()
     bare_opt = torch.optim.SGD(bare.parameters(), lr=0.05)
-    _train_with(bare, bare_opt, data(12), None, max_norm, norm_type, 1)
+    reference_clip = engine.clip_grad_norm_ if clip == "engine" else torch.nn.utils.clip_grad_norm_
+    _train_with(bare, bare_opt, data(12), None, max_norm, norm_type, 1, clip=reference_clip)
     for a, b in zip(model.parameters(), bare.parameters()):
-        assert torch.equal(a, b)  # the monitor changes nothing in the training
+        assert torch.equal(a, b)
 
     summary, steps, layers, hist = read(out)
     assert list(summary.columns) == SUMMARY_COLUMNS and list(steps.columns) == STEP_COLUMNS
@@ -372,3 +379,89 @@ def test_value_clipping_is_measured_first_and_has_no_coefficient(tmp_path):
     # a value-clipping run, not an unclipped one
     row = summary.iloc[0]
     assert (row["clip_mode"], row["clip_param"], pd.isna(row["max_norm"])) == ("value", 1e-3, True)
+
+
+# ---- clip="engine" (the default): the clip call is served by the engine, in the measuring pass ----
+
+
+def _grads_of(model):
+    return [q.grad.clone() for q in model.parameters()]
+
+
+def _set_grads(model, grads):
+    for q, g in zip(model.parameters(), grads):
+        q.grad = g.clone()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_engine_clip_returns_the_engines_total_and_records_the_coefficient_it_applied(tmp_path, norm_type):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    twin = make_model()  # the same gradients, clipped by engine.clip_grad_norm_ directly
+    with GradMonitor(model, opt, out=tmp_path) as monitor:
+        for x, y in data(4):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            _set_grads(twin, _grads_of(model))
+            want = engine.clip_grad_norm_(twin.parameters(), 0.02, norm_type)
+            got = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.02, norm_type)
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+            assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
+            opt.step()
+    steps = read(tmp_path)[1]
+    coefs = steps["clip_coef"].tolist()
+    assert all(c < 1 for c in coefs)
+    for c, n in zip(coefs, steps["grad_norm"]):
+        assert c == engine.host_clip_coef(0.02, float(torch.tensor(n, dtype=torch.float32)))
+
+
+def test_engine_clip_with_error_if_nonfinite_raises_the_engines_error_before_clipping(tmp_path):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = data(1)[0]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        with GradMonitor(model, opt, out=tmp_path):
+            nn.functional.mse_loss(model(x), y).backward()
+            model[0].weight.grad[0, 0] = math.inf
+            before = _grads_of(model)
+            try:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1, error_if_nonfinite=True)
+            finally:
+                assert all(torch.equal(a, q.grad) for a, q in zip(before, model.parameters()))  # untouched
+
+
+def test_a_second_clip_call_and_a_clip_of_some_parameters_measure_for_themselves(tmp_path):
+    """Only a clip call that took the step's measurement itself reuses it: a second call sees
+    the already clipped gradients, a call on some parameters only those; the step records the
+    whole model's pre-clip norm and the smallest coefficient."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    twin = make_model()
+    refs, coefs = [], []
+    with GradMonitor(model, opt, out=tmp_path):
+        for x, y in data(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            _set_grads(twin, _grads_of(model))
+            refs.append(f64_norm(model))
+            a = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            b = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            c = torch.nn.utils.clip_grad_norm_(model[0].parameters(), 0.01)
+            want = [
+                engine.clip_grad_norm_(twin.parameters(), 0.5),
+                engine.clip_grad_norm_(twin.parameters(), 0.1),
+                engine.clip_grad_norm_(twin[0].parameters(), 0.01),
+            ]
+            assert all(torch.equal(u, v) for u, v in zip((a, b, c), want))
+            assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+            coefs.append(min(engine.host_clip_coef(m, float(t)) for m, t in zip((0.5, 0.1, 0.01), want)))
+            opt.step()
+    steps = read(tmp_path)[1]
+    assert steps["grad_norm"].tolist() == pytest.approx(refs, rel=1e-6)
+    assert steps["clip_coef"].tolist() == coefs and all(c < 1 for c in coefs)
+
+
+def test_an_unknown_clip_choice_is_refused():
+    model = make_model()
+    with pytest.raises(ValueError, match="clip must be one of 'engine', 'torch', got 'fast'"):
+        GradMonitor(model, torch.optim.SGD(model.parameters(), lr=0.1), clip="fast")

@@ -12,11 +12,14 @@ there would record the clipped norm. Instead, while training runs, the callback 
 ``torch.nn.utils.clip_grad_norm_``, which the Trainer reaches through
 ``accelerator.clip_grad_norm_`` once per optimizer step, after unscaling the AMP gradients: with
 ``max_grad_norm > 0`` to clip, and with ``max_grad_norm = 0`` with ``max_norm=inf`` to report the
-norm. Before the original runs, gradclip's engine measures the model's gradients (after the last
-micro-batch, unscaled, not yet clipped), so the recorded norm is the true pre-clip norm and the
-first non-finite parameter is found before clipping spreads NaN; then the Trainer's call proceeds
-unchanged, and the coefficient it applied is recorded (1 when it only measured). The Trainer's
-training is therefore identical with and without the callback. Set-ups where accelerate does not
+norm. First gradclip's engine measures the model's gradients (after the last micro-batch,
+unscaled, not yet clipped), so the recorded norm is the true pre-clip norm and the first
+non-finite parameter is found before clipping spreads NaN. Then the call is served as
+``GradMonitor`` serves it: with ``clip="engine"`` (the default) the engine clips in that same
+pass (the Trainer's training and its logged ``grad_norm`` are those of a Trainer whose
+``clip_grad_norm_`` is ``gradcheck_cli.engine.clip_grad_norm_``); with ``clip="torch"`` torch's
+function clips unchanged after the measurement, and the training is bit-identical with and
+without the callback. The coefficient applied is recorded (1 when it only measured). Set-ups where accelerate does not
 call ``torch.nn.utils.clip_grad_norm_`` (DeepSpeed, FSDP, XLA) are not supported: there the norm
 is measured just before the optimizer step, after any clipping.
 

@@ -13,8 +13,11 @@ Where each number comes from (automatic optimization, one optimizer):
   own clipping; so the norm is unscaled and pre-clip;
 * clip coefficient: Lightning's ``gradient_clip_algorithm="norm"`` calls
   ``torch.nn.utils.clip_grad_norm_``, which the monitor intercepts while training runs (the same
-  interception as ``GradMonitor``): the coefficient recorded is the one applied, from the total
-  torch returned; without clipping it is 1; with ``"value"`` clipping (``clip_grad_value_``,
+  interception as ``GradMonitor``): with ``clip="engine"`` (the default) gradclip's engine clips
+  (the fit is that of a Trainer whose ``clip_grad_norm_`` is
+  ``gradcheck_cli.engine.clip_grad_norm_``), with ``clip="torch"`` torch's function does, and
+  the fit is bit-identical with and without the callback. The coefficient recorded is the one
+  applied; without clipping it is 1; with ``"value"`` clipping (``clip_grad_value_``,
   intercepted too) it is blank: value clipping has no single coefficient;
 * skipped steps: a step post-hook on the optimizer notes that the optimizer ran (Lightning runs
   the closure inside ``optimizer.step``, so a pre-hook would come before the backward); the step

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gradcheck_cli.layers import AUTO
-from gradcheck_cli.monitor import DEFAULT_OUT, DEFAULT_RUN, ClipSession, NonFiniteError, StepRecorder
+from gradcheck_cli.monitor import CLIP_CHOICES, CLIP_ENGINE, DEFAULT_OUT, DEFAULT_RUN, ClipSession, NonFiniteError, StepRecorder
 
 _log = logging.getLogger("gradclip")
 
@@ -31,14 +31,18 @@ class RecordingCallback:
         write_every: int = 100,
         layer_depth: int | str | None = AUTO,
         divergence_factor: float | None = 10.0,
+        clip: str = CLIP_ENGINE,
     ) -> None:
         super().__init__()
+        if clip not in CLIP_CHOICES:
+            raise ValueError(f"clip must be one of {', '.join(map(repr, CLIP_CHOICES))}, got {clip!r}")
         self.out = out
         self.run = run
         self.stop_on_non_finite = stop_on_non_finite
         self.write_every = write_every
         self.layer_depth = layer_depth
         self.divergence_factor = divergence_factor
+        self.clip = clip
         self.recorder: StepRecorder | None = None
         self._session: ClipSession | None = None
         self._handles: list[Any] = []
@@ -52,6 +56,7 @@ class RecordingCallback:
             layer_depth=self.layer_depth,
             write_every=self.write_every,
             divergence_factor=self.divergence_factor,
+            clip=self.clip,
         )
         self.recorder.prepare()
         self._session = ClipSession(self.recorder)
