@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--loops", default=",".join(LOOPS), help="which loops, comma-separated: " + ", ".join(LOOPS))
+    parser.add_argument("--samples", default=",".join(SAMPLES), help="which sample models, comma-separated")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -160,7 +161,7 @@ def main() -> None:
         f"fastest of {args.reps} interleaved repetitions of {args.steps} steps"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for sample in SAMPLES:
+        for sample in args.samples.split(","):
             for kind in args.loops.split(","):
                 (bare, bare_med), (mon, mon_med), write, events = measure(sample, kind, args.reps, args.steps, Path(tmp))
                 cells = []

@@ -46,7 +46,7 @@ Host syncs: everything a step records is gathered on the gradients' device and b
 host in one transfer per step (one ``.tolist()``); nothing else reads device values. On the CPU
 reading a value is no sync, and right after a backward pass every tensor op costs several
 microseconds, so there the numbers come to Python as they are made (a small model's norms in
-two tensor ops, ``engine.host_grad_norms``) and the rest of the step's bookkeeping is plain
+one foreach op, ``engine.host_grad_norms``) and the rest of the step's bookkeeping is plain
 Python; the ``StepRecord`` objects are built when they are read (a write, the result).
 
 Verdicts use a sweep's words: ``stable``; ``non_finite`` at the first step whose loss
@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 
 from gradcheck_cli import engine
-from gradcheck_cli.detect import is_diverged, is_non_finite
+from gradcheck_cli.detect import is_diverged
 from gradcheck_cli.layers import AUTO, LayerGrouping
 from gradcheck_cli.results import (
     DIVERGED,
@@ -367,10 +367,9 @@ class StepRecorder:
     def _gather_on_host(self, p, total, norms, names, skipped, lr):
         """Everything from Python floats (``total``, the list ``norms``): no tensor ops."""
         losses = self._losses
-        loss_f = math.nan
-        if losses:
-            loss_f = sum(float(x) for x in losses) / len(losses)
-        coef_f = float(self._coef_value(skipped))
+        loss_f = float(sum(losses) / len(losses)) if losses else math.nan
+        coef = self._coef
+        coef_f = math.nan if skipped else (1.0 if coef is None else float(coef))
         bad_f = math.nan
         if not math.isfinite(total):
             bad_f = float(next((i for i, v in enumerate(norms) if not math.isfinite(v)), math.nan))
@@ -410,10 +409,10 @@ class StepRecorder:
         return self.grouping.combine(names, norms, p)
 
     def _judge(self, step: int, loss: float | None, norm: float, bad: float, names, skipped: bool) -> NonFiniteError | None:
-        """``loss`` is None when the step recorded none."""
-        if is_non_finite(loss):
+        """``loss`` is None when the step recorded none. Runs every step: plain comparisons."""
+        if loss is not None and not math.isfinite(loss):
             event = NonFiniteError(step, SOURCE_FORWARD, None, loss)
-        elif not skipped and is_non_finite(norm):
+        elif not skipped and not math.isfinite(norm):
             param = names[int(bad)] if names and math.isfinite(bad) else None
             event = NonFiniteError(step, SOURCE_BACKWARD, param, norm)
         else:
