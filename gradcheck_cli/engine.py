@@ -892,11 +892,32 @@ def host_clip_coef(max_norm: float, total: float, dtype: torch.dtype = torch.flo
     return 1.0 if coef >= 1.0 else coef
 
 
-def clip_grads_with_host_norm_(grads: list[Tensor], max_norm: float, total: float, dtype: torch.dtype) -> float:
-    """The scaling of :func:`clip_grads_with_norm_` when the total norm (of ``dtype``) is known
-    on the host: the gradient tensors themselves (dense) are multiplied in place unless the
-    coefficient is 1. Returns the coefficient applied (1.0 when none; NaN is applied and
-    returned, as torch propagates it). ``max_norm`` must be checked by the caller."""
+def clip_grads_with_host_norm_(
+    grads: list[Tensor], max_norm: float, total: float, dtype: torch.dtype, foreach: bool | None = None
+) -> float:
+    """:func:`clip_grads_with_norm_` for a caller that holds the total norm as a Python float
+    (of ``dtype``, the dtype :func:`get_total_norm` would have returned) and the dense gradient
+    tensors themselves: the same coefficient, the same in-place multiply, without building a
+    tensor for the total. Returns the coefficient applied (1.0 when none; NaN is applied and
+    returned, as torch propagates it).
+
+    Raises:
+        ValueError: if ``max_norm`` is negative or NaN, as :func:`clip_grads_with_norm_`."""
+    max_norm = _check_max_norm(max_norm)
+    _check_foreach(foreach, grads)
+    return _scale_host_(grads, max_norm, total, dtype)
+
+
+def raise_if_nonfinite(total: Tensor | float, norm_type: float) -> None:
+    """The ``error_if_nonfinite`` check of :func:`clip_grad_norm_`, for a caller that measured
+    the total itself (reading a device tensor here is a host sync, as in torch)."""
+    if not math.isfinite(float(total)):
+        raise _nonfinite_error(norm_type)
+
+
+def _scale_host_(grads: list[Tensor], max_norm: float, total: float, dtype: torch.dtype) -> float:
+    """Multiply ``grads`` in place by the clip coefficient computed on the host; the
+    coefficient applied (1.0 when none)."""
     if not grads or max_norm == _INF:
         return 1.0
     coef = host_clip_coef(max_norm, total, dtype)
@@ -917,7 +938,7 @@ def _scale_(
         total_norm = torch.tensor(float(total_norm))
     if _CPU_PATHS and total_norm.is_cpu:
         # reading a CPU tensor is not a device sync, whatever device the gradients are on
-        clip_grads_with_host_norm_(grads, max_norm, total_norm.item(), total_norm.dtype)
+        _scale_host_(grads, max_norm, total_norm.item(), total_norm.dtype)
         return
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}

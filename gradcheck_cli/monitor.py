@@ -270,19 +270,16 @@ class StepRecorder:
             self.note_clip(max_norm, total)
             return total
         total = measured[1]
+        if error_if_nonfinite:
+            engine.raise_if_nonfinite(total, norm_type)
         if isinstance(total, Tensor):
-            if error_if_nonfinite and not bool(torch.isfinite(total)):
-                raise engine._nonfinite_error(norm_type)
             engine.clip_grads_with_norm_(params, max_norm, total, foreach)
             self.note_clip(max_norm, total)
             return total
         # The norms came to the host as floats (a small CPU model; float32 results): scale
         # from the float, as clip_grads_with_norm_ would from the same total as a tensor.
-        max_norm = engine._check_max_norm(max_norm)
-        if error_if_nonfinite and not math.isfinite(total):
-            raise engine._nonfinite_error(norm_type)
-        engine._check_foreach(foreach, grads)
-        self.note_coef(max_norm, engine.clip_grads_with_host_norm_(grads, max_norm, total, torch.float32))
+        coef = engine.clip_grads_with_host_norm_(grads, max_norm, total, torch.float32, foreach)
+        self.note_coef(max_norm, coef)
         return torch.tensor(total, dtype=torch.float32)
 
     def note_clip(self, max_norm: float, total: Tensor | float) -> None:

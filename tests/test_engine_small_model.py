@@ -202,3 +202,27 @@ def test_clip_grads_with_host_norm_scales_like_clip_grads_with_norm():
         engine.clip_grads_with_norm_(params, max_norm, torch.tensor(total))
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert coef == (min(engine.host_clip_coef(max_norm, total), 1.0) if math.isfinite(max_norm) else 1.0)
+
+
+def test_clip_grads_with_host_norm_checks_its_arguments_as_clip_grads_with_norm():
+    g = [torch.ones(3)]
+    with pytest.raises(ValueError, match="max_norm must be a non-negative number"):
+        engine.clip_grads_with_host_norm_(g, -1.0, 1.0, torch.float32)
+    with pytest.raises(RuntimeError, match="foreach=True was passed, but can't use the foreach API on meta tensors"):
+        engine.clip_grads_with_host_norm_([torch.ones(3, device="meta")], 1.0, 1.0, torch.float32, foreach=True)
+    assert torch.equal(g[0], torch.ones(3))
+
+
+@pytest.mark.parametrize("total", [math.inf, math.nan])
+def test_raise_if_nonfinite_raises_torchs_error(total):
+    prm = torch.nn.Parameter(torch.zeros(2))
+    prm.grad = torch.tensor([total, 1.0])
+    with pytest.raises(RuntimeError) as theirs:
+        torch.nn.utils.clip_grad_norm_([prm], 1.0, 2.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError) as ours:
+        engine.raise_if_nonfinite(total, 2.0)
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(RuntimeError):
+        engine.raise_if_nonfinite(torch.tensor(total), 2.0)
+    engine.raise_if_nonfinite(1.0, 2.0)
+    engine.raise_if_nonfinite(torch.tensor(0.5), 2.0)
