@@ -226,3 +226,39 @@ def test_raise_if_nonfinite_raises_torchs_error(total):
         engine.raise_if_nonfinite(torch.tensor(total), 2.0)
     engine.raise_if_nonfinite(1.0, 2.0)
     engine.raise_if_nonfinite(torch.tensor(0.5), 2.0)
+
+
+def test_host_norms_take_exactly_the_small_path_size():
+    limit = engine._SMALL_MODEL
+    assert engine.host_grad_norms([torch.ones(limit)], 1.0) == (float(limit), [float(limit)])
+    assert engine.host_grad_norms([torch.ones(limit // 2), torch.ones(limit // 2)], 1.0) is not None
+    # every tensor counts: two that fit alone do not fit together
+    assert engine.host_grad_norms([torch.ones(limit // 2), torch.ones(limit // 2 + 1)], 1.0) is None
+    assert engine.host_grad_norms([torch.ones(limit // 2 + 1), torch.ones(3)], 1.0) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("total", [0.0, 1e-6, 3e-6])
+def test_host_clip_coefficient_of_other_dtypes_near_zero(dtype, total):
+    """Where the 1e-6 in the denominator matters (it is below these dtypes' resolution at 1)."""
+    want = _torch_coef(1e-6, total, dtype)
+    assert engine.host_clip_coef(1e-6, total, dtype) == want
+
+
+def test_clip_grads_with_host_norm_edge_cases():
+    g = [torch.tensor([3.0, -4.0])]
+    # max_norm inf leaves the gradients alone, even with an inf total (torch would NaN them)
+    assert engine.clip_grads_with_host_norm_(g, math.inf, math.inf, torch.float32) == 1.0
+    assert torch.equal(g[0], torch.tensor([3.0, -4.0]))
+    assert engine.clip_grads_with_host_norm_([], 0.1, 5.0, torch.float32) == 1.0  # nothing to clip
+    # the coefficient is computed in the total's dtype, as clip_grads_with_norm_ does
+    total = 5.000000123
+    for dtype in (torch.float64, torch.float32):
+        a = [torch.tensor([3.0, -4.0], dtype=torch.float64)]
+        prm = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        prm.grad = a[0].clone()
+        coef = engine.clip_grads_with_host_norm_(a, 1.0, total, dtype)
+        engine.clip_grads_with_norm_([prm], 1.0, torch.tensor(total, dtype=dtype))
+        assert torch.equal(a[0], prm.grad) and coef == engine.host_clip_coef(1.0, total, dtype)
+    f64 = engine.host_clip_coef(1.0, total, torch.float64)
+    assert f64 != engine.host_clip_coef(1.0, total, torch.float32)  # the dtype matters here
