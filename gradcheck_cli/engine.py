@@ -590,9 +590,9 @@ def _cpu_small_model(grads: list[Tensor], p: float, dtypes: set[torch.dtype] | N
 def _small_norms_f64(grads: list[Tensor], p: float) -> tuple[float, list[float]]:
     """(total, per-tensor norms) as Python floats, each tensor reduced once in float64 (one
     foreach op; each result read directly, which right after a backward pass is cheaper than
-    stacking them first), the total summed exactly (``math.fsum``) and rounded once. Exact to float64 rounding with neither overflow nor underflow: the squares of
-    float32, float16 and bfloat16 values all lie well inside float64's normal range, and so do
-    their sums here."""
+    stacking them first), the total summed exactly (``math.fsum``) and rounded once. Exact to
+    float64 rounding with neither overflow nor underflow: the squares of float32, float16 and
+    bfloat16 values all lie well inside float64's normal range, and so do their sums here."""
     norms = [t.item() for t in torch._foreach_norm(grads, p, dtype=torch.float64)]
     total = math.sqrt(math.fsum([v * v for v in norms])) if p == 2.0 else math.fsum(norms)
     return total, norms
