@@ -49,8 +49,17 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from gradcheck_cli.grid import SettingOverSeeds, lrs_vary, over_seeds, seeds_vary
-from gradcheck_cli.results import DIVERGED, ERROR, MODE_NORM, NON_FINITE, STABLE, RunResult, format_norm_type, percentile
+from gradcheck_cli.grid import SettingOverSeeds, over_seeds, seeds_vary
+from gradcheck_cli.results import (
+    DIVERGED,
+    ERROR,
+    MODE_NORM,
+    NON_FINITE,
+    STABLE,
+    RunResult,
+    format_norm_type,
+    percentile,
+)
 
 DEFAULT_SPIKE_FACTOR = 10.0
 MIN_HISTORY = 3  # earlier finite norms a layer needs before a jump can be judged

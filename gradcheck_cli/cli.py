@@ -11,8 +11,8 @@ import functools
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
@@ -251,8 +251,8 @@ _JSON = typer.Option(False, "--json", help="Print the summary as JSON on stdout 
 
 
 def _resolve_config(
-    script: Optional[Path],
-    recipe: Optional[str],
+    script: Path | None,
+    recipe: str | None,
     overrides: dict,
 ):
     """Merge defaults < recipe < command line into a validated ``SweepConfig`` plus fail flags."""
@@ -276,13 +276,13 @@ def _resolve_config(
     return config, fail_on_nan, fail_on_divergence
 
 
-def _absolute(path: Optional[Path]) -> Optional[Path]:
+def _absolute(path: Path | None) -> Path | None:
     """Paths gradclip owns are fixed before the script runs: an ``os.chdir`` in the script must
     not move the reports."""
     return None if path is None else Path(os.path.abspath(path))
 
 
-def _prepare_junit(path: Optional[Path]) -> Optional[Path]:
+def _prepare_junit(path: Path | None) -> Path | None:
     """Check, before the first run, that the JUnit file can be written: its parent directory
     is created and a probe file created and removed there."""
     if path is None:
@@ -303,7 +303,7 @@ def _prepare_junit(path: Optional[Path]) -> Optional[Path]:
     return path
 
 
-def _write_junit(junit: Optional[Path], results: list, suite_name: str, code: int) -> int:
+def _write_junit(junit: Path | None, results: list, suite_name: str, code: int) -> int:
     """Write the JUnit file after the verdict is out; a failure is one line on stderr and never
     hides the verdict: its exit code stays, and only a clean exit becomes 5."""
     if junit is None:
@@ -377,35 +377,35 @@ def _resume_command(argv: list[str]) -> str:
 @app.command(short_help="Sweep max_norm x norm_type against an unclipped run; report what is stable.")
 @_exit_on_errors
 def sweep(
-    script: Optional[Path] = typer.Argument(
+    script: Path | None = typer.Argument(
         None, help="Your model script (defines build_model, batches, loss_fn; optionally build_optimizer, build_scheduler).", show_default=False
     ),
-    max_norm: Optional[str] = typer.Option(None, "--max-norm", help="Comma-separated positive max_norm values (default 0.1,1,10)."),
-    norm_type: Optional[str] = typer.Option(None, "--norm-type", help="Comma-separated norm types, numbers or inf (default 2,inf)."),
-    clip_value: Optional[str] = typer.Option(
+    max_norm: str | None = typer.Option(None, "--max-norm", help="Comma-separated positive max_norm values (default 0.1,1,10)."),
+    norm_type: str | None = typer.Option(None, "--norm-type", help="Comma-separated norm types, numbers or inf (default 2,inf)."),
+    clip_value: str | None = typer.Option(
         None, "--clip-value", help="Also run value clipping (clip_grad_value_) at these comma-separated values."
     ),
-    agc: Optional[str] = typer.Option(
+    agc: str | None = typer.Option(
         None, "--agc", help="Also run adaptive gradient clipping (AGC) with these comma-separated clip factors, e.g. 0.01."
     ),
-    agc_exclude: Optional[str] = typer.Option(
+    agc_exclude: str | None = typer.Option(
         None, "--agc-exclude", help="Parameters AGC leaves alone: comma-separated names, module names or globs (default none)."
     ),
-    autoclip: Optional[str] = typer.Option(
+    autoclip: str | None = typer.Option(
         None, "--autoclip", help="Also run AutoClip at these comma-separated percentiles (0-100), e.g. 10."
     ),
-    zclip: Optional[str] = typer.Option(
+    zclip: str | None = typer.Option(
         None, "--zclip", help="Also run ZClip with these comma-separated z thresholds, e.g. 2.5."
     ),
-    zclip_max_norm: Optional[str] = typer.Option(
+    zclip_max_norm: str | None = typer.Option(
         None, "--zclip-max-norm", help="ZClip's cap on its threshold, max_grad_norm (default 1; none: no cap)."
     ),
-    steps: Optional[int] = _STEPS,
-    seed: Optional[int] = _SEED,
-    seeds: Optional[str] = typer.Option(
+    steps: int | None = _STEPS,
+    seed: int | None = _SEED,
+    seeds: str | None = typer.Option(
         None, "--seeds", help="Comma-separated seeds: every run repeated per seed (e.g. 0,1,2); --seed N is the one-seed form."
     ),
-    lr: Optional[str] = typer.Option(
+    lr: str | None = typer.Option(
         None,
         "--lr",
         help=(
@@ -413,21 +413,21 @@ def sweep(
             "0.01 and a script's build_optimizer keeps its own lr; with it, every param group's lr is set to each value."
         ),
     ),
-    divergence_factor: Optional[float] = _DIVERGENCE,
-    device: Optional[str] = _DEVICE,
-    amp: Optional[str] = _AMP,
-    accumulate: Optional[int] = _ACCUMULATE,
-    amp_init_scale: Optional[float] = _AMP_INIT_SCALE,
+    divergence_factor: float | None = _DIVERGENCE,
+    device: str | None = _DEVICE,
+    amp: str | None = _AMP,
+    accumulate: int | None = _ACCUMULATE,
+    amp_init_scale: float | None = _AMP_INIT_SCALE,
     out: Path = typer.Option(Path("gradclip-report"), "--out", help="Directory for summary.csv, steps.csv, histograms.csv."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A recipe TOML file or bundled recipe name; options given here override it."),
+    recipe: str | None = typer.Option(None, "--recipe", help="A recipe TOML file or bundled recipe name; options given here override it."),
     fail_on_nan: bool = typer.Option(False, "--fail-on-nan", help="Exit 1 if any run went NaN/inf."),
     fail_on_divergence: bool = typer.Option(False, "--fail-on-divergence", help="Exit 1 if any run diverged."),
     resume: bool = typer.Option(False, "--resume", help="Skip runs already finished in --out by a sweep with the same options."),
-    junit: Optional[Path] = _JUNIT,
+    junit: Path | None = _JUNIT,
     json_out: bool = _JSON,
-    layer_depth: Optional[str] = _LAYER_DEPTH,
-    spike_factor: Optional[float] = _SPIKE_FACTOR,
-    refine: Optional[int] = typer.Option(
+    layer_depth: str | None = _LAYER_DEPTH,
+    spike_factor: float | None = _SPIKE_FACTOR,
+    refine: int | None = typer.Option(
         None,
         "--refine",
         help="Up to this many extra max_norms per norm type (and lr), each run in every seed, bisecting the "
@@ -436,7 +436,7 @@ def sweep(
     jobs: int = typer.Option(
         1, "--jobs", help="Runs at once, each in its own worker process (default 1; 0: every run in this process, no isolation)."
     ),
-    threads_per_job: Optional[int] = typer.Option(
+    threads_per_job: int | None = typer.Option(
         None, "--threads-per-job", help="torch threads per worker (default: max(1, cores // jobs))."
     ),
     distributed: str = typer.Option(
@@ -493,7 +493,7 @@ def sweep(
     raise typer.Exit(code)
 
 
-def _check_jobs(jobs: int, threads_per_job: Optional[int], distributed: str) -> None:
+def _check_jobs(jobs: int, threads_per_job: int | None, distributed: str) -> None:
     from gradcheck_cli.errors import UsageError
 
     if jobs < 0:
@@ -534,7 +534,7 @@ def _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_diver
         )
 
 
-def _executor(jobs: int, threads_per_job: Optional[int], group):
+def _executor(jobs: int, threads_per_job: int | None, group):
     """Where the runs execute: ``--jobs 0`` in this process; otherwise in supervised worker
     processes (``parallel.WorkerPool``). Under torchrun in model mode every rank runs in its
     own process (the process group cannot span workers)."""
@@ -732,7 +732,7 @@ def _print_results(results: list, json_out: bool, recommendation=None) -> None:
 def report(
     directory: Path = typer.Argument(..., help="An --out directory written by gradclip sweep (or a monitor).", show_default=False),
     json_out: bool = _JSON,
-    spike_factor: Optional[float] = _SPIKE_FACTOR,
+    spike_factor: float | None = _SPIKE_FACTOR,
 ) -> None:
     """Read the CSV files in DIRECTORY (after a resume, or from a CI artifact) and re-render the summary table, the
     verdict, recommendation.json and report.html there; spikes are found again from layers.csv (give the sweep's
@@ -769,19 +769,19 @@ def report(
 @_exit_on_errors
 def check(
     script: Path = typer.Argument(..., help="Your model script.", show_default=False),
-    max_norm: Optional[float] = typer.Option(None, "--max-norm", help="Clip at this max_norm; without it the run is unclipped."),
-    norm_type: Optional[str] = typer.Option(None, "--norm-type", help="Norm type for clipping, with --max-norm: a number or inf (default 2)."),
-    steps: Optional[int] = _STEPS,
-    seed: Optional[int] = _SEED,
-    lr: Optional[float] = typer.Option(
+    max_norm: float | None = typer.Option(None, "--max-norm", help="Clip at this max_norm; without it the run is unclipped."),
+    norm_type: str | None = typer.Option(None, "--norm-type", help="Norm type for clipping, with --max-norm: a number or inf (default 2)."),
+    steps: int | None = _STEPS,
+    seed: int | None = _SEED,
+    lr: float | None = typer.Option(
         None, "--lr", help="Learning rate: of the default SGD (default 0.01), or set on every param group of the script's optimizer."
     ),
-    divergence_factor: Optional[float] = _DIVERGENCE,
-    device: Optional[str] = _DEVICE,
-    amp: Optional[str] = _AMP,
-    accumulate: Optional[int] = _ACCUMULATE,
-    amp_init_scale: Optional[float] = _AMP_INIT_SCALE,
-    junit: Optional[Path] = _JUNIT,
+    divergence_factor: float | None = _DIVERGENCE,
+    device: str | None = _DEVICE,
+    amp: str | None = _AMP,
+    accumulate: int | None = _ACCUMULATE,
+    amp_init_scale: float | None = _AMP_INIT_SCALE,
+    junit: Path | None = _JUNIT,
     json_out: bool = _JSON,
 ) -> None:
     """CI gate: one training run; exit 0 when stable, 1 on NaN/inf or divergence (naming step and parameter)."""

@@ -58,7 +58,7 @@ class SweepConfig:
     refine: int = 0  # extra bisection runs per norm type (refine.py)
 
     @classmethod
-    def from_values(cls, values: dict, notes: list | None = None) -> "SweepConfig":
+    def from_values(cls, values: dict, notes: list | None = None) -> SweepConfig:
         """A validated config from raw values (a recipe's, overridden by the command line's);
         missing keys take the defaults above. Raises ``UsageError`` naming the bad value.
         Duplicates merged in the grid are described in ``notes`` (see ``parse_max_norms``).
@@ -369,7 +369,7 @@ def check_positive(value: float, option: str, allow_inf: bool = False) -> float:
     if allow_inf and x == math.inf:
         return x
     if not (x > 0) or not math.isfinite(x):
-        off = f" (or inf to turn the check off)" if allow_inf else ""
+        off = " (or inf to turn the check off)" if allow_inf else ""
         raise UsageError(f"{option} {value!r} must be a positive finite number{off}", f"give a positive number for {option}{off}")
     return x
 

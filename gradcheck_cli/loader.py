@@ -48,10 +48,11 @@ import itertools
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from gradcheck_cli.errors import UsageError, UserCodeError
 

@@ -92,7 +92,6 @@ from gradcheck_cli.results import (
     Cell,
     RunResult,
     StepRecord,
-    shared_log_bins,
 )
 
 DEFAULT_RUN = "monitor"
@@ -703,7 +702,7 @@ class GradMonitor(ClipSession):
     def result(self) -> RunResult:
         return self.recorder.result()
 
-    def start(self) -> "GradMonitor":
+    def start(self) -> GradMonitor:
         if self._active:
             return self
         self.recorder.prepare()
@@ -725,7 +724,7 @@ class GradMonitor(ClipSession):
             self.recorder.fail(exc)
         self.recorder.write()
 
-    def __enter__(self) -> "GradMonitor":
+    def __enter__(self) -> GradMonitor:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -271,7 +271,7 @@ class WorkerPool:
         self._slots = [_Slot() for _ in range(jobs)]
         self._snapshot_bytes: tuple[Any, bytes] | None = None  # (state, its serialised snapshot)
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -370,7 +370,7 @@ class WorkerPool:
     def _dispatch(self, slot: _Slot, task, script: str, config) -> None:
         state = task.state
         failure = state.optimizer_failure
-        for attempt in range(2):
+        for _attempt in range(2):
             if slot.process is None or not slot.process.is_alive():
                 self._discard(slot)
                 self._start(slot, script, config)

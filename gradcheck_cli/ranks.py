@@ -54,7 +54,7 @@ def timeout_seconds() -> float:
     return value
 
 
-def from_environment(mode: str, device: str) -> "RankGroup | None":
+def from_environment(mode: str, device: str) -> RankGroup | None:
     """The rank group when started by torchrun with more than one process (``WORLD_SIZE`` > 1),
     else ``None`` (a plain single-process sweep; ``--distributed`` is then ignored)."""
     try:
@@ -99,7 +99,7 @@ class RankGroup:
     def cells(self) -> bool:
         return self.mode == "cells"
 
-    def __enter__(self) -> "RankGroup":
+    def __enter__(self) -> RankGroup:
         global _model_group
         if not self.cells:
             _model_group = self._dist.group.WORLD

@@ -161,12 +161,12 @@ class Cell:
         return self.mode != MODE_NONE
 
     @property
-    def setting(self) -> "Cell":
+    def setting(self) -> Cell:
         """The same cell without its seed: what a multi-seed sweep aggregates over."""
         return replace(self, seed=None)
 
     @property
-    def clipping(self) -> "Cell":
+    def clipping(self) -> Cell:
         """The clipping alone, without the lr and seed axes (a column of the lr grid)."""
         return replace(self, lr=None, seed=None)
 
@@ -405,7 +405,7 @@ class NormRange:
     has_finite: bool
 
     @classmethod
-    def of(cls, result: "RunResult", norm_type: float | None = None) -> "NormRange":
+    def of(cls, result: RunResult, norm_type: float | None = None) -> NormRange:
         """The run's range in its own norm type, or in ``norm_type`` (``finite_norms_in``)."""
         norms = result.finite_norms() if norm_type is None else result.finite_norms_in(norm_type)
         positive = [n for n in norms if n > 0]

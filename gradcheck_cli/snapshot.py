@@ -174,7 +174,7 @@ class GlobalState:
     cwd: str | None
 
     @classmethod
-    def capture(cls) -> "GlobalState":
+    def capture(cls) -> GlobalState:
         try:
             cwd = os.getcwd()
         except OSError:  # the directory was deleted under us
@@ -239,7 +239,7 @@ class Snapshot:
         model: torch.nn.Module,
         optimizer: Any = None,
         device: str | torch.device | None = "cpu",
-    ) -> "Snapshot":
+    ) -> Snapshot:
         """Deep-copy the state of ``model``, ``optimizer`` (if given) and the RNGs now."""
         return cls(
             model_state=capture_model(model),

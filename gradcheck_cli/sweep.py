@@ -146,7 +146,7 @@ def run_sweep(
     cells: list[Cell] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_run_step: OnRunStep | None = None,
-    executor: "Executor | None" = None,
+    executor: Executor | None = None,
 ) -> list[RunResult]:
     """Run every cell of ``config.cells()`` (or of ``cells``, e.g. ``gradclip check``'s single
     cell) and return one ``RunResult`` per cell, in cell order.

@@ -378,7 +378,7 @@ def test_debug_env_shows_the_traceback(tmp_path):
     assert "Traceback" in proc.stderr
     proc = gradclip("sweep", SCRIPTS / "stable_linear.py", "--max-norm", "-1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
 # --- recipes -------------------------------------------------------------------------------------

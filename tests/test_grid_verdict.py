@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from reference_loop import reference_training
 from typer.testing import CliRunner
 
 from gradcheck_cli.analysis import (
@@ -33,8 +34,6 @@ from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.report import format_number
 from gradcheck_cli.report.terminal import verdict_line
 from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, STABLE, Cell, RunResult, StepRecord
-
-from reference_loop import reference_training
 
 NAN, INF = math.nan, math.inf
 SEEDS = [0, 1, 2]

@@ -398,7 +398,7 @@ def test_engine_clip_returns_the_engines_total_and_records_the_coefficient_it_ap
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     twin = make_model()  # the same gradients, clipped by engine.clip_grad_norm_ directly
-    with GradMonitor(model, opt, out=tmp_path) as monitor:
+    with GradMonitor(model, opt, out=tmp_path):
         for x, y in data(4):
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-
 from test_parallel import files_without_seconds
 
 ROOT = Path(__file__).resolve().parent.parent

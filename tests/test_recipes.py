@@ -1,9 +1,9 @@
 import math
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from gradcheck_cli import recipes
 from gradcheck_cli.config import SweepConfig
@@ -224,7 +224,7 @@ def test_parsing_never_executes_code(tmp_path):
     )
     path = tmp_path / "r.toml"
     path.write_text(
-        'description = "__import__(\'pathlib\').Path(\'%s\').touch()"\nscript = "model.py"\nsteps = 2\n' % marker
+        f'description = "__import__(\'pathlib\').Path(\'{marker}\').touch()"\nscript = "model.py"\nsteps = 2\n'
     )
     values = load_recipe(path)
     assert values["script"] == tmp_path / "model.py" and values["steps"] == 2

@@ -5,7 +5,6 @@ recipes, --lr, optimizers, exit codes. In-process (CliRunner and the sweep API):
 from __future__ import annotations
 
 import json
-import math
 import os
 import py_compile
 import textwrap

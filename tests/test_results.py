@@ -20,9 +20,9 @@ from gradcheck_cli.results import (
     histogram_counts,
     histogram_frame,
     layers_frame,
-    sites_frame,
     percentile,
     shared_log_bins,
+    sites_frame,
     steps_frame,
     summary_frame,
 )

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_loop import AGCRule, AutoClipRule, ValueRule, ZClipRule, reference_training
 from typer.testing import CliRunner
 
 from gradcheck_cli.cli import app
@@ -35,7 +36,6 @@ from gradcheck_cli.results import (
 from gradcheck_cli.runner import run_cell
 from gradcheck_cli.snapshot import seed_everything
 from gradcheck_cli.sweep import run_sweep
-from reference_loop import AGCRule, AutoClipRule, ValueRule, ZClipRule, reference_training
 
 ROOT = Path(__file__).resolve().parent.parent
 RNN = ROOT / "sample_models" / "exploding_rnn.py"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_loop import reference_training
 
 from gradcheck_cli import runner
 from gradcheck_cli.config import SweepConfig
@@ -20,8 +21,6 @@ from gradcheck_cli.results import (
 )
 from gradcheck_cli.runner import run_cell, to_device
 from gradcheck_cli.snapshot import seed_everything
-
-from reference_loop import reference_training
 
 SCRIPTS = Path(__file__).parent / "scripts"
 CONTROL = Cell(None, 2.0)

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_loop import reference_training
 
 from gradcheck_cli.config import SweepConfig
 from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.recipes import load_recipe
 from gradcheck_cli.results import DIVERGED, NON_FINITE, SOURCE_BACKWARD, STABLE
 from gradcheck_cli.sweep import run_sweep
-
-from reference_loop import reference_training
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 NAMES = ["exploding_rnn", "nan_at_step", "tiny_lm"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from reference_loop import reference_training
 
 from gradcheck_cli.config import SweepConfig
 from gradcheck_cli.loader import load_experiment
@@ -21,8 +22,6 @@ from gradcheck_cli.results import NON_FINITE, SOURCE_BACKWARD, STABLE
 from gradcheck_cli.runner import _first_non_finite_param
 from gradcheck_cli.snapshot import seed_everything
 from gradcheck_cli.sweep import run_sweep
-
-from reference_loop import reference_training
 
 SCRIPTS = Path(__file__).parent / "scripts"
 STEPS = 8

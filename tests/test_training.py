@@ -10,14 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_loop import reference_training
 
 from gradcheck_cli.config import SweepConfig
 from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS
-from gradcheck_cli.results import ERROR, NON_FINITE, SOURCE_AMP, SOURCE_FORWARD, STABLE, Cell, histogram_counts, shared_log_bins
+from gradcheck_cli.results import (
+    ERROR,
+    NON_FINITE,
+    SOURCE_AMP,
+    SOURCE_FORWARD,
+    STABLE,
+    Cell,
+    histogram_counts,
+    shared_log_bins,
+)
 from gradcheck_cli.sweep import run_sweep
-
-from reference_loop import reference_training
 
 SCRIPTS = Path(__file__).parent / "scripts"
 AMP_SCRIPT = SCRIPTS / "amp_schedule.py"

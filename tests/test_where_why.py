@@ -12,12 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from reference_loop import reference_training
 from typer.testing import CliRunner
 
 from gradcheck_cli.cli import app
 from gradcheck_cli.loader import load_experiment
-
-from reference_loop import reference_training
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from gradcheck_cli.layers import AUTO
-from gradcheck_cli.monitor import CLIP_CHOICES, CLIP_ENGINE, DEFAULT_OUT, DEFAULT_RUN, ClipSession, NonFiniteError, StepRecorder
+from gradcheck_cli.monitor import (
+    CLIP_CHOICES,
+    CLIP_ENGINE,
+    DEFAULT_OUT,
+    DEFAULT_RUN,
+    ClipSession,
+    NonFiniteError,
+    StepRecorder,
+)
 
 _log = logging.getLogger("gradclip")
 

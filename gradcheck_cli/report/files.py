@@ -42,7 +42,6 @@ import json
 import math
 import os
 import secrets
-from dataclasses import replace
 from pathlib import Path
 
 from gradcheck_cli.errors import ReportWriteError, UsageError
@@ -50,8 +49,8 @@ from gradcheck_cli.results import (
     MODE_NONE,
     MODE_NORM,
     Cell,
-    RunResult,
     NormRange,
+    RunResult,
     StepRecord,
     control_norms_frame,
     format_float,
@@ -205,7 +204,7 @@ class OutDirLock:
         self.path = Path(out_dir) / LOCK_FILE
         self.held = False
 
-    def acquire(self) -> "OutDirLock":
+    def acquire(self) -> OutDirLock:
         for _ in range(10):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -263,7 +262,7 @@ class OutDirLock:
             except OSError:
                 pass
 
-    def __enter__(self) -> "OutDirLock":
+    def __enter__(self) -> OutDirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

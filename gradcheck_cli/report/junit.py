@@ -27,7 +27,6 @@ from gradcheck_cli.errors import ReportWriteError, UsageError
 from gradcheck_cli.report import describe_result, describe_setting, format_number
 from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, RunResult, format_float, format_norm_type
 
-
 # Characters XML 1.0 forbids even when escaped (most C0 controls, e.g. the ESC of colour codes).
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 

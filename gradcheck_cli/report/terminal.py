@@ -25,7 +25,6 @@ from gradcheck_cli.results import (
     NON_FINITE,
     STABLE,
     RunResult,
-    format_float,
     format_norm_type,
     histogram_counts,
 )
