@@ -50,12 +50,18 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(layers):
         shapes += [
-            (d,), (d,),  # ln_1
-            (d, 3 * d), (3 * d,),  # attn.c_attn
-            (d, d), (d,),  # attn.c_proj
-            (d,), (d,),  # ln_2
-            (d, 4 * d), (4 * d,),  # mlp.c_fc
-            (4 * d, d), (d,),  # mlp.c_proj
+            (d,),
+            (d,),  # ln_1
+            (d, 3 * d),
+            (3 * d,),  # attn.c_attn
+            (d, d),
+            (d,),  # attn.c_proj
+            (d,),
+            (d,),  # ln_2
+            (d, 4 * d),
+            (4 * d,),  # mlp.c_fc
+            (4 * d, d),
+            (d,),  # mlp.c_proj
         ]
     shapes += [(d,), (d,)]  # ln_f
     return shapes
@@ -159,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per case")
-    parser.add_argument(
-        "--threads", type=int, default=0, help="intra-op threads (default 0: torch's default)"
-    )
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: torch's default)")
     parser.add_argument("--case", default="", help="run only cases whose name contains this")
     args = parser.parse_args(argv)
     if args.threads > 0:

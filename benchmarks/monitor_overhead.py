@@ -126,7 +126,7 @@ def measure(sample: str, kind: str, reps: int, steps: int, out_dir: Path):
     batches = take(experiment, steps)
     bare, monitored, writes, events = [], [], [], 0
     for rep in range(reps):
-        for with_monitor in ((False, True) if rep % 2 == 0 else (True, False)):
+        for with_monitor in (False, True) if rep % 2 == 0 else (True, False):
             model, optimizer, _, _ = setup(experiment)
             if with_monitor:
                 monitor = GradMonitor(model, optimizer, out=out_dir / sample, write_every=10**9, clip=clip_mode)
@@ -163,7 +163,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for sample in args.samples.split(","):
             for kind in args.loops.split(","):
-                (bare, bare_med), (mon, mon_med), write, events = measure(sample, kind, args.reps, args.steps, Path(tmp))
+                (bare, bare_med), (mon, mon_med), write, events = measure(
+                    sample, kind, args.reps, args.steps, Path(tmp)
+                )
                 cells = []
                 for label, b, m in (("cpu", bare[1], mon[1]), ("wall", bare[0], mon[0])):
                     cells.append(
@@ -172,7 +174,9 @@ def main() -> None:
                     )
                 cells.append(f"medians: {100 * (mon_med[1] / bare_med[1] - 1):5.1f}%")
                 print(
-                    f"{sample:14s} {kind:13s} " + "  |  ".join(cells) + f"  |  one write {write * 1e3:5.1f} ms"
+                    f"{sample:14s} {kind:13s} "
+                    + "  |  ".join(cells)
+                    + f"  |  one write {write * 1e3:5.1f} ms"
                     + (f" (+{events} in the loop, at its events)" if events else "")
                 )
 

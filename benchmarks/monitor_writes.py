@@ -32,7 +32,11 @@ def steps(n: int) -> list[StepRecord]:
     out = []
     for i in range(1, n + 1):
         norm = 1.0 + math.sin(i) ** 2
-        out.append(StepRecord(i, 1.0 / i, norm, min(1.0, 1.0 / norm), layers=(("body", norm * 0.6), ("head", norm * 0.8)), lr=0.1))
+        out.append(
+            StepRecord(
+                i, 1.0 / i, norm, min(1.0, 1.0 / norm), layers=(("body", norm * 0.6), ("head", norm * 0.8)), lr=0.1
+            )
+        )
     return out
 
 

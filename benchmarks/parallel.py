@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--script", type=Path, default=SCRIPT, help="the model script (default: cpu_bound_mlp.py)")
     args = parser.parse_args()
-    config = SweepConfig(script=args.script, max_norms=(0.1, 1.0, 10.0, 100.0), norm_types=(2.0, float("inf")), steps=args.steps)
+    config = SweepConfig(
+        script=args.script, max_norms=(0.1, 1.0, 10.0, 100.0), norm_types=(2.0, float("inf")), steps=args.steps
+    )
     experiment = load_experiment(args.script)
     cores = available_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -68,7 +70,9 @@ def main() -> None:
             seconds, _ = sweep(config, experiment, *setting)
             times[setting].append(seconds)
         t1, t2, t11 = (times[s][-1] for s in settings)
-        print(f"rep {rep + 1}: jobs 1 {t1:.2f} s, jobs 2 {t2:.2f} s, ratio {t1 / t2:.2f}; jobs 1 x 1 thread {t11:.2f} s")
+        print(
+            f"rep {rep + 1}: jobs 1 {t1:.2f} s, jobs 2 {t2:.2f} s, ratio {t1 / t2:.2f}; jobs 1 x 1 thread {t11:.2f} s"
+        )
     m1, m2, m11 = (statistics.median(times[s]) for s in settings)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(

@@ -36,7 +36,13 @@ def synthetic(runs: int, steps: int) -> list[RunResult]:
     for i in range(runs):
         cell = Cell(None, 2.0) if i == 0 else Cell(0.001 * i, 2.0 if i % 2 else math.inf)
         records = [
-            StepRecord(s, 1.0 / s + 1e-3 * i, 0.5 * s + 0.01 * i, min(1.0, 0.3 * i / s), layers=(("0", 0.1 * s), ("2", 0.2 * s)))
+            StepRecord(
+                s,
+                1.0 / s + 1e-3 * i,
+                0.5 * s + 0.01 * i,
+                min(1.0, 0.3 * i / s),
+                layers=(("0", 0.1 * s), ("2", 0.2 * s)),
+            )
             for s in range(1, steps + 1)
         ]
         out.append(RunResult(cell, "stable", records, seconds=0.01))
@@ -83,14 +89,16 @@ def main() -> None:
             dirs[name] = out
             print(
                 f"{name:8s} {args.runs} runs x {args.steps} steps: total {sum(times):8.2f} s, "
-                f"runs 2-{tail + 1} {1e3 * sum(times[1:tail + 1]) / tail:6.1f} ms/run, "
+                f"runs 2-{tail + 1} {1e3 * sum(times[1 : tail + 1]) / tail:6.1f} ms/run, "
                 f"last {tail} runs {1e3 * sum(times[-tail:]) / tail:6.1f} ms/run, "
                 f"steps.csv {(out / files.STEPS_FILE).stat().st_size} bytes",
                 flush=True,
             )
         if len(dirs) == 2:
-            same = all((dirs["rewrite"] / n).read_bytes() == (dirs["append"] / n).read_bytes()
-                       for n in (files.SUMMARY_FILE, files.STEPS_FILE, files.LAYERS_FILE, files.HISTOGRAMS_FILE))
+            same = all(
+                (dirs["rewrite"] / n).read_bytes() == (dirs["append"] / n).read_bytes()
+                for n in (files.SUMMARY_FILE, files.STEPS_FILE, files.LAYERS_FILE, files.HISTOGRAMS_FILE)
+            )
             print(f"identical files: {same}")
 
 

@@ -409,8 +409,10 @@ def next_refine_max_norm(results: list[RunResult], norm_type: float, lr: float |
     mid = _round_sig(math.sqrt(a) * math.sqrt(b))  # no overflow for huge max_norms
     if not (a < mid < b):
         return None
-    if any(r.cell.mode == MODE_NORM and r.cell.norm_type == norm_type and r.cell.max_norm == mid and r.cell.lr == lr
-           for r in results):
+    if any(
+        r.cell.mode == MODE_NORM and r.cell.norm_type == norm_type and r.cell.max_norm == mid and r.cell.lr == lr
+        for r in results
+    ):
         return None
     return mid
 
@@ -563,11 +565,15 @@ class Recommendation:
                     f"p50 {_fmt(pct['p50'])}, p90 {_fmt(pct['p90'])}, p99 {_fmt(pct['p99'])}"
                 )
             if ev.get("clipped_frac") is not None:
-                parts.append(f"clips {100 * ev['clipped_frac']:.0f}% of steps" + (" (mean over the seeds)" if several else ""))
+                parts.append(
+                    f"clips {100 * ev['clipped_frac']:.0f}% of steps" + (" (mean over the seeds)" if several else "")
+                )
             if self.run.cell.mode != MODE_NORM:
                 parts.append("an adaptive rule: no max_norm boundary applies")
             elif (bound or {}).get("margin") is not None:
-                parts.append(f"{_fmt(bound['margin'])}x below the smallest unstable max_norm ({_fmt(bound['smallest_unstable'])})")
+                parts.append(
+                    f"{_fmt(bound['margin'])}x below the smallest unstable max_norm ({_fmt(bound['smallest_unstable'])})"
+                )
             else:
                 parts.append(f"no {nt}-norm max_norm above it was unstable")
             parts.append(
@@ -806,12 +812,16 @@ def _recommend_at(results: list[RunResult]) -> Recommendation:
     evidence["control"]["norm_percentiles"]["norm_type"] = format_norm_type(chosen.cell.norm_type)
     evidence["suggested"] = _setting_evidence(chosen, seeds)
     b = bounds.get(chosen.cell.norm_type) if chosen.cell.mode == MODE_NORM else None
-    evidence["boundary"] = None if b is None else {
-        "norm_type": format_norm_type(b.norm_type),
-        "largest_stable": b.largest_stable,
-        "smallest_unstable": b.smallest_unstable,
-        "margin": _json_num(m) if math.isfinite(m) else None,
-    }
+    evidence["boundary"] = (
+        None
+        if b is None
+        else {
+            "norm_type": format_norm_type(b.norm_type),
+            "largest_stable": b.largest_stable,
+            "smallest_unstable": b.smallest_unstable,
+            "margin": _json_num(m) if math.isfinite(m) else None,
+        }
+    )
     evidence["within_noise"] = [_name(g) for g in tied if g is not chosen]
     past = _control_past(control, status)
     if len(tied) > 1:

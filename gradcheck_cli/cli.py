@@ -102,6 +102,7 @@ def _install_stop_handlers() -> dict:
         return {}
     previous = {}
     for signum, code in _stop_signals().items():
+
         def handler(received, frame, code=code):
             raise Stopped(received, code)
 
@@ -189,7 +190,9 @@ def _exit_on_errors(command: Callable) -> Callable:
             raise typer.Exit(_stop_code(exc)) from None
         except Exception as err:  # a bug in gradclip, not in the user's input or script
             console = _stderr_console()
-            console.print(f"internal error: {type(err).__name__}: {err}", style="bold red", markup=False, soft_wrap=True)
+            console.print(
+                f"internal error: {type(err).__name__}: {err}", style="bold red", markup=False, soft_wrap=True
+            )
             if _debug():
                 traceback.print_exc()
                 if getattr(err, "worker_traceback", None):  # parallel.WorkerError
@@ -243,7 +246,9 @@ _LAYER_DEPTH = typer.Option(
     help="Per-layer norms grouped by module depth: auto (default: per parameter up to 64 tensors, else the deepest depth with at most 64 groups), param, or N.",
 )
 _SPIKE_FACTOR = typer.Option(
-    None, "--spike-factor", help="A layer's gradient spikes when its norm exceeds this x its running median (default 10)."
+    None,
+    "--spike-factor",
+    help="A layer's gradient spikes when its norm exceeds this x its running median (default 10).",
 )
 _DEVICE = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N.")
 _JUNIT = typer.Option(None, "--junit", help="Also write a JUnit XML report to this file (one test case per run).")
@@ -378,18 +383,28 @@ def _resume_command(argv: list[str]) -> str:
 @_exit_on_errors
 def sweep(
     script: Path | None = typer.Argument(
-        None, help="Your model script (defines build_model, batches, loss_fn; optionally build_optimizer, build_scheduler).", show_default=False
+        None,
+        help="Your model script (defines build_model, batches, loss_fn; optionally build_optimizer, build_scheduler).",
+        show_default=False,
     ),
-    max_norm: str | None = typer.Option(None, "--max-norm", help="Comma-separated positive max_norm values (default 0.1,1,10)."),
-    norm_type: str | None = typer.Option(None, "--norm-type", help="Comma-separated norm types, numbers or inf (default 2,inf)."),
+    max_norm: str | None = typer.Option(
+        None, "--max-norm", help="Comma-separated positive max_norm values (default 0.1,1,10)."
+    ),
+    norm_type: str | None = typer.Option(
+        None, "--norm-type", help="Comma-separated norm types, numbers or inf (default 2,inf)."
+    ),
     clip_value: str | None = typer.Option(
         None, "--clip-value", help="Also run value clipping (clip_grad_value_) at these comma-separated values."
     ),
     agc: str | None = typer.Option(
-        None, "--agc", help="Also run adaptive gradient clipping (AGC) with these comma-separated clip factors, e.g. 0.01."
+        None,
+        "--agc",
+        help="Also run adaptive gradient clipping (AGC) with these comma-separated clip factors, e.g. 0.01.",
     ),
     agc_exclude: str | None = typer.Option(
-        None, "--agc-exclude", help="Parameters AGC leaves alone: comma-separated names, module names or globs (default none)."
+        None,
+        "--agc-exclude",
+        help="Parameters AGC leaves alone: comma-separated names, module names or globs (default none).",
     ),
     autoclip: str | None = typer.Option(
         None, "--autoclip", help="Also run AutoClip at these comma-separated percentiles (0-100), e.g. 10."
@@ -403,7 +418,9 @@ def sweep(
     steps: int | None = _STEPS,
     seed: int | None = _SEED,
     seeds: str | None = typer.Option(
-        None, "--seeds", help="Comma-separated seeds: every run repeated per seed (e.g. 0,1,2); --seed N is the one-seed form."
+        None,
+        "--seeds",
+        help="Comma-separated seeds: every run repeated per seed (e.g. 0,1,2); --seed N is the one-seed form.",
     ),
     lr: str | None = typer.Option(
         None,
@@ -418,11 +435,17 @@ def sweep(
     amp: str | None = _AMP,
     accumulate: int | None = _ACCUMULATE,
     amp_init_scale: float | None = _AMP_INIT_SCALE,
-    out: Path = typer.Option(Path("gradclip-report"), "--out", help="Directory for summary.csv, steps.csv, histograms.csv."),
-    recipe: str | None = typer.Option(None, "--recipe", help="A recipe TOML file or bundled recipe name; options given here override it."),
+    out: Path = typer.Option(
+        Path("gradclip-report"), "--out", help="Directory for summary.csv, steps.csv, histograms.csv."
+    ),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="A recipe TOML file or bundled recipe name; options given here override it."
+    ),
     fail_on_nan: bool = typer.Option(False, "--fail-on-nan", help="Exit 1 if any run went NaN/inf."),
     fail_on_divergence: bool = typer.Option(False, "--fail-on-divergence", help="Exit 1 if any run diverged."),
-    resume: bool = typer.Option(False, "--resume", help="Skip runs already finished in --out by a sweep with the same options."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Skip runs already finished in --out by a sweep with the same options."
+    ),
     junit: Path | None = _JUNIT,
     json_out: bool = _JSON,
     layer_depth: str | None = _LAYER_DEPTH,
@@ -434,13 +457,17 @@ def sweep(
         "stability boundary (default 0).",
     ),
     jobs: int = typer.Option(
-        1, "--jobs", help="Runs at once, each in its own worker process (default 1; 0: every run in this process, no isolation)."
+        1,
+        "--jobs",
+        help="Runs at once, each in its own worker process (default 1; 0: every run in this process, no isolation).",
     ),
     threads_per_job: int | None = typer.Option(
         None, "--threads-per-job", help="torch threads per worker (default: max(1, cores // jobs))."
     ),
     distributed: str = typer.Option(
-        "cells", "--distributed", help="Under torchrun: cells (ranks share out the runs) or model (every rank runs every run on a sharded model)."
+        "cells",
+        "--distributed",
+        help="Under torchrun: cells (ranks share out the runs) or model (every rank runs every run on a sharded model).",
     ),
 ) -> None:
     """Run short training bursts unclipped and per max_norm x norm_type cell; report which clipping setting is stable.
@@ -486,10 +513,14 @@ def sweep(
 
     group = ranks.from_environment(distributed, config.device)
     if group is None:
-        code = _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, None)
+        code = _sweep_here(
+            config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, None
+        )
     else:
         with group:
-            code = _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, group)
+            code = _sweep_here(
+                config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, group
+            )
     raise typer.Exit(code)
 
 
@@ -497,14 +528,21 @@ def _check_jobs(jobs: int, threads_per_job: int | None, distributed: str) -> Non
     from gradcheck_cli.errors import UsageError
 
     if jobs < 0:
-        raise UsageError(f"--jobs {jobs} must be 0 or more", "e.g. --jobs 2 runs two at once; --jobs 0 runs every run in this process")
+        raise UsageError(
+            f"--jobs {jobs} must be 0 or more",
+            "e.g. --jobs 2 runs two at once; --jobs 0 runs every run in this process",
+        )
     if threads_per_job is not None and threads_per_job < 1:
         raise UsageError(f"--threads-per-job {threads_per_job} must be at least 1", "e.g. --threads-per-job 1")
     if distributed not in ("cells", "model"):
-        raise UsageError(f"--distributed {distributed!r} is not a mode", "use --distributed cells or --distributed model")
+        raise UsageError(
+            f"--distributed {distributed!r} is not a mode", "use --distributed cells or --distributed model"
+        )
 
 
-def _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, group) -> int:
+def _sweep_here(
+    config, out, resume, junit, json_out, fail_on_nan, fail_on_divergence, jobs, threads_per_job, group
+) -> int:
     """The sweep in this process; under torchrun (``group``) every rank runs it, and rank 0
     alone reads and writes ``--out`` and prints."""
     import contextlib
@@ -528,9 +566,22 @@ def _sweep_here(config, out, resume, junit, json_out, fail_on_nan, fail_on_diver
         if group is not None:
             finished = group.broadcast(finished)  # every rank skips the same runs
         if hasattr(executor, "start"):  # the workers start while the script loads here
-            executor.start(config.script.resolve(), config if group is None else dataclasses.replace(config, device=group.device))
+            executor.start(
+                config.script.resolve(), config if group is None else dataclasses.replace(config, device=group.device)
+            )
         return _run_sweep_command(
-            config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence, executor, group, stack
+            config,
+            finished,
+            fingerprint,
+            out_dir,
+            shown_out,
+            junit,
+            json_out,
+            fail_on_nan,
+            fail_on_divergence,
+            executor,
+            group,
+            stack,
         )
 
 
@@ -550,7 +601,18 @@ def _executor(jobs: int, threads_per_job: int | None, group):
 
 
 def _run_sweep_command(
-    config, finished, fingerprint, out_dir, shown_out, junit, json_out, fail_on_nan, fail_on_divergence, executor, group, stack
+    config,
+    finished,
+    fingerprint,
+    out_dir,
+    shown_out,
+    junit,
+    json_out,
+    fail_on_nan,
+    fail_on_divergence,
+    executor,
+    group,
+    stack,
 ) -> int:
     from gradcheck_cli.errors import ReportWriteError
     from gradcheck_cli.guard import guarded
@@ -730,7 +792,9 @@ def _print_results(results: list, json_out: bool, recommendation=None) -> None:
 @app.command(short_help="Re-render table, verdict and report.html from an --out dir.")
 @_exit_on_errors
 def report(
-    directory: Path = typer.Argument(..., help="An --out directory written by gradclip sweep (or a monitor).", show_default=False),
+    directory: Path = typer.Argument(
+        ..., help="An --out directory written by gradclip sweep (or a monitor).", show_default=False
+    ),
     json_out: bool = _JSON,
     spike_factor: float | None = _SPIKE_FACTOR,
 ) -> None:
@@ -741,7 +805,10 @@ def report(
     from gradcheck_cli.report import files
 
     if not directory.is_dir():
-        raise UsageError(f"{str(directory)!r} is not a directory", "give the --out directory of a gradclip sweep, e.g. gradclip report gradclip-report")
+        raise UsageError(
+            f"{str(directory)!r} is not a directory",
+            "give the --out directory of a gradclip sweep, e.g. gradclip report gradclip-report",
+        )
     if not (directory / files.SUMMARY_FILE).is_file():
         raise UsageError(
             f"{str(directory)!r} is not a gradclip output: it has no {files.SUMMARY_FILE}",
@@ -760,7 +827,10 @@ def report(
     try:
         recommendation = _write_derived(directory, results, title=directory.resolve().name)
     except OSError as exc:
-        raise UsageError(f"cannot write the report into {str(directory)!r}: {exc.strerror or exc}", "copy the directory somewhere writable first") from None
+        raise UsageError(
+            f"cannot write the report into {str(directory)!r}: {exc.strerror or exc}",
+            "copy the directory somewhere writable first",
+        ) from None
     _print_results(results, json_out, recommendation)
     _stderr_console().print(f"report written to {directory / files.HTML_FILE}", markup=False)
 
@@ -769,12 +839,18 @@ def report(
 @_exit_on_errors
 def check(
     script: Path = typer.Argument(..., help="Your model script.", show_default=False),
-    max_norm: float | None = typer.Option(None, "--max-norm", help="Clip at this max_norm; without it the run is unclipped."),
-    norm_type: str | None = typer.Option(None, "--norm-type", help="Norm type for clipping, with --max-norm: a number or inf (default 2)."),
+    max_norm: float | None = typer.Option(
+        None, "--max-norm", help="Clip at this max_norm; without it the run is unclipped."
+    ),
+    norm_type: str | None = typer.Option(
+        None, "--norm-type", help="Norm type for clipping, with --max-norm: a number or inf (default 2)."
+    ),
     steps: int | None = _STEPS,
     seed: int | None = _SEED,
     lr: float | None = typer.Option(
-        None, "--lr", help="Learning rate: of the default SGD (default 0.01), or set on every param group of the script's optimizer."
+        None,
+        "--lr",
+        help="Learning rate: of the default SGD (default 0.01), or set on every param group of the script's optimizer.",
     ),
     divergence_factor: float | None = _DIVERGENCE,
     device: str | None = _DEVICE,
@@ -791,7 +867,10 @@ def check(
 
     norm_types = cfg.parse_norm_types(norm_type if norm_type is not None else "2")
     if len(norm_types) != 1:
-        raise UsageError(f"--norm-type {norm_type!r} gives several values; check runs one configuration", "use gradclip sweep for a grid")
+        raise UsageError(
+            f"--norm-type {norm_type!r} gives several values; check runs one configuration",
+            "use gradclip sweep for a grid",
+        )
     if norm_type is not None and max_norm is None:
         raise UsageError(
             f"--norm-type {norm_type} only applies to a clipped run, and check runs unclipped without --max-norm",
@@ -801,9 +880,18 @@ def check(
     config, _, _ = _resolve_config(
         script,
         None,
-        dict(max_norms=max_norms, norm_types=norm_types, steps=steps, seed=seed, lr=lr,
-             divergence_factor=divergence_factor, device=device, amp=amp, accumulate=accumulate,
-             amp_init_scale=amp_init_scale),
+        dict(
+            max_norms=max_norms,
+            norm_types=norm_types,
+            steps=steps,
+            seed=seed,
+            lr=lr,
+            divergence_factor=divergence_factor,
+            device=device,
+            amp=amp,
+            accumulate=accumulate,
+            amp_init_scale=amp_init_scale,
+        ),
     )
     cell = Cell(max_norms[0], norm_types[0]) if max_norm is not None else Cell(None, 2.0)
     junit = _prepare_junit(junit)

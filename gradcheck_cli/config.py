@@ -66,14 +66,16 @@ class SweepConfig:
         all: ``--agc 0.01`` alone sweeps the control run and AGC, not the max_norm grid too."""
         if "script" not in values:
             raise UsageError(
-                "no script given", "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE"
+                "no script given",
+                "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE",
             )
         d = cls.__dataclass_fields__
         lrs = values.get("lr")
         any_grid = any(values.get(key) is not None for key in GRID_KEYS)
         config = cls(
             script=check_script(values["script"]),
-            max_norms=parse_max_norms(values["max_norms"], notes=notes) if values.get("max_norms") is not None
+            max_norms=parse_max_norms(values["max_norms"], notes=notes)
+            if values.get("max_norms") is not None
             else (() if any_grid else DEFAULT_MAX_NORMS),
             norm_types=parse_norm_types(values.get("norm_types", d["norm_types"].default), notes=notes),
             steps=check_steps(values.get("steps", d["steps"].default)),
@@ -85,7 +87,9 @@ class SweepConfig:
             device=check_device(values.get("device", d["device"].default)),
             amp=check_amp(values.get("amp", d["amp"].default)),
             accumulate=check_steps(values.get("accumulate", d["accumulate"].default), "--accumulate"),
-            amp_init_scale=check_positive(values.get("amp_init_scale", d["amp_init_scale"].default), "--amp-init-scale"),
+            amp_init_scale=check_positive(
+                values.get("amp_init_scale", d["amp_init_scale"].default), "--amp-init-scale"
+            ),
             layer_depth=check_layer_depth(values.get("layer_depth", d["layer_depth"].default)),
             spike_factor=check_spike_factor(values.get("spike_factor", d["spike_factor"].default)),
             refine=check_refine(values.get("refine", d["refine"].default)),
@@ -167,7 +171,9 @@ class SweepConfig:
         d["norm_types"] = [format_float(p) for p in self.norm_types]
         d["lrs"] = [float(x) for x in self.lrs] if self.lrs is not None else None
         d["seeds"] = [int(s) for s in self.seeds]
-        d["divergence_factor"] = format_float(self.divergence_factor) if math.isinf(self.divergence_factor) else self.divergence_factor
+        d["divergence_factor"] = (
+            format_float(self.divergence_factor) if math.isinf(self.divergence_factor) else self.divergence_factor
+        )
         d["layer_depth"] = "param" if self.layer_depth is None else self.layer_depth
         for key in GRID_KEYS[1:]:
             d[key] = [float(x) for x in d[key]]
@@ -197,7 +203,9 @@ def _split(value: str | list | tuple, option: str) -> list:
     else:
         items = [part.strip() for part in str(value).split(",")]
     if not items or any(item == "" for item in items):
-        raise UsageError(f"{option} {value!r} has an empty entry", f"give comma-separated values, e.g. {option} 0.1,1,10")
+        raise UsageError(
+            f"{option} {value!r} has an empty entry", f"give comma-separated values, e.g. {option} 0.1,1,10"
+        )
     return items
 
 
@@ -206,7 +214,9 @@ def _note_duplicate(notes: list | None, option: str, item, kept: float) -> None:
         notes.append(f"{option} {item!s} equals {format_float(kept)}, already in the grid: one run for both")
 
 
-def parse_max_norms(value: str | list | tuple, option: str = "--max-norm", notes: list | None = None) -> tuple[float, ...]:
+def parse_max_norms(
+    value: str | list | tuple, option: str = "--max-norm", notes: list | None = None
+) -> tuple[float, ...]:
     """Comma-separated positive finite floats, kept in the given order. Exact duplicates
     (``1`` and ``1.0``) are merged, each with a line appended to ``notes``; values that differ
     in the last bit are distinct runs with distinct names."""
@@ -215,9 +225,14 @@ def parse_max_norms(value: str | list | tuple, option: str = "--max-norm", notes
         try:
             x = float(item)
         except (TypeError, ValueError):
-            raise UsageError(f"{option} value {item!r} is not a number", f"use positive numbers, e.g. {option} 0.1,1,10") from None
+            raise UsageError(
+                f"{option} value {item!r} is not a number", f"use positive numbers, e.g. {option} 0.1,1,10"
+            ) from None
         if not (x > 0) or not math.isfinite(x):
-            raise UsageError(f"{option} value {item!r} must be a positive finite number", f"use values above 0, e.g. {option} 0.1,1,10")
+            raise UsageError(
+                f"{option} value {item!r} must be a positive finite number",
+                f"use values above 0, e.g. {option} 0.1,1,10",
+            )
         if x not in out:
             out.append(x)
         else:
@@ -230,7 +245,9 @@ def _optional(values: dict, key: str, parse, option: str, notes: list | None = N
     return () if value is None else parse(value, option, notes)
 
 
-def parse_percentiles(value: str | list | tuple, option: str = "--autoclip", notes: list | None = None) -> tuple[float, ...]:
+def parse_percentiles(
+    value: str | list | tuple, option: str = "--autoclip", notes: list | None = None
+) -> tuple[float, ...]:
     """Comma-separated percentiles from 0 to 100, kept in order; duplicates merged as in
     ``parse_max_norms``."""
     out: list[float] = []
@@ -238,7 +255,9 @@ def parse_percentiles(value: str | list | tuple, option: str = "--autoclip", not
         try:
             x = float(item)
         except (TypeError, ValueError):
-            raise UsageError(f"{option} value {item!r} is not a number", f"use percentiles from 0 to 100, e.g. {option} 10,25") from None
+            raise UsageError(
+                f"{option} value {item!r} is not a number", f"use percentiles from 0 to 100, e.g. {option} 10,25"
+            ) from None
         if not 0.0 <= x <= 100.0:
             raise UsageError(f"{option} value {item!r} is not a percentile from 0 to 100", f"use e.g. {option} 10,25")
         if x not in out:
@@ -255,7 +274,9 @@ def parse_names(value: str | list | tuple, option: str = "--agc-exclude") -> tup
     out: list[str] = []
     for item in _split(value, option):
         if not isinstance(item, str):
-            raise UsageError(f"{option} value {item!r} is not a name", f"give parameter names or globs, e.g. {option} fc,head.*")
+            raise UsageError(
+                f"{option} value {item!r} is not a name", f"give parameter names or globs, e.g. {option} fc,head.*"
+            )
         if item not in out:
             out.append(item)
     return tuple(out)
@@ -275,13 +296,21 @@ def parse_optional_positive(value, option: str) -> float | None:
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise UsageError(f"{option} {value!r} is not a number or 'none'", f"give a positive number, or none for no cap, e.g. {option} 1") from None
+        raise UsageError(
+            f"{option} {value!r} is not a number or 'none'",
+            f"give a positive number, or none for no cap, e.g. {option} 1",
+        ) from None
     if not (x > 0) or not math.isfinite(x):
-        raise UsageError(f"{option} {value!r} must be a positive finite number or 'none'", f"e.g. {option} 1, or {option} none for no cap")
+        raise UsageError(
+            f"{option} {value!r} must be a positive finite number or 'none'",
+            f"e.g. {option} 1, or {option} none for no cap",
+        )
     return x
 
 
-def parse_norm_types(value: str | list | tuple, option: str = "--norm-type", notes: list | None = None) -> tuple[float, ...]:
+def parse_norm_types(
+    value: str | list | tuple, option: str = "--norm-type", notes: list | None = None
+) -> tuple[float, ...]:
     """Comma-separated floats or ``inf``; kept in order, exact duplicates merged (noted in
     ``notes``, as for ``parse_max_norms``)."""
     out: list[float] = []
@@ -344,7 +373,9 @@ def resolve_seeds(seed: int | None, seeds) -> tuple[int, ...]:
 
 def check_amp(amp: str, option: str = "--amp") -> str:
     if amp not in AMP_MODES:
-        raise UsageError(f"{option} {amp!r} is not a precision mode", f"use {option} off, {option} fp16 or {option} bf16")
+        raise UsageError(
+            f"{option} {amp!r} is not a precision mode", f"use {option} off, {option} fp16 or {option} bf16"
+        )
     return amp
 
 
@@ -370,7 +401,9 @@ def check_positive(value: float, option: str, allow_inf: bool = False) -> float:
         return x
     if not (x > 0) or not math.isfinite(x):
         off = " (or inf to turn the check off)" if allow_inf else ""
-        raise UsageError(f"{option} {value!r} must be a positive finite number{off}", f"give a positive number for {option}{off}")
+        raise UsageError(
+            f"{option} {value!r} must be a positive finite number{off}", f"give a positive number for {option}{off}"
+        )
     return x
 
 
@@ -382,14 +415,17 @@ def check_layer_depth(value, option: str = "--layer-depth") -> int | str | None:
         return parse_depth(value)
     except ValueError:
         raise UsageError(
-            f"{option} {value!r} is not a layer depth", f"use {option} auto, {option} param or a whole number from 1, e.g. {option} 2"
+            f"{option} {value!r} is not a layer depth",
+            f"use {option} auto, {option} param or a whole number from 1, e.g. {option} 2",
         ) from None
 
 
 def check_spike_factor(value, option: str = "--spike-factor") -> float:
     x = check_positive(value, option)
     if x <= 1.0:
-        raise UsageError(f"{option} {value!r} must be above 1", f"a jump is a factor above the running median, e.g. {option} 10")
+        raise UsageError(
+            f"{option} {value!r} must be above 1", f"a jump is a factor above the running median, e.g. {option} 10"
+        )
     return x
 
 
@@ -416,9 +452,14 @@ def check_device(device: str, option: str = "--device") -> str:
 def check_script(script: str | Path) -> Path:
     path = Path(script)
     if not path.exists():
-        raise UsageError(f"script {str(path)!r} does not exist", "check the path, or run from the directory that holds it")
+        raise UsageError(
+            f"script {str(path)!r} does not exist", "check the path, or run from the directory that holds it"
+        )
     if not path.is_file():
-        raise UsageError(f"script {str(path)!r} is not a file", "point gradclip at a .py file that defines build_model, batches and loss_fn")
+        raise UsageError(
+            f"script {str(path)!r} is not a file",
+            "point gradclip at a .py file that defines build_model, batches and loss_fn",
+        )
     if path.suffix.lower() in (".pyc", ".pyo"):
         raise UsageError(
             f"script {str(path)!r} is compiled bytecode, not Python source",

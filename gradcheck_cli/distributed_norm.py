@@ -71,14 +71,10 @@ def _local_pieces(tensors: list[Tensor], group: Any) -> tuple[list[Tensor], list
     for t in dtensors:
         if any(pl.is_partial() for pl in t.placements):
             replicate = module.Replicate()
-            t = t.redistribute(
-                t.device_mesh, [replicate if pl.is_partial() else pl for pl in t.placements]
-            )
+            t = t.redistribute(t.device_mesh, [replicate if pl.is_partial() else pl for pl in t.placements])
         local = t.to_local()
         coord = t.device_mesh.get_coordinate()
-        counted = coord is not None and all(
-            c == 0 for c, pl in zip(coord, t.placements) if pl.is_replicate()
-        )
+        counted = coord is not None and all(c == 0 for c, pl in zip(coord, t.placements) if pl.is_replicate())
         pieces.append(local if counted else local.new_empty(0))
     if dtensors and plain and dist.get_rank(group) != 0:
         plain = []  # replicated beside DTensors: counted once, on rank 0
@@ -133,10 +129,7 @@ def total_norm(
 
     if p == 0:
         # torch's p = 0: tensors with a nonzero gradient. DTensors: nonzero on any rank.
-        nonzero = [
-            (torch.count_nonzero(t) > 0) if t.numel() else torch.zeros((), dtype=torch.bool)
-            for t in pieces
-        ]
+        nonzero = [(torch.count_nonzero(t) > 0) if t.numel() else torch.zeros((), dtype=torch.bool) for t in pieces]
         count = engine.get_total_norm(plain, 0.0).to(**f64) if plain else torch.zeros((), **f64)
         dist.all_reduce(count, dist.ReduceOp.SUM, group=group)
         total = count
@@ -200,9 +193,7 @@ def total_norm(
     return _finish(total, dtype, out_device, p, error_if_nonfinite)
 
 
-def _finish(
-    total: Tensor, dtype: torch.dtype, device: torch.device, p: float, check: bool
-) -> Tensor:
+def _finish(total: Tensor, dtype: torch.dtype, device: torch.device, p: float, check: bool) -> Tensor:
     total = total.to(device=device, dtype=dtype)
     if check and not bool(torch.isfinite(total)):
         from gradcheck_cli import engine

@@ -152,9 +152,7 @@ def _check_foreach(foreach: bool | None, tensors: list[Tensor]) -> None:
     ok = _foreach_devices()
     for t in tensors:
         if t.device.type not in ok:
-            raise RuntimeError(
-                f"foreach=True was passed, but can't use the foreach API on {t.device.type} tensors"
-            )
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {t.device.type} tensors")
 
 
 def _check_max_norm(max_norm: float) -> float:
@@ -701,9 +699,7 @@ def _device_norms(
 # shared driver
 
 
-def _norms(
-    grads: list[Tensor], p: float, per_tensor: bool, foreach: bool | None
-) -> tuple[Tensor, Tensor | None]:
+def _norms(grads: list[Tensor], p: float, per_tensor: bool, foreach: bool | None) -> tuple[Tensor, Tensor | None]:
     """(total norm, per-tensor norms or None), both in the result dtype."""
     if not grads:
         return torch.tensor(0.0), (torch.zeros(0) if per_tensor else None)
@@ -927,9 +923,7 @@ def _scale_host_(grads: list[Tensor], max_norm: float, total: float, dtype: torc
     return coef
 
 
-def _scale_(
-    grads: list[Tensor], max_norm: float, total_norm: Tensor | float, foreach: bool | None
-) -> None:
+def _scale_(grads: list[Tensor], max_norm: float, total_norm: Tensor | float, foreach: bool | None) -> None:
     if not grads or max_norm == _INF:
         return
     if any(g.is_sparse or g.is_complex() for g in grads):

@@ -81,7 +81,9 @@ def over_seeds(results: list[RunResult]) -> list[SettingOverSeeds]:
     return list(groups.values())
 
 
-def lr_grid(results: list[RunResult]) -> tuple[list[float | None], list[Cell], dict[tuple[float | None, Cell], SettingOverSeeds]]:
+def lr_grid(
+    results: list[RunResult],
+) -> tuple[list[float | None], list[Cell], dict[tuple[float | None, Cell], SettingOverSeeds]]:
     """(lrs in sweep order, clipping cells without lr and seed in sweep order, and the group of
     each (lr, clipping cell)): the stability map's rows, columns and entries."""
     lrs: list[float | None] = []

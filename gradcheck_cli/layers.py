@@ -115,7 +115,9 @@ class LayerGrouping:
             self._host_cache[key] = hit
         return hit
 
-    def combine_host(self, names: tuple[str, ...], norms: list[float], norm_type: float) -> tuple[tuple[str, ...], list[float]]:
+    def combine_host(
+        self, names: tuple[str, ...], norms: list[float], norm_type: float
+    ) -> tuple[tuple[str, ...], list[float]]:
         """``combine`` for per-tensor norms already on the host, in Python: the same values."""
         groups, index = self.host_groups(names)
         if len(groups) == len(names) and norm_type != 0:

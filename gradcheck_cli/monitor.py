@@ -247,8 +247,15 @@ class StepRecorder:
         return self._names, grads
 
     def clip_measured_(
-        self, grads: list[Tensor], params: list[Tensor], max_norm: float, norm_type: float,
-        error_if_nonfinite: bool, foreach: bool | None, *, reuse: bool,
+        self,
+        grads: list[Tensor],
+        params: list[Tensor],
+        max_norm: float,
+        norm_type: float,
+        error_if_nonfinite: bool,
+        foreach: bool | None,
+        *,
+        reuse: bool,
     ) -> Tensor:
         """Clip with gradclip's engine. With ``reuse`` (the step was measured just now, in
         this call) and the same gradients in the same norm type, the measurement is the clip's
@@ -380,7 +387,11 @@ class StepRecorder:
         else:
             loss = nan
         coef = self._coef_value(skipped)
-        coef_t = coef.to(device, f64).reshape(1) if isinstance(coef, Tensor) else torch.full((1,), coef, dtype=f64, device=device)
+        coef_t = (
+            coef.to(device, f64).reshape(1)
+            if isinstance(coef, Tensor)
+            else torch.full((1,), coef, dtype=f64, device=device)
+        )
         if norms.numel():
             first_bad = torch.argmax((~torch.isfinite(norms)).to(torch.uint8)).to(f64).reshape(1)
         else:
@@ -404,7 +415,9 @@ class StepRecorder:
             return groups, None
         return self.grouping.combine(names, norms, p)
 
-    def _judge(self, step: int, loss: float | None, norm: float, bad: float, names, skipped: bool) -> NonFiniteError | None:
+    def _judge(
+        self, step: int, loss: float | None, norm: float, bad: float, names, skipped: bool
+    ) -> NonFiniteError | None:
         """``loss`` is None when the step recorded none. Runs every step: plain comparisons."""
         if loss is not None and not math.isfinite(loss):
             event = NonFiniteError(step, SOURCE_FORWARD, None, loss)
@@ -706,7 +719,9 @@ class GradMonitor(ClipSession):
         if self._active:
             return self
         self.recorder.prepare()
-        caller = sys._getframe(2).f_globals if sys._getframe(1).f_code.co_name == "__enter__" else sys._getframe(1).f_globals
+        caller = (
+            sys._getframe(2).f_globals if sys._getframe(1).f_code.co_name == "__enter__" else sys._getframe(1).f_globals
+        )
         self.install([caller])
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_step)]
         self._active = True

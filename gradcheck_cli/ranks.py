@@ -50,7 +50,9 @@ def timeout_seconds() -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise UsageError(f"GRADCLIP_DIST_TIMEOUT={raw!r} is not a positive number of seconds", "e.g. GRADCLIP_DIST_TIMEOUT=600")
+        raise UsageError(
+            f"GRADCLIP_DIST_TIMEOUT={raw!r} is not a positive number of seconds", "e.g. GRADCLIP_DIST_TIMEOUT=600"
+        )
     return value
 
 
@@ -74,7 +76,9 @@ class RankGroup:
         import torch.distributed as dist
 
         if not dist.is_available():
-            raise UsageError("this torch build has no torch.distributed", "install a torch build with distributed support")
+            raise UsageError(
+                "this torch build has no torch.distributed", "install a torch build with distributed support"
+            )
         self.mode = mode
         self.world = world
         self.rank = int(os.environ.get("RANK", "0"))
@@ -224,7 +228,9 @@ def mean_across_ranks(losses: list) -> list:
     import torch
     import torch.distributed as dist
 
-    stacked = torch.stack([loss.detach().float() if loss.dtype in (torch.float16, torch.bfloat16) else loss.detach() for loss in losses])
+    stacked = torch.stack(
+        [loss.detach().float() if loss.dtype in (torch.float16, torch.bfloat16) else loss.detach() for loss in losses]
+    )
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=_model_group)
     stacked = stacked / dist.get_world_size(_model_group)
     return list(stacked.unbind(0))

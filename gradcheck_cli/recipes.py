@@ -64,14 +64,20 @@ RECIPE_KEYS = {
     "norm_type": ("norm_types", 'a list of numbers or "inf", or a comma-separated string, e.g. [2, "inf"] or "2,inf"'),
     "clip_value": ("clip_values", 'a list of numbers or a comma-separated string, e.g. [0.1, 1] or "0.1,1"'),
     "agc": ("agc_clip_factors", 'a list of numbers or a comma-separated string, e.g. [0.01, 0.1] or "0.01,0.1"'),
-    "agc_exclude": ("agc_exclude", 'a list of strings or a comma-separated string, e.g. ["fc", "head.*"] or "fc,head.*"'),
-    "autoclip": ("autoclip_percentiles", 'a list of numbers from 0 to 100 or a comma-separated string, e.g. [10, 25] or "10,25"'),
+    "agc_exclude": (
+        "agc_exclude",
+        'a list of strings or a comma-separated string, e.g. ["fc", "head.*"] or "fc,head.*"',
+    ),
+    "autoclip": (
+        "autoclip_percentiles",
+        'a list of numbers from 0 to 100 or a comma-separated string, e.g. [10, 25] or "10,25"',
+    ),
     "zclip": ("zclip_z_thresholds", 'a list of numbers or a comma-separated string, e.g. [2.5, 3] or "2.5,3"'),
     "zclip_max_norm": ("zclip_max_norm", 'a number, or "none" for no cap'),
     "steps": ("steps", "an integer"),
     "seed": ("seed", "an integer"),
     "seeds": ("seeds", 'a list of integers or a comma-separated string, e.g. [0, 1, 2] or "0,1,2"'),
-    "lr": ("lr", 'a number, a list of numbers or a comma-separated string, e.g. 0.01 or [0.1, 1]'),
+    "lr": ("lr", "a number, a list of numbers or a comma-separated string, e.g. 0.01 or [0.1, 1]"),
     "divergence_factor": ("divergence_factor", "a number"),
     "device": ("device", 'a string, "cpu" or "cuda"'),
     "amp": ("amp", 'a string, "off", "fp16" or "bf16"'),
@@ -139,7 +145,10 @@ def find_recipe(value: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     if path.exists():
-        raise UsageError(f"recipe {str(path)!r} is not a file", "give a recipe .toml file or a bundled recipe name (gradclip recipes lists them)")
+        raise UsageError(
+            f"recipe {str(path)!r} is not a file",
+            "give a recipe .toml file or a bundled recipe name (gradclip recipes lists them)",
+        )
     text = str(value)
     if os.sep not in text and "/" not in text and text not in ("", ".", ".."):
         name = text if text.endswith(RECIPE_SUFFIX) else text + RECIPE_SUFFIX
@@ -202,7 +211,10 @@ def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # The message carries the position: "Invalid value (at line 3, column 7)".
-        raise UsageError(f"recipe {file} is not valid TOML: {exc}", "fix the TOML syntax at that line (strings need quotes, lists use [a, b])") from None
+        raise UsageError(
+            f"recipe {file} is not valid TOML: {exc}",
+            "fix the TOML syntax at that line (strings need quotes, lists use [a, b])",
+        ) from None
 
     unknown = sorted(set(data) - set(RECIPE_KEYS))
     if unknown:
@@ -229,7 +241,11 @@ def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
                     raise _reraise(file, key, err, 'amp = "fp16"') from None
         elif key in ("lr", "seeds"):
             ok = _is_number if key == "lr" else _is_int
-            if not (isinstance(raw, str) or (key == "lr" and _is_number(raw)) or (isinstance(raw, list) and all(ok(v) for v in raw))):
+            if not (
+                isinstance(raw, str)
+                or (key == "lr" and _is_number(raw))
+                or (isinstance(raw, list) and all(ok(v) for v in raw))
+            ):
                 raise _type_error(file, key, raw)
             try:
                 out[field] = cfg.parse_lrs(raw, option="lr") if key == "lr" else cfg.parse_seeds(raw, option="seeds")
@@ -239,7 +255,10 @@ def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
             if not isinstance(raw, str):
                 raise _type_error(file, key, raw)
             if not raw.strip():
-                raise UsageError(f"recipe {file}: 'script' is empty", f"fix 'script' in {file}: a path relative to the recipe file, e.g. script = \"model.py\"")
+                raise UsageError(
+                    f"recipe {file}: 'script' is empty",
+                    f"fix 'script' in {file}: a path relative to the recipe file, e.g. script = \"model.py\"",
+                )
             script = (file.resolve().parent / raw).resolve()
             if not script.is_file():
                 raise UsageError(
@@ -277,7 +296,10 @@ def load_recipe(value: str | os.PathLike, notes: list | None = None) -> dict:
             except UsageError as err:
                 raise _reraise(file, key, err, "zclip_max_norm = 1.0") from None
         elif key == "norm_type":
-            if not (isinstance(raw, str) or (isinstance(raw, list) and all(_is_number(v) or isinstance(v, str) for v in raw))):
+            if not (
+                isinstance(raw, str)
+                or (isinstance(raw, list) and all(_is_number(v) or isinstance(v, str) for v in raw))
+            ):
                 raise _type_error(file, key, raw)
             try:
                 out[field] = cfg.parse_norm_types(raw, option="norm_type", notes=notes)

@@ -61,7 +61,9 @@ def _refined_runs(config, experiment, cells, skip, on_run_start, on_run_done, on
         if on_run_done is not None:
             on_run_done(result)
 
-    results = run_sweep(config, experiment, cells=cells, skip=skip, on_run_start=started, on_run_done=done, on_step=on_step)
+    results = run_sweep(
+        config, experiment, cells=cells, skip=skip, on_run_start=started, on_run_done=done, on_step=on_step
+    )
     for result in results:
         result.refined = True
     return results

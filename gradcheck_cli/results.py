@@ -77,7 +77,18 @@ SUMMARY_COLUMNS = [
 ]
 # clip_threshold: the total-norm threshold applied at the step (norm, autoclip, zclip);
 # clipped_unit_frac: the share of gradient elements (value) or units (agc) clipped at the step.
-STEP_COLUMNS = ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
+STEP_COLUMNS = [
+    "run",
+    "step",
+    "loss",
+    "grad_norm",
+    "clip_coef",
+    "clip_threshold",
+    "clipped_unit_frac",
+    "lr",
+    "skipped",
+    "seed",
+]
 # One row per (run, step, layer group): the group's pre-clip gradient norm in the run's norm type
 # (``layers.py`` says how parameters are grouped). ``param`` is a parameter or group name.
 LAYER_COLUMNS = ["run", "step", "param", "grad_norm"]
@@ -130,6 +141,7 @@ class Cell:
     seed: int | None = None
     mode: str | None = None  # None: "norm" when max_norm is given, else "none"
     param: float | None = None  # None for "none"; max_norm for "norm"
+
     def __post_init__(self) -> None:
         mode = self.mode
         if mode is None:
@@ -288,7 +300,11 @@ class RunResult:
         """One row of ``summary.csv``; keys are exactly ``SUMMARY_COLUMNS``."""
         norms = sorted(self.finite_norms())
         finite_losses = [s.loss for s in self.steps if math.isfinite(s.loss)]
-        clipped = [was_clipped(s, self.cell.mode) for s in self.steps if not s.skipped and not (math.isnan(s.clip_coef) and math.isnan(s.clipped_unit_frac))]
+        clipped = [
+            was_clipped(s, self.cell.mode)
+            for s in self.steps
+            if not s.skipped and not (math.isnan(s.clip_coef) and math.isnan(s.clipped_unit_frac))
+        ]
         from gradcheck_cli.analysis import smoothed_loss
 
         smoothed = smoothed_loss(self)
@@ -542,6 +558,12 @@ def histogram_frame(results: list[RunResult], edges):
             e = edges.get(p, []) if isinstance(edges, dict) else edges
             for i, c in enumerate(histogram_counts(r, e, p)):
                 rows.append(
-                    {"run": r.run, "norm_type": format_norm_type(p), "bin_left": e[i], "bin_right": e[i + 1], "count": c}
+                    {
+                        "run": r.run,
+                        "norm_type": format_norm_type(p),
+                        "bin_left": e[i],
+                        "bin_right": e[i + 1],
+                        "count": c,
+                    }
                 )
     return pd.DataFrame(rows, columns=HISTOGRAM_COLUMNS)

@@ -260,9 +260,7 @@ class ZClip(_TotalNormRule):
         self.alpha = alpha
         self.z_thresh = z_thresh
         self.warmup_steps = int(warmup_steps)
-        self.max_grad_norm = (
-            None if max_grad_norm is None else _check_nonnegative("max_grad_norm", max_grad_norm)
-        )
+        self.max_grad_norm = None if max_grad_norm is None else _check_nonnegative("max_grad_norm", max_grad_norm)
         self.eps = _check_nonnegative("eps", eps)
 
     def __repr__(self) -> str:
@@ -449,9 +447,7 @@ def _unit_norms(t: Tensor) -> Tensor:
     return norms
 
 
-def adaptive_clip_grad_(
-    parameters: Parameters, clip_factor: float = 0.01, eps: float = 1e-3
-) -> Tensor:
+def adaptive_clip_grad_(parameters: Parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> Tensor:
     """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021) in place, as timm's
     ``adaptive_clip_grad``; returns the pre-clip total L2 norm. See :class:`AGC` for the formula;
     use an :class:`AGC` object to read the share of units clipped (``.last.clipped_frac``)."""

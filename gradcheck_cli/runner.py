@@ -207,7 +207,9 @@ def make_scheduler(experiment: Experiment, optimizer: torch.optim.Optimizer):
             site,
         )
     if getattr(scheduler, "optimizer", optimizer) is not optimizer:
-        raise UserFailure("build_scheduler(optimizer) returned a scheduler of another optimizer: build it on the one given", site)
+        raise UserFailure(
+            "build_scheduler(optimizer) returned a scheduler of another optimizer: build it on the one given", site
+        )
     return scheduler
 
 
@@ -276,7 +278,11 @@ def start_run(experiment: Experiment, model: torch.nn.Module, lr: float | None, 
         try:
             snapshot.restore_optimizer(optimizers)
         except (ValueError, KeyError, RuntimeError) as exc:
-            what = "optimizers that do not match the first ones" if several else "an optimizer that does not match the first one"
+            what = (
+                "optimizers that do not match the first ones"
+                if several
+                else "an optimizer that does not match the first one"
+            )
             raise UserFailure(
                 f"build_optimizer(model) returned {what} it built ({describe_exception(exc)}); "
                 f"it must build the same optimizer{'s' if several else ''} on every call",
@@ -446,6 +452,8 @@ def _to_host(scalars: list[torch.Tensor], vector: torch.Tensor, on_cpu: bool) ->
     device = scalars[0].device
     parts = [t.to(device, torch.float64).reshape(1) for t in scalars] + [vector.to(device, torch.float64)]
     return torch.cat(parts).tolist()
+
+
 def make_rule(cell: Cell, config: SweepConfig) -> Any:
     """A fresh rule object for an AGC, AutoClip or ZClip cell (ZClip's other parameters at the
     reference defaults, its cap ``config.zclip_max_norm``); ``None`` for the other modes."""
@@ -544,8 +552,13 @@ def run_cell(
                 can_judge_divergence(records[0].loss) and math.isfinite(config.divergence_factor),
             )
         return RunResult(
-            cell=cell, status=status, steps=records, seconds=time.perf_counter() - start,
-            warnings=tuple(warnings), **reported, **kw,
+            cell=cell,
+            status=status,
+            steps=records,
+            seconds=time.perf_counter() - start,
+            warnings=tuple(warnings),
+            **reported,
+            **kw,
         )
 
     try:
@@ -690,7 +703,9 @@ def run_cell(
             precision.update()
             if scheduler is not None:
                 call_user(experiment, scheduler.step)
-            records.append(StepRecord(step, loss_f, norm_f, coef, threshold, unit_frac, layers=layers, lr=step_lr, norms=extra))
+            records.append(
+                StepRecord(step, loss_f, norm_f, coef, threshold, unit_frac, layers=layers, lr=step_lr, norms=extra)
+            )
             if on_step is not None:
                 on_step(step)
 

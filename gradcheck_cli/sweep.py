@@ -81,7 +81,9 @@ def _move_model(model: torch.nn.Module, device: torch.device, script_name: str) 
             f"{type(exc).__name__}: {exc}",
             f"build the model on the CPU (gradclip moves it to --device {device}), or choose the --device it is on",
         ) from None
-    elsewhere = sorted({str(t.device) for t in list(model.parameters()) + list(model.buffers()) if t.device.type != device.type})
+    elsewhere = sorted(
+        {str(t.device) for t in list(model.parameters()) + list(model.buffers()) if t.device.type != device.type}
+    )
     if elsewhere:
         raise UsageError(
             f"build_model() in {script_name} returned a model that stays on {', '.join(elsewhere)} after model.to({str(device)!r})",

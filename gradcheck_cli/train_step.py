@@ -230,7 +230,9 @@ def run_train_step_cell(
                 out = call_user(experiment, experiment.train_step_fn, model, batch, optimizers, clip)
             except _NonFiniteAtClip as stop:
                 sites = (*clip.sites, (stop.site, stop.norm, math.nan))
-                records.append(StepRecord(step, math.nan, stop.norm, layers=tuple(clip.layers), lr=step_lr, sites=sites))
+                records.append(
+                    StepRecord(step, math.nan, stop.norm, layers=tuple(clip.layers), lr=step_lr, sites=sites)
+                )
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_BACKWARD, nan_param=stop.param)
             if not clip.sites:
                 raise UserFailure(
@@ -242,8 +244,17 @@ def run_train_step_cell(
             loss_f = math.nan if loss is None else loss
             norm_f = combine_site_norms([n for _, n, _ in clip.sites], clip.norm_type)
             coef = _smallest([c for _, _, c in clip.sites])
-            record = StepRecord(step, loss_f, norm_f, coef, _smallest(clip.thresholds), _largest(clip.unit_fracs),
-                                layers=tuple(clip.layers), lr=step_lr, sites=tuple(clip.sites))
+            record = StepRecord(
+                step,
+                loss_f,
+                norm_f,
+                coef,
+                _smallest(clip.thresholds),
+                _largest(clip.unit_fracs),
+                layers=tuple(clip.layers),
+                lr=step_lr,
+                sites=tuple(clip.sites),
+            )
             if is_non_finite(loss):
                 records.append(record)
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_FORWARD)

@@ -80,5 +80,7 @@ if __name__ == "__main__":
     model = build_model()
     optimizers = build_optimizer(model)
     for step, batch in zip(range(1, 6), batches()):
-        loss = train_step(model, batch, optimizers, lambda params, name=None: torch.nn.utils.clip_grad_norm_(params, 1.0))
+        loss = train_step(
+            model, batch, optimizers, lambda params, name=None: torch.nn.utils.clip_grad_norm_(params, 1.0)
+        )
         print(f"step {step}: loss {loss.item():.4f}")

@@ -38,7 +38,16 @@ DATA_SEED = 11
 
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the baker", "a small bird", "the river", "our teacher"]
 _VERBS = ["sees", "likes", "follows", "paints", "finds", "carries", "hears", "remembers"]
-_OBJECTS = ["the moon", "a red apple", "the green door", "some bread", "the long road", "a quiet song", "the garden", "an old book"]
+_OBJECTS = [
+    "the moon",
+    "a red apple",
+    "the green door",
+    "some bread",
+    "the long road",
+    "a quiet song",
+    "the garden",
+    "an old book",
+]
 _ENDINGS = ["", " every morning", " in the rain", " at night", " with great care", " near the sea", " again and again"]
 
 

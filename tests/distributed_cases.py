@@ -83,9 +83,7 @@ def run(rank: int, world: int) -> dict:
     mine, everything = split_plain(rank, [[torch.zeros(0)], [torch.zeros(0, 3)]])
     results["all_empty"] = norms_case(mine, everything, group)
     # values whose squares overflow float32 on both ranks: finite global norm
-    mine, everything = split_plain(
-        rank, [[torch.full((10,), 1e20)], [torch.full((5,), 3e19), torch.tensor([1.0])]]
-    )
+    mine, everything = split_plain(rank, [[torch.full((10,), 1e20)], [torch.full((5,), 3e19), torch.tensor([1.0])]])
     results["big"] = norms_case(mine, everything, group)
     # a zero element on rank 1 only (negative p gives 0)
     mine, everything = split_plain(rank, [gen_tensors(7, [(4,)]), [torch.tensor([0.0, 2.0])]])
@@ -197,10 +195,7 @@ def rule_cases(mesh, placements) -> dict:
         ("zclip", lambda: ZClip(warmup_steps=2, max_grad_norm=20.0)),
         ("agc", lambda: AGC(0.05)),
     ):
-        sharded = [
-            torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl))
-            for w, pl in zip(weights, placements)
-        ]
+        sharded = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl)) for w, pl in zip(weights, placements)]
         single = [torch.nn.Parameter(w.clone()) for w in weights]
         rule_d, rule_s = make(), make()
         steps = {"dtensor": [], "single": []}

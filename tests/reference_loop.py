@@ -211,6 +211,9 @@ def reference_training(
             optimizer.step()
         if scheduler is not None and not skipped:
             scheduler.step()
-        history.append(ReferenceStep(sum(losses) / len(losses), norm, bad, step_lr, skipped, math.nan if skipped else coef,
-                                     threshold, frac))
+        history.append(
+            ReferenceStep(
+                sum(losses) / len(losses), norm, bad, step_lr, skipped, math.nan if skipped else coef, threshold, frac
+            )
+        )
     return history

@@ -189,9 +189,12 @@ def test_rank_leaves_out_unstable_runs_and_keeps_sweep_order_on_ties():
 def test_boundary_per_norm_type():
     results = [
         run(None, status=DIVERGED),
-        run(0.1), run(0.1, INF),
-        run(1.0), run(1.0, INF, status=NON_FINITE),
-        run(10.0, status=DIVERGED), run(10.0, INF, status=DIVERGED),
+        run(0.1),
+        run(0.1, INF),
+        run(1.0),
+        run(1.0, INF, status=NON_FINITE),
+        run(10.0, status=DIVERGED),
+        run(10.0, INF, status=DIVERGED),
         run(100.0, status=ERROR),  # neither stable nor unstable
     ]
     b2, binf = boundaries(results)
@@ -236,8 +239,15 @@ def test_bisection_keeps_the_boundary_bracketed_and_halves_it_in_log_space(thres
 
 
 def exploding_sweep():
-    control = run(None, status=DIVERGED, diverged_step=6, losses=(2.0, 1.9, 1.8, 1.7, 1.6, 99.0),
-                  norms=(4.0, 5.0, 6.0, 7.0, 8.0), spike_step=5, spike_param="rnn.weight_hh_l0")
+    control = run(
+        None,
+        status=DIVERGED,
+        diverged_step=6,
+        losses=(2.0, 1.9, 1.8, 1.7, 1.6, 99.0),
+        norms=(4.0, 5.0, 6.0, 7.0, 8.0),
+        spike_step=5,
+        spike_param="rnn.weight_hh_l0",
+    )
     for s, extra in zip(control.steps, (1.0, 1.5, 2.0, 2.5, 3.0)):
         object.__setattr__(s, "norms", ((2.0, s.grad_norm), (INF, extra)))
     quiet = (1.0, 0.51, 0.5, 0.49, 0.5, 0.5)
@@ -282,7 +292,9 @@ def test_recommendation_evidence_uses_the_control_norm_in_the_suggested_norm_typ
     assert (out["max_norm"], out["norm_type"]) == (0.1, "inf")
     pct = out["evidence"]["control"]["norm_percentiles"]
     assert pct["norm_type"] == "inf"
-    assert [pct["p50"], pct["p90"], pct["p99"]] == pytest.approx(list(np.percentile([1.0, 1.5, 2.0, 2.5], [50, 90, 99])))
+    assert [pct["p50"], pct["p90"], pct["p99"]] == pytest.approx(
+        list(np.percentile([1.0, 1.5, 2.0, 2.5], [50, 90, 99]))
+    )
     assert out["evidence"]["boundary"]["margin"] == 10.0
 
 
@@ -332,9 +344,15 @@ _LOSS = st.one_of(st.floats(-10, 10), st.sampled_from([NAN, INF, -INF]))
 @given(
     control=_STATUS,
     cells=st.lists(
-        st.tuples(st.sampled_from([0.01, 0.1, 1.0, 10.0]), st.sampled_from([2.0, INF]), _STATUS,
-                  st.lists(_LOSS, min_size=1, max_size=6), st.one_of(st.none(), st.floats(allow_nan=True))),
-        max_size=6, unique_by=lambda c: (c[0], c[1]),
+        st.tuples(
+            st.sampled_from([0.01, 0.1, 1.0, 10.0]),
+            st.sampled_from([2.0, INF]),
+            _STATUS,
+            st.lists(_LOSS, min_size=1, max_size=6),
+            st.one_of(st.none(), st.floats(allow_nan=True)),
+        ),
+        max_size=6,
+        unique_by=lambda c: (c[0], c[1]),
     ),
 )
 def test_recommendation_is_a_stable_run_deterministic_and_strict_json(control, cells):

@@ -36,7 +36,11 @@ def gradclip(*args: str, cwd: Path | None = None, env: dict | None = None, timeo
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "gradcheck_cli", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
     )
 
 
@@ -68,8 +72,19 @@ def test_help_lists_commands_and_exit_codes():
 @pytest.fixture(scope="module")
 def nan_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("nan") / "report"
-    result = invoke("sweep", SAMPLES / "nan_at_step.py", "--steps", 8, "--max-norm", "0.5,5",
-                    "--norm-type", "2,inf", "--out", out, "--json")
+    result = invoke(
+        "sweep",
+        SAMPLES / "nan_at_step.py",
+        "--steps",
+        8,
+        "--max-norm",
+        "0.5,5",
+        "--norm-type",
+        "2,inf",
+        "--out",
+        out,
+        "--json",
+    )
     return result, out
 
 
@@ -138,7 +153,9 @@ def test_sweep_histograms_count_every_finite_norm(nan_sweep):
                 expected = steps[steps["run"] == run]["grad_norm"].notna().sum()
             else:  # the control run, in the grid's other norm type
                 assert run == "unclipped"
-                expected = control[(control["run"] == run) & (control["norm_type"] == norm_type)]["grad_norm"].notna().sum()
+                expected = (
+                    control[(control["run"] == run) & (control["norm_type"] == norm_type)]["grad_norm"].notna().sum()
+                )
             assert rows["count"].sum() == expected
             assert list(rows["bin_left"]) == edges[:-1] and list(rows["bin_right"]) == edges[1:]
         ratios = [b / a for a, b in zip(edges[:-1], edges[1:]) if a > 0]
@@ -147,8 +164,19 @@ def test_sweep_histograms_count_every_finite_norm(nan_sweep):
 
 
 def test_sweep_fail_on_nan_exits_1(tmp_path):
-    result = invoke("sweep", SAMPLES / "nan_at_step.py", "--steps", 6, "--max-norm", "1", "--norm-type", "2",
-                    "--out", tmp_path / "r", "--fail-on-nan")
+    result = invoke(
+        "sweep",
+        SAMPLES / "nan_at_step.py",
+        "--steps",
+        6,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--out",
+        tmp_path / "r",
+        "--fail-on-nan",
+    )
     assert result.exit_code == 1, result.output
     assert "head.weight" in result.stdout
 
@@ -168,8 +196,9 @@ FAIL_FLAG_CASES = [
 @pytest.mark.parametrize("script, steps, control_status, flags, code", FAIL_FLAG_CASES)
 def test_fail_flags_act_independently(tmp_path, script, steps, control_status, flags, code):
     out = tmp_path / "r"
-    result = invoke("sweep", SAMPLES / script, "--steps", steps, "--max-norm", "1", "--norm-type", "2",
-                    "--out", out, *flags)
+    result = invoke(
+        "sweep", SAMPLES / script, "--steps", steps, "--max-norm", "1", "--norm-type", "2", "--out", out, *flags
+    )
     assert result.exit_code == code, result.output
     summary = pd.read_csv(out / "summary.csv")
     assert summary.loc[0, "status"] == control_status
@@ -177,13 +206,30 @@ def test_fail_flags_act_independently(tmp_path, script, steps, control_status, f
 
 
 def test_sweep_fail_on_divergence_and_best_of_a_grid(tmp_path):
-    result = invoke("sweep", SAMPLES / "exploding_rnn.py", "--steps", 10, "--max-norm", "0.1,1,10",
-                    "--norm-type", "2,inf", "--out", tmp_path / "r", "--fail-on-divergence")
+    result = invoke(
+        "sweep",
+        SAMPLES / "exploding_rnn.py",
+        "--steps",
+        10,
+        "--max-norm",
+        "0.1,1,10",
+        "--norm-type",
+        "2,inf",
+        "--out",
+        tmp_path / "r",
+        "--fail-on-divergence",
+    )
     assert result.exit_code == 1, result.output
     summary = pd.read_csv(tmp_path / "r" / "summary.csv")
     assert dict(zip(summary["run"], summary["status"])) == {
-        "unclipped": "diverged", "clip_0.1_2": "stable", "clip_0.1_inf": "stable", "clip_1_2": "stable",
-        "clip_1_inf": "stable", "clip_10_2": "diverged", "clip_10_inf": "diverged"}
+        "unclipped": "diverged",
+        "clip_0.1_2": "stable",
+        "clip_0.1_inf": "stable",
+        "clip_1_2": "stable",
+        "clip_1_inf": "stable",
+        "clip_10_2": "diverged",
+        "clip_10_inf": "diverged",
+    }
     assert summary.loc[0, "diverged_step"] == 2
     # Four stable candidates with different smoothed losses (the mean of the last 10): the verdict
     # must name the lowest one, worked out here from summary.csv alone, and the runs whose
@@ -197,7 +243,8 @@ def test_sweep_fail_on_divergence_and_best_of_a_grid(tmp_path):
     assert verdict[0].startswith(f"best: max_norm=1 norm_type=2 (stable, smoothed loss {best['smoothed_loss']:.4g})")
     n = 10
     within = [
-        row["run"] for _, row in candidates.iterrows()
+        row["run"]
+        for _, row in candidates.iterrows()
         if row["run"] != best["run"]
         and abs(row["smoothed_loss"] - best["smoothed_loss"])
         <= 2 * math.sqrt(row["smoothed_loss_sd"] ** 2 / n + best["smoothed_loss_sd"] ** 2 / n)
@@ -257,21 +304,57 @@ def test_junit_report_reads_with_a_junit_parser(tmp_path):
     from junitparser import Error, JUnitXml
 
     junit = tmp_path / "sweep.xml"
-    result = invoke("sweep", SCRIPTS / "raises_in_loss.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2",
-                    "--out", tmp_path / "a", "--junit", junit)
+    result = invoke(
+        "sweep",
+        SCRIPTS / "raises_in_loss.py",
+        "--steps",
+        3,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--out",
+        tmp_path / "a",
+        "--junit",
+        junit,
+    )
     assert result.exit_code == 0, result.output  # 3 steps never reach the failing step 4
     suite = next(iter(JUnitXml.fromfile(str(junit))))
     assert (suite.tests, suite.failures, suite.errors) == (2, 0, 0)
 
-    result = invoke("sweep", SAMPLES / "nan_at_step.py", "--steps", 6, "--max-norm", "1", "--norm-type", "2",
-                    "--out", tmp_path / "b", "--junit", junit)
+    result = invoke(
+        "sweep",
+        SAMPLES / "nan_at_step.py",
+        "--steps",
+        6,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--out",
+        tmp_path / "b",
+        "--junit",
+        junit,
+    )
     suite = next(iter(JUnitXml.fromfile(str(junit))))
     assert (suite.tests, suite.failures, suite.errors) == (2, 2, 0)
     messages = [case.result[0].message for case in suite]
     assert all("step 5" in m and "head.weight" in m for m in messages)
 
-    result = invoke("sweep", SCRIPTS / "raises_in_loss.py", "--steps", 6, "--max-norm", "1", "--norm-type", "2",
-                    "--out", tmp_path / "c", "--junit", junit)
+    result = invoke(
+        "sweep",
+        SCRIPTS / "raises_in_loss.py",
+        "--steps",
+        6,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--out",
+        tmp_path / "c",
+        "--junit",
+        junit,
+    )
     assert result.exit_code == 3
     suite = next(iter(JUnitXml.fromfile(str(junit))))
     assert (suite.tests, suite.failures, suite.errors) == (2, 0, 2)
@@ -283,8 +366,9 @@ def test_junit_report_reads_with_a_junit_parser(tmp_path):
 
 def test_user_error_in_a_run_keeps_going_and_exits_3(tmp_path):
     out = tmp_path / "r"
-    result = invoke("sweep", SCRIPTS / "raises_in_loss.py", "--steps", 6, "--max-norm", "1,2", "--norm-type", "2",
-                    "--out", out)
+    result = invoke(
+        "sweep", SCRIPTS / "raises_in_loss.py", "--steps", 6, "--max-norm", "1,2", "--norm-type", "2", "--out", out
+    )
     assert result.exit_code == 3, result.output
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 3  # every run ran
@@ -296,14 +380,26 @@ def test_user_error_in_a_run_keeps_going_and_exits_3(tmp_path):
 
 
 def test_non_scalar_loss_is_explained(tmp_path):
-    result = invoke("sweep", SCRIPTS / "non_scalar_loss.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2",
-                    "--out", tmp_path / "r")
+    result = invoke(
+        "sweep",
+        SCRIPTS / "non_scalar_loss.py",
+        "--steps",
+        2,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--out",
+        tmp_path / "r",
+    )
     assert result.exit_code == 3
     summary = pd.read_csv(tmp_path / "r" / "summary.csv")
     assert summary["error"].str.contains("loss_fn must return a scalar tensor").all()
 
 
-@pytest.mark.parametrize("script, needle", [("raises_in_build_model.py", "build_model"), ("raises_at_import.py", "raises_at_import.py")])
+@pytest.mark.parametrize(
+    "script, needle", [("raises_in_build_model.py", "build_model"), ("raises_at_import.py", "raises_at_import.py")]
+)
 def test_build_model_or_import_failure_exits_3_with_user_traceback(tmp_path, script, needle):
     proc = gradclip("sweep", SCRIPTS / script, "--steps", 2, "--out", tmp_path / "r")
     assert proc.returncode == 3, proc.stderr
@@ -362,7 +458,7 @@ def test_bad_out_dirs_exit_2(tmp_path):
     [
         ("steps = [", "not valid TOML"),
         ('script = "x.py"\nmax_nrom = [1]\n', "max_nrom"),
-        ("steps = \"many\"\n", "steps"),
+        ('steps = "many"\n', "steps"),
         ("max_norm = [-1]\n", "max_norm"),
     ],
 )
@@ -392,7 +488,9 @@ def test_recipes_command_lists_bundled_recipes():
 
 
 def test_command_line_overrides_recipe(tmp_path):
-    recipe = _recipe(tmp_path, f'script = "{SAMPLES / "nan_at_step.py"}"\nmax_norm = [1, 2]\nnorm_type = [2]\nsteps = 3\n')
+    recipe = _recipe(
+        tmp_path, f'script = "{SAMPLES / "nan_at_step.py"}"\nmax_norm = [1, 2]\nnorm_type = [2]\nsteps = 3\n'
+    )
     result = invoke("sweep", "--recipe", recipe, "--max-norm", "7", "--out", tmp_path / "r")
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(tmp_path / "r" / "summary.csv")
@@ -401,7 +499,10 @@ def test_command_line_overrides_recipe(tmp_path):
 
 
 def test_recipe_fail_flags_apply(tmp_path):
-    recipe = _recipe(tmp_path, 'script = "../../sample_models/nan_at_step.py"\nsteps = 6\nmax_norm = [1]\nnorm_type = [2]\nfail_on_nan = true\n')
+    recipe = _recipe(
+        tmp_path,
+        'script = "../../sample_models/nan_at_step.py"\nsteps = 6\nmax_norm = [1]\nnorm_type = [2]\nfail_on_nan = true\n',
+    )
     # the script path resolves relative to the recipe file, not to the working directory
     recipe = recipe.rename(ROOT / "tests" / "scripts" / "_tmp_recipe.toml") if False else recipe
     nested = ROOT / "tests" / "scripts"
@@ -451,7 +552,9 @@ def _start_and_signal(out: Path, sig: int, tmp_path: Path) -> subprocess.Complet
     """Start a real sweep, wait until its first run is on disk, then send ``sig``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradcheck_cli", *map(str, SLOW_ARGS), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     summary = out / "summary.csv"
     deadline = time.monotonic() + 120
@@ -528,12 +631,14 @@ def test_resume_with_different_options_is_refused(uninterrupted, tmp_path):
 def test_reusing_out_without_resume_overwrites(tmp_path):
     """README: "Without --resume, a sweep overwrites the reports in --out"."""
     out = tmp_path / "r"
-    first = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 4, "--max-norm", "0.5,1", "--norm-type", "2,inf",
-                   "--out", out)
+    first = invoke(
+        "sweep", SCRIPTS / "stable_linear.py", "--steps", 4, "--max-norm", "0.5,1", "--norm-type", "2,inf", "--out", out
+    )
     assert first.exit_code == 0, first.output
     assert len(pd.read_csv(out / "summary.csv")) == 5
-    second = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 3, "--max-norm", "7", "--norm-type", "2",
-                    "--out", out)
+    second = invoke(
+        "sweep", SCRIPTS / "stable_linear.py", "--steps", 3, "--max-norm", "7", "--norm-type", "2", "--out", out
+    )
     assert second.exit_code == 0, second.output
     assert "resuming" not in second.stderr
     summary = pd.read_csv(out / "summary.csv")
@@ -545,14 +650,26 @@ def test_reusing_out_without_resume_overwrites(tmp_path):
     assert manifest["finished_runs"] == ["unclipped", "clip_7_2"]
     assert manifest["fingerprint"]["steps"] == 3
     # and the overwritten directory now resumes as the second sweep, not the first
-    again = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 3, "--max-norm", "7", "--norm-type", "2",
-                   "--out", out, "--resume")
+    again = invoke(
+        "sweep",
+        SCRIPTS / "stable_linear.py",
+        "--steps",
+        3,
+        "--max-norm",
+        "7",
+        "--norm-type",
+        "2",
+        "--out",
+        out,
+        "--resume",
+    )
     assert again.exit_code == 0 and "resuming: 2 of 2 runs" in again.stderr
 
 
 def test_default_out_is_gradclip_report_in_the_working_directory(tmp_path):
-    proc = gradclip("sweep", SCRIPTS / "stable_linear.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2",
-                    cwd=tmp_path)
+    proc = gradclip(
+        "sweep", SCRIPTS / "stable_linear.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gradclip-report"]
     assert list(pd.read_csv(tmp_path / "gradclip-report" / "summary.csv")["run"]) == ["unclipped", "clip_1_2"]
@@ -567,8 +684,9 @@ def test_default_lr_is_0_01(tmp_path):
     from gradcheck_cli.loader import load_experiment
 
     out = tmp_path / "r"
-    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 5, "--max-norm", "1", "--norm-type", "2",
-                    "--out", out)
+    result = invoke(
+        "sweep", SCRIPTS / "stable_linear.py", "--steps", 5, "--max-norm", "1", "--norm-type", "2", "--out", out
+    )
     assert result.exit_code == 0, result.output
     steps = pd.read_csv(out / "steps.csv")
     experiment = load_experiment(SCRIPTS / "stable_linear.py")
@@ -613,8 +731,9 @@ def test_help_documents_the_defaults():
 
 
 def test_console_script_runs_a_bundled_recipe(tmp_path):
-    proc = gradclip("sweep", "--recipe", "nan_at_step", "--steps", 6, "--out", tmp_path / "r", "--fail-on-nan",
-                    cwd=tmp_path)
+    proc = gradclip(
+        "sweep", "--recipe", "nan_at_step", "--steps", 6, "--out", tmp_path / "r", "--fail-on-nan", cwd=tmp_path
+    )
     assert proc.returncode == 1, proc.stderr
     summary = pd.read_csv(tmp_path / "r" / "summary.csv")
     assert (summary["nan_step"] == 5).all() and (summary["nan_param"] == "head.weight").all()
@@ -633,16 +752,40 @@ def test_nothing_is_written_outside_out(tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as on a user's machine
     proc = subprocess.run(
-        [sys.executable, "-m", "gradcheck_cli", "sweep", str(user / "stable_linear.py"), "--steps", "3",
-         "--max-norm", "1", "--norm-type", "2", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=work, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "gradcheck_cli",
+            "sweep",
+            str(user / "stable_linear.py"),
+            "--steps",
+            "3",
+            "--max-norm",
+            "1",
+            "--norm-type",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in user.iterdir()) == ["data_helper.py", "stable_linear.py"]
     assert list(work.iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "control_norms.csv", "gradclip-sweep.json", "histograms.csv", "layers.csv", "recommendation.json", "report.html",
-        "steps.csv", "summary.csv"]
+        "control_norms.csv",
+        "gradclip-sweep.json",
+        "histograms.csv",
+        "layers.csv",
+        "recommendation.json",
+        "report.html",
+        "steps.csv",
+        "summary.csv",
+    ]
 
 
 def test_a_bug_in_gradclip_exits_4_without_traceback(tmp_path, monkeypatch):

@@ -30,8 +30,18 @@ def test_max_norms_round_trip_through_text_in_order_without_duplicates(values):
     assert parse_max_norms(values) == parsed  # recipes give lists
 
 
-@pytest.mark.parametrize("text, bad", [("-1", "'-1'"), ("0", "'0'"), ("1,abc", "'abc'"), ("inf", "'inf'"),
-                                       ("nan", "'nan'"), ("1,,2", "empty"), ("", "empty")])
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("-1", "'-1'"),
+        ("0", "'0'"),
+        ("1,abc", "'abc'"),
+        ("inf", "'inf'"),
+        ("nan", "'nan'"),
+        ("1,,2", "empty"),
+        ("", "empty"),
+    ],
+)
 def test_bad_max_norms_name_the_value(text, bad):
     with pytest.raises(UsageError) as info:
         parse_max_norms(text)
@@ -113,8 +123,9 @@ def test_from_values_applies_defaults_and_validates(tmp_path):
 def test_grid_names_are_unique_and_name_only_the_axes_that_vary(tmp_path_factory, lrs, seeds, max_norms):
     script = tmp_path_factory.mktemp("m") / "m.py"
     script.write_text("")
-    config = SweepConfig.from_values({"script": script, "lr": lrs, "seeds": seeds, "max_norms": max_norms,
-                                      "norm_types": "2,inf"})
+    config = SweepConfig.from_values(
+        {"script": script, "lr": lrs, "seeds": seeds, "max_norms": max_norms, "norm_types": "2,inf"}
+    )
     cells = config.cells()
     names = [c.run for c in cells]
     assert len(names) == len(set(names)) == len(lrs) * len(seeds) * (1 + 2 * len(max_norms))
@@ -129,7 +140,9 @@ def test_grid_names_are_unique_and_name_only_the_axes_that_vary(tmp_path_factory
 def test_axes_from_values_and_their_checks(tmp_path):
     script = tmp_path / "m.py"
     script.write_text("")
-    config = SweepConfig.from_values({"script": script, "lr": "0.1, 1,0.1", "seeds": "2,0", "amp": "bf16", "accumulate": 4})
+    config = SweepConfig.from_values(
+        {"script": script, "lr": "0.1, 1,0.1", "seeds": "2,0", "amp": "bf16", "accumulate": 4}
+    )
     assert (config.lrs, config.seeds, config.amp, config.accumulate) == ((0.1, 1.0), (2, 0), "bf16", 4)
     assert SweepConfig.from_values({"script": script}).lrs is None  # no lr given: the script keeps its own
     assert SweepConfig.from_values({"script": script, "seed": 4}).seeds == (4,)
@@ -138,7 +151,17 @@ def test_axes_from_values_and_their_checks(tmp_path):
         SweepConfig.from_values({"script": script, "seed": 4, "seeds": "4,5"})
     # values that differ in the last digits get names that differ too (shortest exact form)
     close = SweepConfig.from_values({"script": script, "lr": "0.1,0.1000001", "max_norms": "1", "norm_types": "2"})
-    assert [c.run for c in close.cells()] == ["unclipped@lr=0.1", "clip_1_2@lr=0.1", "unclipped@lr=0.1000001", "clip_1_2@lr=0.1000001"]
+    assert [c.run for c in close.cells()] == [
+        "unclipped@lr=0.1",
+        "clip_1_2@lr=0.1",
+        "unclipped@lr=0.1000001",
+        "clip_1_2@lr=0.1000001",
+    ]
     fingerprint = config.fingerprint()
-    assert (fingerprint["lrs"], fingerprint["seeds"], fingerprint["amp"], fingerprint["accumulate"]) == ([0.1, 1.0], [2, 0], "bf16", 4)
+    assert (fingerprint["lrs"], fingerprint["seeds"], fingerprint["amp"], fingerprint["accumulate"]) == (
+        [0.1, 1.0],
+        [2, 0],
+        "bf16",
+        4,
+    )
     assert json.loads(json.dumps(fingerprint)) == fingerprint

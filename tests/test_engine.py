@@ -277,9 +277,7 @@ def gradient(draw, dtypes=REAL, nonfinite=True, scales=None, extreme=False):
 def gradient_sets(draw, **kw):
     """Gradients of 0-6 parameters; about one parameter in six has no gradient."""
     k = draw(st.integers(0, 6))
-    return [
-        None if draw(st.integers(0, 5)) == 0 else draw(gradient(**kw)) for _ in range(k)
-    ]
+    return [None if draw(st.integers(0, 5)) == 0 else draw(gradient(**kw)) for _ in range(k)]
 
 
 norm_types = st.sampled_from(NORM_TYPES)
@@ -344,10 +342,15 @@ def assert_clipped_like_reference(
         got = dense(out).to(expected.dtype)
         if g.is_sparse:
             # unstored elements stay 0, also when a NaN coefficient makes a dense tensor all NaN
-            stored = torch.sparse_coo_tensor(
-                g._indices(), torch.ones(g._indices().shape[1], *g.shape[g.sparse_dim():]), g.shape,
-                check_invariants=True,
-            ).to_dense() > 0
+            stored = (
+                torch.sparse_coo_tensor(
+                    g._indices(),
+                    torch.ones(g._indices().shape[1], *g.shape[g.sparse_dim() :]),
+                    g.shape,
+                    check_invariants=True,
+                ).to_dense()
+                > 0
+            )
             assert (got[~stored] == 0).all()
             got, expected = got[stored], expected[stored]
         torch.testing.assert_close(got, expected, rtol=tol_g, atol=info.tiny, equal_nan=True)
@@ -444,9 +447,7 @@ def test_measure_grad_norms_matches_torch_per_tensor(grads, norm_type):
     total = get_total_norm(tensors, norm_type)
     assert result.total_norm.dtype == total.dtype
     assert rel_err(result.total_norm.item(), total.item()) <= rtol_for(tensors, p)
-    assert_close_to_ref(
-        result.total_norm.item(), ref_total(tensors, p), rtol_for(tensors, p), "", total.dtype
-    )
+    assert_close_to_ref(result.total_norm.item(), ref_total(tensors, p), rtol_for(tensors, p), "", total.dtype)
     if torch_accepts(tensors, p):
         theirs_total = torch_get_total_norm(tensors, norm_type)
         assert_matches_torch(result.total_norm, theirs_total, tensors, p)
@@ -537,9 +538,7 @@ def test_generator_of_parameters_is_consumed_once():
     params = make_params([torch.tensor([3.0, 4.0]), None, torch.tensor([12.0])])
     total = clip_grad_norm_((p for p in params), 1.0)
     assert total.item() == 13.0
-    torch.testing.assert_close(
-        get_total_norm(grads_of(params)), torch.tensor(1.0), rtol=1e-6, atol=0
-    )
+    torch.testing.assert_close(get_total_norm(grads_of(params)), torch.tensor(1.0), rtol=1e-6, atol=0)
 
 
 def test_parameters_without_grad_are_skipped():
@@ -615,8 +614,12 @@ def test_foreach_true_on_unsupported_device_raises_like_torch():
 @pytest.mark.parametrize("foreach", [None, True, False])
 def test_foreach_flag_gives_torchs_result_on_cpu(foreach):
     gen = torch.Generator().manual_seed(6)
-    g = [torch.arange(5.0), torch.ones(3, 3), torch.randn(20_000, generator=gen),
-         torch.randn(7, dtype=torch.float64, generator=gen)]
+    g = [
+        torch.arange(5.0),
+        torch.ones(3, 3),
+        torch.randn(20_000, generator=gen),
+        torch.randn(7, dtype=torch.float64, generator=gen),
+    ]
     for p in (2.0, 1.0, INF, 0.5):
         ref = ref_total(g, p)
         expected = torch_get_total_norm(g, p, foreach=foreach)
@@ -682,9 +685,7 @@ def test_many_short_tensors_and_long_tails():
     grads += [torch.randn(100_003, generator=gen), torch.randn(7, 3, generator=gen)]
     for p in [1.0, 2.0, INF]:
         assert_close_to_ref(get_total_norm(grads, p).item(), ref_total(grads, p), 2e-6)
-        assert_close_to_ref(
-            torch_get_total_norm(grads, p).item(), get_total_norm(grads, p).item(), 1e-5
-        )
+        assert_close_to_ref(torch_get_total_norm(grads, p).item(), get_total_norm(grads, p).item(), 1e-5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -775,9 +776,7 @@ def test_no_underflow_for_tiny_nonzero_gradients():
 def test_extreme_scales_against_float64_reference(exponent, dtype, norm_type, seed, sizes):
     gen = torch.Generator().manual_seed(seed)
     scale = 10.0 ** (exponent * (8 if dtype == torch.float64 else 1))
-    grads = [
-        (torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype) for n in sizes
-    ]
+    grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype) for n in sizes]
     ref = ref_total(grads, norm_type)
     got = get_total_norm(grads, norm_type).item()
     info = torch.finfo(dtype)
@@ -845,9 +844,7 @@ def test_accuracy_on_1e8_element_tensor():
     n = 10**8
     g = torch.rand(n, generator=torch.Generator().manual_seed(4))
     try:
-        ref = math.sqrt(
-            math.fsum(torch.dot(c, c).item() for c in g.split(1 << 20) for c in [c.double()])
-        )
+        ref = math.sqrt(math.fsum(torch.dot(c, c).item() for c in g.split(1 << 20) for c in [c.double()]))
         ours = get_total_norm([g]).item()
         assert rel_err(ours, ref) <= 1e-6
         # the per-tensor norm comes from the same row reductions (no copies: a broadcast
@@ -953,8 +950,9 @@ def sparse_gradient(draw, dtypes=REAL + HALF, extreme=True):
             idx = torch.cat([torch.arange(rows).view(1, -1), idx], dim=1)
         value_shape: tuple[int, ...] = (idx.shape[1], cols)
     else:
-        idx = torch.stack([torch.randint(0, max(rows, 1), (extra,), generator=gen),
-                           torch.randint(0, cols, (extra,), generator=gen)])
+        idx = torch.stack(
+            [torch.randint(0, max(rows, 1), (extra,), generator=gen), torch.randint(0, cols, (extra,), generator=gen)]
+        )
         if full:
             every = torch.cartesian_prod(torch.arange(rows), torch.arange(cols)).t()
             idx = torch.cat([every, idx], dim=1)
@@ -1000,8 +998,8 @@ SPARSE_DEVICE_RTOL = 1.5e-5
 
 def sparse_set_paths():
     return pytest.mark.parametrize(
-        "path, foreach", [("cpu", None), ("cpu", True), ("cpu", False),
-                          ("device", None), ("device", True), ("device", False)]
+        "path, foreach",
+        [("cpu", None), ("cpu", True), ("cpu", False), ("device", None), ("device", True), ("device", False)],
     )
 
 
@@ -1022,8 +1020,7 @@ def test_sparse_norms_match_the_dense_reference(path, foreach, data, norm_type):
     grads = data.draw(mixed_sparse_sets(extreme=path == "cpu"))
     params = make_params(grads)
     tensors = grads_of(params)
-    before = [(t.is_coalesced(), t._indices().clone(), t._values().clone()) if t.is_sparse else None
-              for t in tensors]
+    before = [(t.is_coalesced(), t._indices().clone(), t._values().clone()) if t.is_sparse else None for t in tensors]
     with engine_path(path):
         total = get_total_norm(tensors, norm_type, foreach=foreach)
         measured = measure_grad_norms(params, norm_type)
@@ -1063,15 +1060,12 @@ def test_sparse_norms_match_the_dense_reference(path, foreach, data, norm_type):
         combined = ref_combine([n for t, n in zip(tensors, per) if t.numel() > 0], p)
         dt = total.dtype  # a combination beyond its range comes out inf
         assert_close_to_ref(measured.total_norm.item(), combined, DEVICE_TOTAL_RTOL, "total", dt)
-        assert_close_to_ref(
-            total.item(), combined, DEVICE_TOTAL_RTOL + DEVICE_PER_TENSOR_RTOL, "total", dt
-        )
+        assert_close_to_ref(total.item(), combined, DEVICE_TOTAL_RTOL + DEVICE_PER_TENSOR_RTOL, "total", dt)
 
 
 @sparse_set_paths()
 @settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), norm_type=wide_norm_types,
-       max_norm=st.sampled_from([0.0, 1e-3, 0.5, 7.0, 1e4]))
+@given(data=st.data(), norm_type=wide_norm_types, max_norm=st.sampled_from([0.0, 1e-3, 0.5, 7.0, 1e4]))
 def test_sparse_clip_grad_norm_matches_torch_on_dense_copies(path, foreach, data, norm_type, max_norm):
     p = float(norm_type)
     grads = data.draw(mixed_sparse_sets(extreme=path == "cpu"))
@@ -1111,8 +1105,11 @@ def test_sparse_clip_grad_norm_matches_torch_on_dense_copies(path, foreach, data
 
 @pytest.mark.parametrize("path", ["cpu", "device"])
 @settings(max_examples=examples(40), deadline=None)
-@given(grads=mixed_sparse_sets(), clip_value=st.sampled_from([0.0, 1e-2, 0.7, 5.0, INF]),
-       foreach=st.sampled_from([None, True, False]))
+@given(
+    grads=mixed_sparse_sets(),
+    clip_value=st.sampled_from([0.0, 1e-2, 0.7, 5.0, INF]),
+    foreach=st.sampled_from([None, True, False]),
+)
 def test_sparse_clip_grad_value_matches_torch_on_dense_copies(path, grads, clip_value, foreach):
     params = make_params(grads)
     assume(grads_of(params))
@@ -1294,8 +1291,11 @@ def test_device_path_scales_by_a_device_coefficient(foreach):
     """clip_grads_with_norm_ given a total: the multiply by the clamped coefficient, done
     without reading it on the host, also when the coefficient is 1."""
     gen = torch.Generator().manual_seed(9)
-    grads = [torch.randn(50, generator=gen), torch.randn(3, 4, dtype=torch.float64, generator=gen),
-             torch.randn(20_000, generator=gen).to(torch.bfloat16)]
+    grads = [
+        torch.randn(50, generator=gen),
+        torch.randn(3, 4, dtype=torch.float64, generator=gen),
+        torch.randn(20_000, generator=gen).to(torch.bfloat16),
+    ]
     total = torch.tensor(4.0)
     for max_norm in (0.0, 1.0, 3.99999, 100.0):
         ours = make_params(grads)
@@ -1357,8 +1357,13 @@ def test_device_path_takes_one_foreach_kernel_per_group_for_torchs_fused_norms(f
     per tensor otherwise (and for tensor subclasses, which the foreach kernels refuse). On CPU
     both kernels give the same bits, so only the calls tell them apart."""
     gen = torch.Generator().manual_seed(11)
-    grads = [torch.randn(5, generator=gen), torch.empty(0), torch.randn(3, 2, generator=gen),
-             torch.randn(4, dtype=torch.float64, generator=gen), torch.randn(6, generator=gen).half()]
+    grads = [
+        torch.randn(5, generator=gen),
+        torch.empty(0),
+        torch.randn(3, 2, generator=gen),
+        torch.randn(4, dtype=torch.float64, generator=gen),
+        torch.randn(6, generator=gen).half(),
+    ]
     with device_path(), KernelLog() as log:
         total = get_total_norm(grads, norm_type, foreach=foreach)
     fused = foreach is not False and float(norm_type) in (1.0, 2.0, INF)
@@ -1429,8 +1434,7 @@ def exact_rtol(t: torch.Tensor) -> float:
 
 @settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    g=gradient(dtypes=REAL + HALF + COMPLEX, extreme=True,
-               scales=[1e-3, 1.0, 30.0, 1e-300, 1e300, 1e-310]),
+    g=gradient(dtypes=REAL + HALF + COMPLEX, extreme=True, scales=[1e-3, 1.0, 30.0, 1e-300, 1e300, 1e-310]),
     p=st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 20.0, -0.5, -1.0, -2.0]),
 )
 def test_exact_norm_matches_the_float64_reference(g, p):
@@ -1551,8 +1555,9 @@ def test_exactly_the_tensors_concerned_are_recomputed(case, exact_calls):
     grads = ordinary_grads(p) + [suspect]
     measured = measure_grad_norms(make_params(grads), p)
     assert exact_calls == [suspect.numel()]
-    assert_close_to_ref(measured.norms[-1].item(), ref_tensor_norm(suspect, p), tensor_rtol(suspect, p),
-                        f"p={p}", measured.norms.dtype)
+    assert_close_to_ref(
+        measured.norms[-1].item(), ref_tensor_norm(suspect, p), tensor_rtol(suspect, p), f"p={p}", measured.norms.dtype
+    )
     exact_calls.clear()
     total = get_total_norm(grads, p)
     # in a total, no other tensor is recomputed; this one if the fast total is in doubt
@@ -1563,8 +1568,7 @@ def test_exactly_the_tensors_concerned_are_recomputed(case, exact_calls):
     # is float64 to keep the total off the small-model path (float64 sums, nothing to recompute)
     alone = get_total_norm([torch.empty(0, dtype=torch.float64), suspect], p)
     assert exact_calls == [suspect.numel()]
-    assert_close_to_ref(alone.item(), ref_tensor_norm(suspect, p), tensor_rtol(suspect, p), f"p={p}",
-                        alone.dtype)
+    assert_close_to_ref(alone.item(), ref_tensor_norm(suspect, p), tensor_rtol(suspect, p), f"p={p}", alone.dtype)
 
 
 def test_a_total_of_tiny_gradients_is_recomputed_tensor_by_tensor(exact_calls):
@@ -1669,8 +1673,11 @@ def test_clip_skips_the_multiply_on_cpu_when_nothing_is_clipped():
 @pytest.mark.parametrize("foreach", [None, True, False])
 def test_device_path_multiplies_and_clamps_with_foreach_kernels_unless_told_not_to(foreach):
     gen = torch.Generator().manual_seed(13)
-    grads = [torch.randn(5, generator=gen), torch.randn(3, generator=gen),
-             torch.randn(4, dtype=torch.float64, generator=gen)]
+    grads = [
+        torch.randn(5, generator=gen),
+        torch.randn(3, generator=gen),
+        torch.randn(4, dtype=torch.float64, generator=gen),
+    ]
     fused = foreach is not False
     params = make_params(grads)
     with device_path(), KernelLog() as log:
@@ -1682,8 +1689,11 @@ def test_device_path_multiplies_and_clamps_with_foreach_kernels_unless_told_not_
     params = make_params(grads)
     with device_path(), KernelLog() as log:
         clip_grad_value_(params, 0.5, foreach=foreach)
-    expected = ([("foreach_clamp_min_", 2), ("foreach_clamp_max_", 2), ("foreach_clamp_min_", 1),
-                 ("foreach_clamp_max_", 1)] if fused else [("clamp_", 1)] * 3)
+    expected = (
+        [("foreach_clamp_min_", 2), ("foreach_clamp_max_", 2), ("foreach_clamp_min_", 1), ("foreach_clamp_max_", 1)]
+        if fused
+        else [("clamp_", 1)] * 3
+    )
     assert log.of("foreach_clamp_min_", "foreach_clamp_max_", "clamp_") == expected
     for g, out in zip(grads, grads_of(params)):
         assert torch.equal(out, g.clamp(-0.5, 0.5))
@@ -1824,11 +1834,20 @@ def test_exact_norm_of_a_tensor_longer_than_its_chunks():
     g[-1] = -2e20
     expected = math.sqrt((n - 2) * 1e40 + 9e40 + 4e40)
     assert_close_to_ref(get_total_norm([g]).item(), expected, 1e-6)
-    assert_close_to_ref(engine._exact_norm(g, 2.0), math.sqrt(float(n - 2) * float(torch.tensor(1e20)) ** 2
-                                                               + float(torch.tensor(3e20)) ** 2
-                                                               + float(torch.tensor(-2e20)) ** 2), 1e-10)
-    assert_close_to_ref(engine._exact_norm(g, 1.0), (n - 2) * float(torch.tensor(1e20))
-                        + float(torch.tensor(3e20)) + float(torch.tensor(2e20)), 1e-10)
+    assert_close_to_ref(
+        engine._exact_norm(g, 2.0),
+        math.sqrt(
+            float(n - 2) * float(torch.tensor(1e20)) ** 2
+            + float(torch.tensor(3e20)) ** 2
+            + float(torch.tensor(-2e20)) ** 2
+        ),
+        1e-10,
+    )
+    assert_close_to_ref(
+        engine._exact_norm(g, 1.0),
+        (n - 2) * float(torch.tensor(1e20)) + float(torch.tensor(3e20)) + float(torch.tensor(2e20)),
+        1e-10,
+    )
     assert_close_to_ref(engine._exact_norm(g, 3.0), ref_tensor_norm(g, 3.0), 1e-10)
 
 

@@ -32,7 +32,7 @@ def test_same_parameters_kinds_and_defaults_as_torch(name):
     assert ours[: len(torchs)] == torchs
     # anything the engine adds comes after torch's parameters, keyword-only and optional, so
     # every call written for torch means the same here
-    for pname, kind, default in ours[len(torchs):]:
+    for pname, kind, default in ours[len(torchs) :]:
         assert kind == inspect.Parameter.KEYWORD_ONLY and default is not inspect.Parameter.empty, pname
 
 
@@ -46,12 +46,22 @@ def test_defaults_written_out():
         ("foreach", inspect.Parameter.POSITIONAL_OR_KEYWORD, None),
     ]
     assert [(n, d) for n, _, d in shape(engine.clip_grad_value_, keyword_only_extras=False)] == [
-        ("parameters", inspect.Parameter.empty), ("clip_value", inspect.Parameter.empty), ("foreach", None)]
+        ("parameters", inspect.Parameter.empty),
+        ("clip_value", inspect.Parameter.empty),
+        ("foreach", None),
+    ]
     assert [(n, d) for n, _, d in shape(engine.get_total_norm, keyword_only_extras=False)] == [
-        ("tensors", inspect.Parameter.empty), ("norm_type", 2.0), ("error_if_nonfinite", False), ("foreach", None)]
+        ("tensors", inspect.Parameter.empty),
+        ("norm_type", 2.0),
+        ("error_if_nonfinite", False),
+        ("foreach", None),
+    ]
     assert [(n, d) for n, _, d in shape(engine.clip_grads_with_norm_, keyword_only_extras=False)] == [
-        ("parameters", inspect.Parameter.empty), ("max_norm", inspect.Parameter.empty),
-        ("total_norm", inspect.Parameter.empty), ("foreach", None)]
+        ("parameters", inspect.Parameter.empty),
+        ("max_norm", inspect.Parameter.empty),
+        ("total_norm", inspect.Parameter.empty),
+        ("foreach", None),
+    ]
 
 
 def test_the_defaults_behave_like_torchs():

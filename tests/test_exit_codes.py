@@ -23,8 +23,17 @@ def results(*statuses: str) -> list[RunResult]:
 
 def test_documented_exit_code_values():
     assert {c.name: int(c) for c in ExitCode} == {
-        "OK": 0, "INSTABILITY": 1, "USAGE": 2, "USER_CODE": 3, "INTERNAL": 4, "REPORTS_NOT_WRITTEN": 5,
-        "HANGUP": 129, "INTERRUPTED": 130, "BROKEN_PIPE": 141, "TERMINATED": 143}
+        "OK": 0,
+        "INSTABILITY": 1,
+        "USAGE": 2,
+        "USER_CODE": 3,
+        "INTERNAL": 4,
+        "REPORTS_NOT_WRITTEN": 5,
+        "HANGUP": 129,
+        "INTERRUPTED": 130,
+        "BROKEN_PIPE": 141,
+        "TERMINATED": 143,
+    }
 
 
 # Every combination of the two flags over each kind of sweep, written out by hand from the
@@ -32,14 +41,14 @@ def test_documented_exit_code_values():
 # run diverged", 3 when the script raised (wins over everything).
 EXPECTED = {
     # statuses in the sweep           (no flags, nan only, divergence only, both)
-    (STABLE,):                        (0, 0, 0, 0),
-    (STABLE, NON_FINITE):             (0, 1, 0, 1),
-    (STABLE, DIVERGED):               (0, 0, 1, 1),
-    (NON_FINITE, DIVERGED):           (0, 1, 1, 1),
-    (STABLE, ERROR):                  (3, 3, 3, 3),
-    (NON_FINITE, DIVERGED, ERROR):    (3, 3, 3, 3),
-    (ERROR,):                         (3, 3, 3, 3),
-    ():                               (0, 0, 0, 0),
+    (STABLE,): (0, 0, 0, 0),
+    (STABLE, NON_FINITE): (0, 1, 0, 1),
+    (STABLE, DIVERGED): (0, 0, 1, 1),
+    (NON_FINITE, DIVERGED): (0, 1, 1, 1),
+    (STABLE, ERROR): (3, 3, 3, 3),
+    (NON_FINITE, DIVERGED, ERROR): (3, 3, 3, 3),
+    (ERROR,): (3, 3, 3, 3),
+    (): (0, 0, 0, 0),
 }
 
 
@@ -119,10 +128,13 @@ def test_successful_command_returns_its_value():
     assert command.__name__ == "command"  # functools.wraps keeps the name typer shows
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["sweep", "m.py", "--out", "r"], "gradclip sweep m.py --out r --resume"),
-    (["sweep", "my model.py", "--resume", "--out", "r"], "gradclip sweep 'my model.py' --out r --resume"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["sweep", "m.py", "--out", "r"], "gradclip sweep m.py --out r --resume"),
+        (["sweep", "my model.py", "--resume", "--out", "r"], "gradclip sweep 'my model.py' --out r --resume"),
+    ],
+)
 def test_resume_command_is_quoted_with_one_resume(argv, expected):
     assert _resume_command(argv) == expected
 
@@ -151,9 +163,13 @@ def _recipe(tmp_path, text: str):
 
 @pytest.mark.parametrize(
     "text, flags",
-    [("", (False, False)), ("fail_on_nan = true\n", (True, False)), ("fail_on_divergence = true\n", (False, True)),
-     ("fail_on_nan = true\nfail_on_divergence = true\n", (True, True)),
-     ("fail_on_nan = false\nfail_on_divergence = false\n", (False, False))],
+    [
+        ("", (False, False)),
+        ("fail_on_nan = true\n", (True, False)),
+        ("fail_on_divergence = true\n", (False, True)),
+        ("fail_on_nan = true\nfail_on_divergence = true\n", (True, True)),
+        ("fail_on_nan = false\nfail_on_divergence = false\n", (False, False)),
+    ],
 )
 def test_recipe_fail_flags_reach_the_exit_code_independently(tmp_path, text, flags):
     from gradcheck_cli.cli import _resolve_config

@@ -124,16 +124,28 @@ _LOSS = st.one_of(st.floats(-10, 10), st.sampled_from([NAN, INF]))
 @settings(max_examples=150, deadline=None)
 @given(
     cells=st.lists(
-        st.tuples(st.sampled_from([None, 0.01, 0.1, 1.0, 10.0]), _STATUS, st.lists(_LOSS, min_size=1, max_size=12),
-                  st.one_of(st.none(), st.floats(-5, 5), st.just(NAN))),
-        max_size=6, unique_by=lambda c: c[0],
+        st.tuples(
+            st.sampled_from([None, 0.01, 0.1, 1.0, 10.0]),
+            _STATUS,
+            st.lists(_LOSS, min_size=1, max_size=12),
+            st.one_of(st.none(), st.floats(-5, 5), st.just(NAN)),
+        ),
+        max_size=6,
+        unique_by=lambda c: c[0],
     ),
     higher=st.booleans(),
 )
 def test_with_one_seed_settings_rank_exactly_as_runs(cells, higher):
-    runs = [RunResult(Cell(m), status, [StepRecord(i, x, 1.0, 1.0) for i, x in enumerate(losses, start=1)],
-                      eval_metric=metric, eval_higher_is_better=higher if metric is not None else None)
-            for m, status, losses, metric in cells]
+    runs = [
+        RunResult(
+            Cell(m),
+            status,
+            [StepRecord(i, x, 1.0, 1.0) for i, x in enumerate(losses, start=1)],
+            eval_metric=metric,
+            eval_higher_is_better=higher if metric is not None else None,
+        )
+        for m, status, losses, metric in cells
+    ]
     by_runs = rank(runs)
     by_settings = rank_settings(settings_of(runs), [None])
     assert [g.runs[0] for g in by_settings.settings] == by_runs.runs
@@ -152,11 +164,16 @@ def noisy_sweep(clip_1_levels=(1.1, 1.4, 1.7)):
     out = []
     for seed, offset in zip(SEEDS, (0.0, 0.3, 0.6)):
         unstable = seed == 2
-        out.append(level(None, seed, 3.0 + offset, status=DIVERGED if unstable else STABLE,
-                         diverged_step=4 if unstable else None))
+        out.append(
+            level(
+                None, seed, 3.0 + offset, status=DIVERGED if unstable else STABLE, diverged_step=4 if unstable else None
+            )
+        )
         out.append(level(0.1, seed, 1.0 + offset))
         out.append(level(1.0, seed, clip_1_levels[seed]))
-        out.append(level(10.0, seed, 0.2, status=DIVERGED if unstable else STABLE, diverged_step=4 if unstable else None))
+        out.append(
+            level(10.0, seed, 0.2, status=DIVERGED if unstable else STABLE, diverged_step=4 if unstable else None)
+        )
     return out
 
 
@@ -261,7 +278,10 @@ def test_recommendation_over_seeds_is_stable_in_every_seed_with_pooled_control_e
     out = rec.as_json()
     # clip_10_2 has the lowest losses but diverged in seed 2: never recommended
     assert {k: out[k] for k in ("needs_clipping", "max_norm", "norm_type", "run", "runs")} == {
-        "needs_clipping": True, "max_norm": 0.1, "norm_type": "2", "run": "clip_0.1_2",
+        "needs_clipping": True,
+        "max_norm": 0.1,
+        "norm_type": "2",
+        "run": "clip_0.1_2",
         "runs": ["clip_0.1_2@seed=0", "clip_0.1_2@seed=1", "clip_0.1_2@seed=2"],
     }
     assert all(r.status == STABLE for r in rec.setting.runs) and rec.run is rec.setting.runs[0]
@@ -305,8 +325,12 @@ def lr_sweep():
     0.5, meaningfully below every stable setting at lr 0.1."""
     out = []
     for s in SEEDS:
-        out += [level(None, s, 2.0 + 0.01 * s, lr=0.1), level(1.0, s, 2.1 + 0.01 * s, lr=0.1),
-                level(None, s, 9.0, status=DIVERGED, diverged_step=4, lr=1.0), level(1.0, s, 0.5 + 0.01 * s, lr=1.0)]
+        out += [
+            level(None, s, 2.0 + 0.01 * s, lr=0.1),
+            level(1.0, s, 2.1 + 0.01 * s, lr=0.1),
+            level(None, s, 9.0, status=DIVERGED, diverged_step=4, lr=1.0),
+            level(1.0, s, 0.5 + 0.01 * s, lr=1.0),
+        ]
     return out
 
 
@@ -315,8 +339,13 @@ def test_recommendation_over_lrs_is_given_at_the_lr_of_the_best_stable_setting_w
     assert (out["needs_clipping"], out["lr"], out["max_norm"], out["run"]) == (True, 1.0, 1.0, "clip_1_2@lr=1")
     assert out["lr_choice"] == "the lr of the best stable setting by smoothed loss"
     assert [(e["lr"], e["needs_clipping"], e.get("run")) for e in out["per_lr"]] == [
-        (0.1, False, None), (1.0, True, "clip_1_2@lr=1")]
-    assert out["per_lr"][0]["reason"] == "the unclipped run is stable in every seed; no clipped setting is meaningfully better"
+        (0.1, False, None),
+        (1.0, True, "clip_1_2@lr=1"),
+    ]
+    assert (
+        out["per_lr"][0]["reason"]
+        == "the unclipped run is stable in every seed; no clipped setting is meaningfully better"
+    )
     assert recommend(lr_sweep()).line().endswith("; at lr=1: the lr of the best stable setting by smoothed loss")
     assert verdict_line(lr_sweep()).startswith(
         "best: max_norm=1 norm_type=2 lr=1 (stable in all 3 seeds, mean smoothed loss 0.51); "
@@ -326,21 +355,33 @@ def test_recommendation_over_lrs_is_given_at_the_lr_of_the_best_stable_setting_w
     close = [r for r in lr_sweep() if not (r.cell.clipped and r.cell.lr == 1.0)]
     close += [level(1.0, s, 1.6 + 0.8 * s, lr=1.0) for s in SEEDS]
     rec = recommend(close)
-    assert (rec.needs_clipping, rec.lr, rec.lr_choice) == (False, 0.1, "the lr of the best stable setting by smoothed loss (unclipped)")
+    assert (rec.needs_clipping, rec.lr, rec.lr_choice) == (
+        False,
+        0.1,
+        "the lr of the best stable setting by smoothed loss (unclipped)",
+    )
     # nothing stable at any lr: the smallest lr, with what to try
-    broken = [seeded(m, s, status=DIVERGED, diverged_step=3, lr=lr) for lr in (1.0, 0.1) for m in (None, 1.0) for s in SEEDS]
+    broken = [
+        seeded(m, s, status=DIVERGED, diverged_step=3, lr=lr) for lr in (1.0, 0.1) for m in (None, 1.0) for s in SEEDS
+    ]
     rec = recommend(broken)
     assert (rec.needs_clipping, rec.lr, rec.run) == (True, 0.1, None)
-    assert rec.lr_choice == "no setting was stable at any lr: the smallest lr" and "below the smallest tried" in rec.advice
+    assert (
+        rec.lr_choice == "no setting was stable at any lr: the smallest lr" and "below the smallest tried" in rec.advice
+    )
 
 
 @settings(max_examples=150, deadline=None)
 @given(
     control=st.lists(_STATUS, min_size=3, max_size=3),
     cells=st.lists(
-        st.tuples(st.sampled_from([0.01, 0.1, 1.0, 10.0]), st.lists(_STATUS, min_size=3, max_size=3),
-                  st.lists(st.floats(0.1, 5.0), min_size=3, max_size=3)),
-        max_size=5, unique_by=lambda c: c[0],
+        st.tuples(
+            st.sampled_from([0.01, 0.1, 1.0, 10.0]),
+            st.lists(_STATUS, min_size=3, max_size=3),
+            st.lists(st.floats(0.1, 5.0), min_size=3, max_size=3),
+        ),
+        max_size=5,
+        unique_by=lambda c: c[0],
     ),
 )
 def test_recommendation_over_seeds_is_a_setting_stable_in_every_seed(control, cells):
@@ -395,7 +436,11 @@ def reference(script: Path, max_norm, seed: int, lr: float | None = None) -> dic
 
 
 def lines(result) -> list[str]:
-    return [line for line in result.stdout.splitlines() if line.startswith(("best:", "clipping not needed", "recommendation:"))]
+    return [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith(("best:", "clipping not needed", "recommendation:"))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -403,8 +448,20 @@ def loss_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seeds")
     script = without_evaluate(tmp)
     out = tmp / "r"
-    result = invoke("sweep", script, "--steps", STEPS, "--seeds", "0,1,2", "--max-norm", "1,10,1000", "--norm-type", "2",
-                    "--out", out)
+    result = invoke(
+        "sweep",
+        script,
+        "--steps",
+        STEPS,
+        "--seeds",
+        "0,1,2",
+        "--max-norm",
+        "1,10,1000",
+        "--norm-type",
+        "2",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     refs = {(m, s): reference(script, m, s) for m in (None, 1.0, 10.0, 1000.0) for s in SEEDS}
     return result, out, refs
@@ -429,13 +486,19 @@ def test_seeds_sweep_verdict_and_recommendation_match_the_reference_and_report_r
     rec = json.loads((out / "recommendation.json").read_text())
     # within noise, the largest margin to the boundary (1000 / 1) wins
     assert {k: rec[k] for k in ("needs_clipping", "max_norm", "norm_type", "clip_mode", "run", "runs", "reason")} == {
-        "needs_clipping": True, "max_norm": 1.0, "norm_type": "2", "clip_mode": "norm", "run": "clip_1_2",
+        "needs_clipping": True,
+        "max_norm": 1.0,
+        "norm_type": "2",
+        "clip_mode": "norm",
+        "run": "clip_1_2",
         "runs": ["clip_1_2@seed=0", "clip_1_2@seed=1", "clip_1_2@seed=2"],
         "reason": "the unclipped run diverged in 1 of 3 seeds; 2 stable settings are within noise of the best by "
-                  "smoothed loss, this one has the largest margin to the boundary",
+        "smoothed loss, this one has the largest margin to the boundary",
     }
     ev = rec["evidence"]
-    assert ev["boundaries"] == [{"norm_type": "2", "largest_stable": 10.0, "smallest_unstable": 1000.0, "factor": 100.0}]
+    assert ev["boundaries"] == [
+        {"norm_type": "2", "largest_stable": 10.0, "smallest_unstable": 1000.0, "factor": 100.0}
+    ]
     assert ev["boundary"]["margin"] == 1000.0 and ev["within_noise"] == ["clip_10_2"]
     assert ev["suggested"]["smoothed_loss"] == pytest.approx(mean[1.0], rel=1e-12)
     assert ev["suggested"]["smoothed_loss_sd_over_seeds"] == pytest.approx(statistics.stdev(figures[1.0]), rel=1e-9)
@@ -443,7 +506,9 @@ def test_seeds_sweep_verdict_and_recommendation_match_the_reference_and_report_r
     pct = ev["control"]["norm_percentiles"]
     assert (pct["steps"], pct["before_step"], pct["seeds"]) == (2 * STEPS + 2, 3, 3)
     assert [pct["p50"], pct["p90"], pct["p99"]] == pytest.approx(list(np.percentile(pooled, [50, 90, 99])), rel=1e-6)
-    assert recommendation.startswith("recommendation: clip with max_norm=1 norm_type=2 (clip_1_2, stable in all 3 seeds)")
+    assert recommendation.startswith(
+        "recommendation: clip with max_norm=1 norm_type=2 (clip_1_2, stable in all 3 seeds)"
+    )
     # gradclip report renders the same verdict and recommendation from the files
     again = invoke("report", out)
     assert again.exit_code == 0, again.output
@@ -453,8 +518,22 @@ def test_seeds_sweep_verdict_and_recommendation_match_the_reference_and_report_r
 
 def test_evaluate_over_seeds_ranks_by_the_metric_and_refine_runs_every_seed(tmp_path):
     out = tmp_path / "r"
-    result = invoke("sweep", KICK_SCRIPT, "--steps", STEPS, "--seeds", "0,1,2", "--max-norm", "1,10,1000", "--norm-type", "2",
-                    "--refine", 1, "--out", out)
+    result = invoke(
+        "sweep",
+        KICK_SCRIPT,
+        "--steps",
+        STEPS,
+        "--seeds",
+        "0,1,2",
+        "--max-norm",
+        "1,10,1000",
+        "--norm-type",
+        "2",
+        "--refine",
+        1,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     metrics = {m: [reference(KICK_SCRIPT, m, s)["metric"] for s in SEEDS] for m in (1.0, 10.0)}
     # by the loss clip_10_2 leads (test above); by evaluate() = -w (higher is better) clip_1_2 does, in every seed alike
@@ -482,14 +561,37 @@ def test_evaluate_over_seeds_ranks_by_the_metric_and_refine_runs_every_seed(tmp_
 def test_lrs_and_seeds_sweep_recommends_at_the_lr_of_the_best_stable_setting(tmp_path):
     script = without_evaluate(tmp_path)
     out = tmp_path / "r"
-    result = invoke("sweep", script, "--steps", STEPS, "--seeds", "0,1,2", "--lr", "0.01,0.001", "--max-norm", "1,10,1000",
-                    "--norm-type", "2", "--out", out)
+    result = invoke(
+        "sweep",
+        script,
+        "--steps",
+        STEPS,
+        "--seeds",
+        "0,1,2",
+        "--lr",
+        "0.01,0.001",
+        "--max-norm",
+        "1,10,1000",
+        "--norm-type",
+        "2",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
-    refs = {(m, lr, s): reference(script, m, s, lr) for m in (None, 1.0, 10.0, 1000.0) for lr in (0.01, 0.001) for s in SEEDS}
+    refs = {
+        (m, lr, s): reference(script, m, s, lr)
+        for m in (None, 1.0, 10.0, 1000.0)
+        for lr in (0.01, 0.001)
+        for s in SEEDS
+    }
     # at lr 0.01 the kick diverges seed 2 unclipped; at lr 0.001 it moves w ten times less: nothing diverges
     assert [refs[None, 0.01, s]["status"] for s in SEEDS] == [STABLE, STABLE, DIVERGED]
     assert all(r["status"] == STABLE for (m, lr, s), r in refs.items() if lr == 0.001)
-    figures = {(m, lr): [fig(refs[m, lr, s]["losses"]) for s in SEEDS] for m in (None, 1.0, 10.0, 1000.0) for lr in (0.01, 0.001)}
+    figures = {
+        (m, lr): [fig(refs[m, lr, s]["losses"]) for s in SEEDS]
+        for m in (None, 1.0, 10.0, 1000.0)
+        for lr in (0.01, 0.001)
+    }
     stable_everywhere = [k for k in figures if all(refs[k[0], k[1], s]["status"] == STABLE for s in SEEDS)]
     best = min(stable_everywhere, key=lambda k: (statistics.fmean(figures[k]), k[0] is not None))
     # the best stable setting is the unclipped one at lr 0.001 (max_norm 1000 never binds there: a tie)
@@ -502,11 +604,17 @@ def test_lrs_and_seeds_sweep_recommends_at_the_lr_of_the_best_stable_setting(tmp
     )
     rec = json.loads((out / "recommendation.json").read_text())
     assert (rec["needs_clipping"], rec["lr"], rec["lr_choice"]) == (
-        False, 0.001, "the lr of the best stable setting by smoothed loss (unclipped)")
+        False,
+        0.001,
+        "the lr of the best stable setting by smoothed loss (unclipped)",
+    )
     assert [(e["lr"], e["needs_clipping"], e.get("run")) for e in rec["per_lr"]] == [
-        (0.01, True, "clip_1_2@lr=0.01"), (0.001, False, None)]
+        (0.01, True, "clip_1_2@lr=0.01"),
+        (0.001, False, None),
+    ]
     assert rec["per_lr"][0]["boundaries"] == [
-        {"norm_type": "2", "largest_stable": 10.0, "smallest_unstable": 1000.0, "factor": 100.0}]
+        {"norm_type": "2", "largest_stable": 10.0, "smallest_unstable": 1000.0, "factor": 100.0}
+    ]
     assert recommendation == (
         "recommendation: no clipping needed (the unclipped run is stable in every seed; no clipped setting is "
         "meaningfully better); at lr=0.001: the lr of the best stable setting by smoothed loss (unclipped)"

@@ -43,7 +43,9 @@ class Tiny(nn.Module):
         self.losses: list[float] = []
         self.snapshot: dict[str, torch.Tensor] = {}
         for name, p in self.named_parameters():
-            p.register_post_accumulate_grad_hook(lambda p, name=name: self.snapshot.__setitem__(name, p.grad.detach().double().clone()))
+            p.register_post_accumulate_grad_hook(
+                lambda p, name=name: self.snapshot.__setitem__(name, p.grad.detach().double().clone())
+            )
 
     def forward(self, x, labels=None):
         self.calls += 1
@@ -119,7 +121,7 @@ def test_train_records_true_pre_clip_norms(tmp_path, max_grad_norm):
     assert layers[layers["step"] == 1]["param"].tolist() == NAMES
     row = summary.iloc[0]
     assert row["run"] == "monitor" and row["status"] == "stable" and row["steps"] == 12
-    assert (pd.isna(row["max_norm"]) if max_grad_norm == 0 else row["max_norm"] == max_grad_norm)
+    assert pd.isna(row["max_norm"]) if max_grad_norm == 0 else row["max_norm"] == max_grad_norm
     assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"  # restored
 
 

@@ -103,7 +103,7 @@ def test_fit_records_pre_clip_norms_losses_and_coefficients(tmp_path, clip):
     assert layers[layers["step"] == 1]["param"].tolist() == NAMES
     row = summary.iloc[0]
     assert row["run"] == "monitor" and row["status"] == "stable" and row["steps"] == 12
-    assert (pd.isna(row["max_norm"]) if clip is None else row["max_norm"] == clip)
+    assert pd.isna(row["max_norm"]) if clip is None else row["max_norm"] == clip
     assert torch.nn.utils.clip_grad_norm_ is torch.nn.utils.clip_grad.clip_grad_norm_
     assert torch.nn.utils.clip_grad_norm_.__module__ == "torch.nn.utils.clip_grad"  # restored
 
@@ -144,8 +144,12 @@ def test_amp_skipped_steps_and_unscaled_norms(tmp_path):
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
     ref, module = Reference(), Tiny()
-    fit(module, [ref, GradclipCallback(out=tmp_path)], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-        gradient_clip_val=0.5)
+    fit(
+        module,
+        [ref, GradclipCallback(out=tmp_path)],
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        gradient_clip_val=0.5,
+    )
     steps = pd.read_csv(tmp_path / "steps.csv")
     summary = pd.read_csv(tmp_path / "summary.csv")
     # the scaler skips exactly the steps whose unscaled gradients are not finite

@@ -34,9 +34,22 @@ def results() -> list[RunResult]:
             seconds=0.5,
         ),
         RunResult(Cell(1.0, 2.0), STABLE, [StepRecord(1, 1.0, 2.0, 0.5), StepRecord(2, 0.5, 1.0, 1.0)], seconds=0.25),
-        RunResult(Cell(10.0, math.inf), DIVERGED, [StepRecord(1, 1.789, 65.7, 1.0), StepRecord(2, 3.457e7)], diverged_step=2, seconds=0.125),
+        RunResult(
+            Cell(10.0, math.inf),
+            DIVERGED,
+            [StepRecord(1, 1.789, 65.7, 1.0), StepRecord(2, 3.457e7)],
+            diverged_step=2,
+            seconds=0.125,
+        ),
         RunResult(Cell(0.1, 2.0), NON_FINITE, [StepRecord(1, NAN)], nan_step=1, nan_source=SOURCE_FORWARD),
-        RunResult(Cell(5.0, 2.0), ERROR, [], seconds=0.01, error="IndexError: index 3 is out of bounds <&> \"x\"", error_traceback=TRACEBACK),
+        RunResult(
+            Cell(5.0, 2.0),
+            ERROR,
+            [],
+            seconds=0.01,
+            error='IndexError: index 3 is out of bounds <&> "x"',
+            error_traceback=TRACEBACK,
+        ),
     ]
 
 
@@ -125,10 +138,29 @@ def test_write_is_atomic_creates_parents_and_rejects_directories(tmp_path):
 SCHEMA = {
     "testsuites": ({"name", "time", "tests", "failures", "errors", "skipped", "disabled"}, {"testsuite"}),
     "testsuite": (
-        {"name", "tests", "failures", "errors", "time", "disabled", "skipped", "timestamp", "hostname", "id", "package", "file", "log", "url", "version"},
+        {
+            "name",
+            "tests",
+            "failures",
+            "errors",
+            "time",
+            "disabled",
+            "skipped",
+            "timestamp",
+            "hostname",
+            "id",
+            "package",
+            "file",
+            "log",
+            "url",
+            "version",
+        },
         {"testcase", "properties", "system-out", "system-err"},
     ),
-    "testcase": ({"name", "classname", "time", "assertions", "status", "file", "line"}, {"skipped", "error", "failure", "system-out", "system-err"}),
+    "testcase": (
+        {"name", "classname", "time", "assertions", "status", "file", "line"},
+        {"skipped", "error", "failure", "system-out", "system-err"},
+    ),
     "failure": ({"message", "type"}, set()),
     "error": ({"message", "type"}, set()),
 }

@@ -57,7 +57,9 @@ def test_choose_depth_keeps_parameters_when_few_and_bounds_groups_when_many():
     assert choose_depth(wide, max_groups=64) == 1
 
 
-@pytest.mark.parametrize("value, expected", [("auto", AUTO), (None, AUTO), ("param", None), ("all", None), ("2", 2), (3, 3)])
+@pytest.mark.parametrize(
+    "value, expected", [("auto", AUTO), (None, AUTO), ("param", None), ("all", None), ("2", 2), (3, 3)]
+)
 def test_parse_depth(value, expected):
     assert parse_depth(value) == expected
 

@@ -89,7 +89,12 @@ def test_contract_problems_are_reported_all_at_once():
     assert "loss_fn(batch) must accept two arguments (model, batch)" in msg
     assert "build_optimizer is not callable (it is str)" in msg
     hint = info.value.hint
-    for example in ("def build_model():", "def batches():", "def loss_fn(model, batch):", "def build_optimizer(model):"):
+    for example in (
+        "def build_model():",
+        "def batches():",
+        "def loss_fn(model, batch):",
+        "def build_optimizer(model):",
+    ):
         assert example in hint
 
 
@@ -161,7 +166,9 @@ def test_keyboard_interrupt_at_import_propagates(tmp_path):
 
 def test_build_model_returning_none_is_usage_error():
     exp = load_experiment(SCRIPTS / "bad_model.py")
-    with pytest.raises(UsageError, match=r"build_model\(\) in bad_model.py returned NoneType, expected a torch.nn.Module"):
+    with pytest.raises(
+        UsageError, match=r"build_model\(\) in bad_model.py returned NoneType, expected a torch.nn.Module"
+    ):
         exp.build_model()
 
 

@@ -136,7 +136,7 @@ def test_recorded_pre_clip_norms_match_float64_and_training_is_unchanged(tmp_pat
             assert rows["grad_norm"].tolist() == pytest.approx([per_param[n] for n in NAMES], rel=1e-6)
     row = summary.iloc[0]
     assert row["run"] == "monitor" and row["status"] == "stable" and row["steps"] == 12
-    assert (pd.isna(row["max_norm"]) if max_norm is None else row["max_norm"] == max_norm)
+    assert pd.isna(row["max_norm"]) if max_norm is None else row["max_norm"] == max_norm
     assert str(row["norm_type"]) == ("inf" if norm_type == math.inf else f"{norm_type:g}")
     assert row["skipped_steps"] == 0 and pd.isna(row["first_skip"])
     assert hist["count"].sum() == 12
@@ -258,14 +258,15 @@ def test_amp_scaler_skips_are_recorded_and_norms_are_unscaled(tmp_path):
 
 def test_killed_training_leaves_files_up_to_the_last_write(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, torch
         from torch import nn
         from gradcheck_cli.monitor import GradMonitor
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with GradMonitor(model, opt, out={str(tmp_path / 'out')!r}, write_every=3) as monitor:
+        with GradMonitor(model, opt, out={str(tmp_path / "out")!r}, write_every=3) as monitor:
             for step in range(1, 20):
                 opt.zero_grad()
                 loss = model(torch.ones(2, 3)).pow(2).mean()
@@ -275,8 +276,14 @@ def test_killed_training_leaves_files_up_to_the_last_write(tmp_path):
                 opt.step()
                 if step == 7:
                     os._exit(9)  # as abrupt as kill -9: no exit handlers, no flush
-    """))
-    proc = subprocess.run([sys.executable, str(script)], env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 9, proc.stderr
     summary, steps, layers, _ = read(tmp_path / "out")
     assert steps["step"].tolist() == [1, 2, 3, 4, 5, 6] and summary["steps"].tolist() == [6]
@@ -315,7 +322,9 @@ def test_clip_calls_on_another_model_pass_through(tmp_path):
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=1, max_size=4), st.sampled_from([1.0, 2.0, math.inf]))
+@given(
+    st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=1, max_size=4), st.sampled_from([1.0, 2.0, math.inf])
+)
 def test_any_gradients_give_the_float64_norm_and_coefficient(tmp_path_factory, scales, norm_type):
     out = tmp_path_factory.mktemp("prop")
     params = [nn.Parameter(torch.zeros(3)) for _ in scales]
@@ -339,7 +348,12 @@ def test_the_core_never_imports_the_frameworks():
         "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate')]\n"
         "assert not bad, bad\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
 
 

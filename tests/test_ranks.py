@@ -89,7 +89,15 @@ def test_a_rank_that_dies_is_reported_and_nothing_hangs(tmp_path):
 def test_a_rank_that_hangs_fails_the_others_after_the_timeout_with_a_message(tmp_path):
     start = time.monotonic()
     proc = torchrun(
-        SCRIPTS / "rank_fails.py", "--steps", "3", "--out", tmp_path, "--jobs", "0", RANK_FAILS="hang", GRADCLIP_DIST_TIMEOUT="5"
+        SCRIPTS / "rank_fails.py",
+        "--steps",
+        "3",
+        "--out",
+        tmp_path,
+        "--jobs",
+        "0",
+        RANK_FAILS="hang",
+        GRADCLIP_DIST_TIMEOUT="5",
     )
     assert proc.returncode != 0
     assert time.monotonic() - start < 120

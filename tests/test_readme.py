@@ -75,7 +75,11 @@ def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
     env.pop("COLUMNS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "gradcheck_cli", "sweep", "--recipe", "exploding_rnn", "--out", "gradclip-report"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     expected = [line.rstrip() for line in readme_sample_output()]
@@ -84,13 +88,25 @@ def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
 
     # The rows of the README table, read back as words: all seven runs, their statuses and onsets.
     rows = {line.split()[0]: line.split() for line in expected if line.startswith(("unclipped", "clip_"))}
-    assert list(rows) == ["unclipped", "clip_0.1_2", "clip_0.1_inf", "clip_1_2", "clip_1_inf", "clip_10_2", "clip_10_inf"]
+    assert list(rows) == [
+        "unclipped",
+        "clip_0.1_2",
+        "clip_0.1_inf",
+        "clip_1_2",
+        "clip_1_inf",
+        "clip_10_2",
+        "clip_10_inf",
+    ]
     summary = pd.read_csv(tmp_path / "gradclip-report" / "summary.csv")
     assert list(summary["run"]) == list(rows)
     assert list(summary["status"]) == [words[3] for words in rows.values()]
     assert list(summary["status"]) == ["diverged", "stable", "stable", "stable", "stable", "diverged", "diverged"]
     onsets = [None if words[4] == "—" else int(words[4]) for words in rows.values()]
-    assert [None if pd.isna(s) else int(s) for s in summary["diverged_step"]] == onsets == [2, None, None, None, None, 4, 2]
+    assert (
+        [None if pd.isna(s) else int(s) for s in summary["diverged_step"]]
+        == onsets
+        == [2, None, None, None, None, 4, 2]
+    )
     # The chosen setting: the README's verdict names the lowest smoothed loss (mean of the last 10
     # losses) among stable clipped runs, and the recommendation line and file agree with it.
     verdict, recommendation = expected[-2], expected[-1]
@@ -124,7 +140,13 @@ def test_readme_pandas_example_runs_on_a_sweeps_files(tmp_path):
     result = CliRunner().invoke(app, ["sweep", str(script), "--steps", "3", "--max-norm", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     code = example + "\nimport matplotlib.pyplot as plt\nplt.savefig('plot.png')\n"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**__import__("os").environ, "MPLBACKEND": "Agg"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "MPLBACKEND": "Agg"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")

@@ -13,8 +13,20 @@ from gradcheck_cli.recipes import bundled_recipes_dir, list_bundled_recipes, loa
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = ["exploding_rnn", "nan_at_step", "tiny_gan", "tiny_lm", "tiny_lm_grid"]
 # The keys load_recipe returns for SweepConfig.from_values.
-RECIPE_VALUES = {"script", "max_norms", "norm_types", "steps", "seed", "seeds", "lr", "divergence_factor", "device",
-                 "amp", "accumulate", "amp_init_scale"}
+RECIPE_VALUES = {
+    "script",
+    "max_norms",
+    "norm_types",
+    "steps",
+    "seed",
+    "seeds",
+    "lr",
+    "divergence_factor",
+    "device",
+    "amp",
+    "accumulate",
+    "amp_init_scale",
+}
 
 
 def recipe(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
@@ -90,11 +102,21 @@ def test_pyproject_ships_recipes_and_samples_inside_the_package():
 
 def test_only_present_keys_and_alternative_spellings(tmp_path):
     path = recipe(tmp_path, 'script = "model.py"\nmax_norm = "0.5, 2"\nnorm_type = "1,inf"\n')
-    assert load_recipe(path) == {"script": (tmp_path / "model.py").resolve(), "max_norms": (0.5, 2.0), "norm_types": (1.0, math.inf)}
-    path = recipe(tmp_path, "norm_type = [2, inf, \"inf\", 1]\nmax_norm = [1, 0.25]\nlr = 1\n")
+    assert load_recipe(path) == {
+        "script": (tmp_path / "model.py").resolve(),
+        "max_norms": (0.5, 2.0),
+        "norm_types": (1.0, math.inf),
+    }
+    path = recipe(tmp_path, 'norm_type = [2, inf, "inf", 1]\nmax_norm = [1, 0.25]\nlr = 1\n')
     assert load_recipe(path) == {"norm_types": (2.0, math.inf, 1.0), "max_norms": (1.0, 0.25), "lr": (1.0,)}
     path = recipe(tmp_path, 'lr = "0.1, 1"\nseeds = [0, 2, 0]\namp = "fp16"\naccumulate = 4\namp_init_scale = 1024\n')
-    assert load_recipe(path) == {"lr": (0.1, 1.0), "seeds": (0, 2), "amp": "fp16", "accumulate": 4, "amp_init_scale": 1024.0}
+    assert load_recipe(path) == {
+        "lr": (0.1, 1.0),
+        "seeds": (0, 2),
+        "amp": "fp16",
+        "accumulate": 4,
+        "amp_init_scale": 1024.0,
+    }
     assert load_recipe(recipe(tmp_path, "")) == {}
 
 
@@ -224,7 +246,7 @@ def test_parsing_never_executes_code(tmp_path):
     )
     path = tmp_path / "r.toml"
     path.write_text(
-        f'description = "__import__(\'pathlib\').Path(\'{marker}\').touch()"\nscript = "model.py"\nsteps = 2\n'
+        f"description = \"__import__('pathlib').Path('{marker}').touch()\"\nscript = \"model.py\"\nsteps = 2\n"
     )
     values = load_recipe(path)
     assert values["script"] == tmp_path / "model.py" and values["steps"] == 2

@@ -41,7 +41,13 @@ FINGERPRINT = {"sweep": "test"}
 
 def run(max_norm, n_steps: int, offset: float = 0.0, status: str = STABLE, **kw) -> RunResult:
     steps = [
-        StepRecord(s, 1.0 / s + offset, 0.5 * s + offset, 1.0 if max_norm is None else 0.25, layers=(("a", 0.1 * s), ("b", 0.2 * s)))
+        StepRecord(
+            s,
+            1.0 / s + offset,
+            0.5 * s + offset,
+            1.0 if max_norm is None else 0.25,
+            layers=(("a", 0.1 * s), ("b", 0.2 * s)),
+        )
         for s in range(1, n_steps + 1)
     ]
     return RunResult(Cell(max_norm, 2.0), status, steps, seconds=0.01, **kw)
@@ -132,9 +138,18 @@ def run_lists(draw):
     floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
     out = []
     for i, n in enumerate(draw(st.lists(st.integers(0, 4), min_size=1, max_size=5))):
-        steps = [StepRecord(s, draw(floats), draw(floats), draw(floats), layers=(("w", draw(floats)),)) for s in range(1, n + 1)]
-        out.append(RunResult(Cell(None if i == 0 else float(i), 2.0), draw(st.sampled_from([STABLE, NON_FINITE, ERROR])), steps,
-                             error=draw(st.one_of(st.none(), st.text(max_size=8)))))
+        steps = [
+            StepRecord(s, draw(floats), draw(floats), draw(floats), layers=(("w", draw(floats)),))
+            for s in range(1, n + 1)
+        ]
+        out.append(
+            RunResult(
+                Cell(None if i == 0 else float(i), 2.0),
+                draw(st.sampled_from([STABLE, NON_FINITE, ERROR])),
+                steps,
+                error=draw(st.one_of(st.none(), st.text(max_size=8))),
+            )
+        )
     return out
 
 
@@ -225,14 +240,34 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 CORRUPTIONS = {
-    "unparsable number in steps.csv": (files.STEPS_FILE, lambda p: _edit(p, "unclipped,2,0.5,", "unclipped,2,half,"), "line 3: loss 'half' is not a valid number"),
-    "unparsable step": (files.STEPS_FILE, lambda p: _edit(p, "unclipped,2,", "unclipped,two,"), "step 'two' is not a valid number"),
+    "unparsable number in steps.csv": (
+        files.STEPS_FILE,
+        lambda p: _edit(p, "unclipped,2,0.5,", "unclipped,2,half,"),
+        "line 3: loss 'half' is not a valid number",
+    ),
+    "unparsable step": (
+        files.STEPS_FILE,
+        lambda p: _edit(p, "unclipped,2,", "unclipped,two,"),
+        "step 'two' is not a valid number",
+    ),
     "missing column": (files.SUMMARY_FILE, lambda p: _edit(p, "run,max_norm,", "name,max_norm,"), "missing column run"),
     "unknown status": (files.SUMMARY_FILE, lambda p: _edit(p, ",stable,", ",fine,"), "unknown status 'fine'"),
-    "max_norm edited": (files.SUMMARY_FILE, lambda p: _edit(p, "clip_0.1_2,0.1,", "clip_0.1_2,0.2,"), "which name run 'clip_0.2_2'"),
+    "max_norm edited": (
+        files.SUMMARY_FILE,
+        lambda p: _edit(p, "clip_0.1_2,0.1,", "clip_0.1_2,0.2,"),
+        "which name run 'clip_0.2_2'",
+    ),
     "manifest not an object": (files.MANIFEST_FILE, lambda p: p.write_text("[1, 2]"), "not a JSON object"),
-    "finished_runs not a list": (files.MANIFEST_FILE, lambda p: _edit(p, '"finished_runs": [', '"finished_runs": "x", "y": ['), "'finished_runs'"),
-    "committed garbage": (files.MANIFEST_FILE, lambda p: _edit(p, '"committed": {', '"committed": {"x": -1, '), "'committed'"),
+    "finished_runs not a list": (
+        files.MANIFEST_FILE,
+        lambda p: _edit(p, '"finished_runs": [', '"finished_runs": "x", "y": ['),
+        "'finished_runs'",
+    ),
+    "committed garbage": (
+        files.MANIFEST_FILE,
+        lambda p: _edit(p, '"committed": {', '"committed": {"x": -1, '),
+        "'committed'",
+    ),
     "file shorter than committed": (files.STEPS_FILE, lambda p: p.write_bytes(p.read_bytes()[:40]), "manifest records"),
 }
 
@@ -312,8 +347,10 @@ def test_temp_cleanup_removes_only_files_of_processes_that_are_gone(tmp_path, li
 # --- run names --------------------------------------------------------------------------------
 
 
-@given(st.lists(st.floats(min_value=1e-300, max_value=1e300), min_size=1, max_size=6),
-       st.lists(st.one_of(st.floats(min_value=-1e6, max_value=1e6), st.just(math.inf)), min_size=1, max_size=3))
+@given(
+    st.lists(st.floats(min_value=1e-300, max_value=1e300), min_size=1, max_size=6),
+    st.lists(st.one_of(st.floats(min_value=-1e6, max_value=1e6), st.just(math.inf)), min_size=1, max_size=3),
+)
 def test_distinct_cells_get_distinct_names_that_round_trip(max_norms, norm_types):
     cells = {Cell(m, p) for m in max_norms for p in norm_types}
     names = {c.run for c in cells}
@@ -325,12 +362,16 @@ def test_distinct_cells_get_distinct_names_that_round_trip(max_norms, norm_types
 
 def test_neighbouring_values_are_two_runs_and_exact_duplicates_one_with_a_note():
     assert [c.run for c in SweepConfig(script=Path("s.py"), max_norms=(1.0, 1.0000001)).cells()][1::2] == [
-        "clip_1_2", "clip_1.0000001_2"]
+        "clip_1_2",
+        "clip_1.0000001_2",
+    ]
     assert Cell(1.0, 2.0000001).run == "clip_1_2.0000001"
     notes: list[str] = []
     assert cfg.parse_max_norms("1,1.0,1e0", notes=notes) == (1.0,)
-    assert notes == ["--max-norm 1.0 equals 1, already in the grid: one run for both",
-                     "--max-norm 1e0 equals 1, already in the grid: one run for both"]
+    assert notes == [
+        "--max-norm 1.0 equals 1, already in the grid: one run for both",
+        "--max-norm 1e0 equals 1, already in the grid: one run for both",
+    ]
     assert cfg.parse_norm_types("2,2.0000001,inf,Inf", notes=notes) == (2.0, 2.0000001, math.inf)
     assert notes[-1] == "--norm-type Inf equals inf, already in the grid: one run for both"
 
@@ -338,8 +379,13 @@ def test_neighbouring_values_are_two_runs_and_exact_duplicates_one_with_a_note()
 def test_exact_duplicates_in_the_rule_grids_are_one_run_each_with_a_note():
     notes: list[str] = []
     config = SweepConfig.from_values(
-        {"script": str(REPO / "sample_models" / "exploding_rnn.py"), "clip_values": "0.5,0.50", "agc_clip_factors": "0.01,1e-2",
-         "autoclip_percentiles": "10,10.0", "zclip_z_thresholds": "2.5,2.5"},
+        {
+            "script": str(REPO / "sample_models" / "exploding_rnn.py"),
+            "clip_values": "0.5,0.50",
+            "agc_clip_factors": "0.01,1e-2",
+            "autoclip_percentiles": "10,10.0",
+            "zclip_z_thresholds": "2.5,2.5",
+        },
         notes=notes,
     )
     assert [c.run for c in config.cells()] == ["unclipped", "value_0.5", "agc_0.01", "autoclip_p10", "zclip_z2.5"]

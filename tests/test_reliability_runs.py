@@ -39,8 +39,13 @@ def write_script(directory: Path, body: str, name: str = "model.py") -> Path:
 @pytest.fixture(autouse=True)
 def torch_defaults():
     """These tests let scripts change global torch state; put it back whatever happens."""
-    state = (torch.get_default_dtype(), torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
-             torch.get_num_threads(), os.getcwd())
+    state = (
+        torch.get_default_dtype(),
+        torch.is_grad_enabled(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+        os.getcwd(),
+    )
     torch.set_num_threads(1)
     yield
     torch.set_default_dtype(state[0])
@@ -65,7 +70,10 @@ def batches():
 
 @pytest.mark.parametrize("seeds", [(0,), (0, 1)])
 def test_every_run_starts_from_the_same_global_torch_state(tmp_path, seeds):
-    script = write_script(tmp_path, LINEAR + """
+    script = write_script(
+        tmp_path,
+        LINEAR
+        + """
 seen = []
 def loss_fn(model, batch):
     seen.append((torch.get_default_dtype(), torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
@@ -79,7 +87,8 @@ def loss_fn(model, batch):
     torch.set_anomaly_enabled(True)
     torch.set_float32_matmul_precision("medium")
     return loss
-""")
+""",
+    )
     experiment = load_experiment(script)
     config = SweepConfig(script=script, steps=2, max_norms=(0.5, 1.0), norm_types=(2.0,), seeds=seeds)
     results = run_sweep(config, experiment)
@@ -110,12 +119,16 @@ def loss_fn(model, batch):
     ids=["loss ignores the parameters", "optimizer of another model", "healthy"],
 )
 def test_degenerate_training_gets_a_warnings_column_a_note_and_check_says_so(tmp_path, loss_body, optimizer, expected):
-    script = write_script(tmp_path, LINEAR + f"""
+    script = write_script(
+        tmp_path,
+        LINEAR
+        + f"""
 def loss_fn(model, batch):
     x, y = batch
     {loss_body}
 {optimizer}
-""")
+""",
+    )
     out = tmp_path / "out"
     result = invoke("sweep", script, "--steps", 3, "--max-norm", 1, "--norm-type", 2, "--out", out)
     assert result.exit_code == 0, result.output
@@ -133,13 +146,17 @@ def loss_fn(model, batch):
 
 
 def test_state_carried_between_runs_is_named(tmp_path):
-    script = write_script(tmp_path, LINEAR + """
+    script = write_script(
+        tmp_path,
+        LINEAR
+        + """
 calls = [0]
 def loss_fn(model, batch):
     calls[0] += 1
     x, y = batch
     return torch.nn.functional.mse_loss(model(x), y) + 0.001 * calls[0]
-""")
+""",
+    )
     out = tmp_path / "out"
     result = invoke("sweep", script, "--steps", 2, "--max-norm", "1,2", "--norm-type", 2, "--out", out)
     assert result.exit_code == 0, result.output
@@ -157,7 +174,9 @@ def test_user_code_imported_from_another_folder_keeps_its_frames(tmp_path):
     (lib / "helpers.py").write_text("def compute(model, x):\n    raise ValueError('bad shapes in helpers')\n")
     script_dir = tmp_path / "scripts"
     script_dir.mkdir()
-    script = write_script(script_dir, f"""
+    script = write_script(
+        script_dir,
+        f"""
 import sys
 sys.path.insert(0, {str(lib)!r})
 import torch, helpers
@@ -167,7 +186,8 @@ def batches():
     return [torch.ones(1, 1)]
 def loss_fn(model, batch):
     return helpers.compute(model, batch)
-""")
+""",
+    )
     result = invoke("check", script, "--steps", 1)
     assert result.exit_code == 3
     assert f'File "{lib / "helpers.py"}", line 2, in compute' in result.stderr
@@ -183,10 +203,22 @@ def loss_fn(model, batch):
 @pytest.mark.parametrize(
     "body, explanation",
     [
-        ("def batches():\n    return []\ndef loss_fn(model, b):\n    return model(b).sum()", "batches() yielded no batches"),
-        ("def batches():\n    return 3\ndef loss_fn(model, b):\n    return model(b).sum()", "batches() must return an iterable of batches, got int"),
-        ("def batches():\n    return [torch.ones(1, 1)]\ndef loss_fn(model, b):\n    return 1.5", "loss_fn must return a scalar tensor, got float"),
-        ("def batches():\n    return [torch.ones(1, 1)]\ndef loss_fn(model, b):\n    return model(b).sum().detach()", "does not require grad"),
+        (
+            "def batches():\n    return []\ndef loss_fn(model, b):\n    return model(b).sum()",
+            "batches() yielded no batches",
+        ),
+        (
+            "def batches():\n    return 3\ndef loss_fn(model, b):\n    return model(b).sum()",
+            "batches() must return an iterable of batches, got int",
+        ),
+        (
+            "def batches():\n    return [torch.ones(1, 1)]\ndef loss_fn(model, b):\n    return 1.5",
+            "loss_fn must return a scalar tensor, got float",
+        ),
+        (
+            "def batches():\n    return [torch.ones(1, 1)]\ndef loss_fn(model, b):\n    return model(b).sum().detach()",
+            "does not require grad",
+        ),
         (
             "def batches():\n    return [torch.ones(1, 1)]\ndef loss_fn(model, b):\n    return model(b).sum()\n"
             "def build_optimizer(model):\n    return torch.optim.lr_scheduler.StepLR(torch.optim.SGD(model.parameters(), lr=0.1), 1)",
@@ -196,7 +228,9 @@ def loss_fn(model, batch):
     ids=["empty batches", "not iterable", "python float loss", "detached loss", "scheduler"],
 )
 def test_contract_violations_show_their_explanation_in_the_terminal(tmp_path, body, explanation):
-    script = write_script(tmp_path, "import torch\ndef build_model():\n    return torch.nn.Linear(1, 1)\n" + body + "\n")
+    script = write_script(
+        tmp_path, "import torch\ndef build_model():\n    return torch.nn.Linear(1, 1)\n" + body + "\n"
+    )
     result = invoke("check", script, "--steps", 2)
     assert result.exit_code == 3
     block = result.stderr.split("--- unclipped: error ---", 1)[1]
@@ -207,7 +241,10 @@ def test_contract_violations_show_their_explanation_in_the_terminal(tmp_path, bo
 
 
 def test_recipe_with_a_utf8_bom(tmp_path):
-    (tmp_path / "r.toml").write_bytes(b"\xef\xbb\xbf" + f'script = "{SCRIPTS / "stable_linear.py"}"\nsteps = 2\nmax_norm = [1]\nnorm_type = [2]\n'.encode())
+    (tmp_path / "r.toml").write_bytes(
+        b"\xef\xbb\xbf"
+        + f'script = "{SCRIPTS / "stable_linear.py"}"\nsteps = 2\nmax_norm = [1]\nnorm_type = [2]\n'.encode()
+    )
     result = invoke("sweep", "--recipe", tmp_path / "r.toml", "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(tmp_path / "out" / files.SUMMARY_FILE)) == 2
@@ -236,7 +273,10 @@ def test_check_norm_type_without_max_norm_is_refused():
 
 
 def test_build_optimizer_returning_different_types_gets_the_documented_message(tmp_path):
-    script = write_script(tmp_path, LINEAR + """
+    script = write_script(
+        tmp_path,
+        LINEAR
+        + """
 calls = [0]
 def loss_fn(model, batch):
     x, y = batch
@@ -246,7 +286,8 @@ def build_optimizer(model):
     if calls[0] == 1:
         return torch.optim.SGD(model.parameters(), lr=0.1)
     return torch.optim.Adam(model.parameters(), lr=0.1)
-""")
+""",
+    )
     result = invoke("check", script, "--steps", 2)
     assert result.exit_code == 3
     assert "(Adam, first SGD); it must build the same optimizer on every call" in result.stderr
@@ -260,7 +301,9 @@ def test_an_lr_too_large_for_the_default_sgd_names_lr(tmp_path):
 
 
 def test_a_model_on_the_meta_device_is_a_usage_error(tmp_path):
-    script = write_script(tmp_path, """
+    script = write_script(
+        tmp_path,
+        """
 import torch
 def build_model():
     with torch.device("meta"):
@@ -269,7 +312,8 @@ def batches():
     return [torch.ones(1, 2)]
 def loss_fn(model, b):
     return model(b).sum()
-""")
+""",
+    )
     result = invoke("check", script)
     assert result.exit_code == 2, result.output
     assert "returned a model on the meta device" in result.stderr and "to_empty" in result.stderr
@@ -289,12 +333,28 @@ def test_malformed_device_strings_exit_2_with_the_accepted_forms(tmp_path, devic
 
 def test_neighbouring_max_norms_are_separate_runs_and_duplicates_merge_with_a_note(tmp_path):
     out = tmp_path / "out"
-    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 2, "--max-norm", "1,1.0000001,1.0",
-                    "--norm-type", "2,2.0000001", "--out", out)
+    result = invoke(
+        "sweep",
+        SCRIPTS / "stable_linear.py",
+        "--steps",
+        2,
+        "--max-norm",
+        "1,1.0000001,1.0",
+        "--norm-type",
+        "2,2.0000001",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert "note: --max-norm 1.0 equals 1, already in the grid: one run for both" in result.stderr
     summary = pd.read_csv(out / files.SUMMARY_FILE, dtype={"norm_type": str})
-    assert list(summary["run"]) == ["unclipped", "clip_1_2", "clip_1_2.0000001", "clip_1.0000001_2", "clip_1.0000001_2.0000001"]
+    assert list(summary["run"]) == [
+        "unclipped",
+        "clip_1_2",
+        "clip_1_2.0000001",
+        "clip_1.0000001_2",
+        "clip_1.0000001_2.0000001",
+    ]
     assert list(summary["max_norm"][1:]) == [1.0, 1.0, 1.0000001, 1.0000001]
     assert list(summary["norm_type"]) == ["2", "2", "2.0000001", "2", "2.0000001"]
 
@@ -344,7 +404,10 @@ def test_help_documents_the_exit_codes():
 
 def test_a_train_step_script_gets_the_same_global_torch_state_every_run(tmp_path):
     """The same restore for scripts that run their own update (``train_step``)."""
-    script = write_script(tmp_path, LINEAR + """
+    script = write_script(
+        tmp_path,
+        LINEAR
+        + """
 seen = []
 def build_optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.1)
@@ -359,7 +422,8 @@ def train_step(model, batch, optimizers, clip):
     torch.set_default_dtype(torch.float64)  # careless, every step
     torch.set_num_threads(3)
     return loss
-""")
+""",
+    )
     experiment = load_experiment(script)
     config = SweepConfig(script=script, steps=2, max_norms=(0.5, 1.0), norm_types=(2.0,))
     results = run_sweep(config, experiment)

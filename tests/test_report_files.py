@@ -46,7 +46,13 @@ def sample_results() -> list[RunResult]:
             Cell(None, 2.0),
             NON_FINITE,
             [
-                StepRecord(1, 1.7889255285263062, 65.70680236816406, 1.0, layers=(("rnn.weight_hh_l0", 65.1), ("head", 0.1 + 0.2))),
+                StepRecord(
+                    1,
+                    1.7889255285263062,
+                    65.70680236816406,
+                    1.0,
+                    layers=(("rnn.weight_hh_l0", 65.1), ("head", 0.1 + 0.2)),
+                ),
                 StepRecord(2, 0.1 + 0.2, math.inf, NAN, layers=(("rnn.weight_hh_l0", math.inf), ("head", NAN))),
             ],
             nan_step=2,
@@ -54,8 +60,18 @@ def sample_results() -> list[RunResult]:
             nan_param="rnn.weight_hh_l0",
             seconds=0.123456789,
         ),
-        RunResult(Cell(0.1, 2.0), STABLE, [StepRecord(i, 1.0 / i, 0.0 if i == 2 else 3.0 * i, 0.1 / 3) for i in range(1, 5)], seconds=1.5),
-        RunResult(Cell(1.0, math.inf), DIVERGED, [StepRecord(1, 2.0, 5e-324, 1.0), StepRecord(2, 1.7976931348623157e308, NAN, NAN)], diverged_step=2),
+        RunResult(
+            Cell(0.1, 2.0),
+            STABLE,
+            [StepRecord(i, 1.0 / i, 0.0 if i == 2 else 3.0 * i, 0.1 / 3) for i in range(1, 5)],
+            seconds=1.5,
+        ),
+        RunResult(
+            Cell(1.0, math.inf),
+            DIVERGED,
+            [StepRecord(1, 2.0, 5e-324, 1.0), StepRecord(2, 1.7976931348623157e308, NAN, NAN)],
+            diverged_step=2,
+        ),
         RunResult(Cell(10.0, 1.5), NON_FINITE, [StepRecord(1, NAN, NAN, NAN)], nan_step=1, nan_source=SOURCE_FORWARD),
         RunResult(
             Cell(100.0, 2.0),
@@ -85,11 +101,26 @@ def _bits(v):
 def same_result(a: RunResult, b: RunResult) -> bool:
     def key(r):
         steps = [
-            (tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef, s.lr)), s.skipped, tuple((n, _bits(v)) for n, v in s.layers),
-             tuple((n, _bits(a), _bits(b)) for n, a, b in s.sites))
+            (
+                tuple(_bits(v) for v in (s.step, s.loss, s.grad_norm, s.clip_coef, s.lr)),
+                s.skipped,
+                tuple((n, _bits(v)) for n, v in s.layers),
+                tuple((n, _bits(a), _bits(b)) for n, a, b in s.sites),
+            )
             for s in r.steps
         ]
-        return (r.run, r.cell, r.status, steps, r.nan_step, r.nan_source, r.nan_param, r.diverged_step, round(r.seconds, 4), r.error)
+        return (
+            r.run,
+            r.cell,
+            r.status,
+            steps,
+            r.nan_step,
+            r.nan_source,
+            r.nan_param,
+            r.diverged_step,
+            round(r.seconds, 4),
+            r.error,
+        )
 
     return key(a) == key(b)
 
@@ -272,7 +303,16 @@ def test_kill_9_at_any_moment_leaves_parseable_reports(tmp_path):
         present = [n for n in REPORTS if (out / n).exists()]
         for name in present:
             frame = pd.read_csv(out / name)
-            assert len(frame.columns) == {files.SUMMARY_FILE: len(SUMMARY_COLUMNS), files.STEPS_FILE: len(STEP_COLUMNS), files.LAYERS_FILE: 4, files.CONTROL_NORMS_FILE: 4, files.HISTOGRAMS_FILE: 5}[name]
+            assert (
+                len(frame.columns)
+                == {
+                    files.SUMMARY_FILE: len(SUMMARY_COLUMNS),
+                    files.STEPS_FILE: len(STEP_COLUMNS),
+                    files.LAYERS_FILE: 4,
+                    files.CONTROL_NORMS_FILE: 4,
+                    files.HISTOGRAMS_FILE: 5,
+                }[name]
+            )
             assert not frame.isna().all(axis=1).any()  # no half-written row
         if (out / files.MANIFEST_FILE).exists():
             manifest = json.loads((out / files.MANIFEST_FILE).read_text())
@@ -333,7 +373,9 @@ finite_or_not = st.floats(allow_nan=True, allow_infinity=True)
 @st.composite
 def run_results(draw):
     out = []
-    max_norms = draw(st.lists(st.floats(min_value=1e-6, max_value=1e6), min_size=0, max_size=3, unique_by=lambda x: f"{x:g}"))
+    max_norms = draw(
+        st.lists(st.floats(min_value=1e-6, max_value=1e6), min_size=0, max_size=3, unique_by=lambda x: f"{x:g}")
+    )
     cells = [Cell(None, 2.0)] + [Cell(m, draw(st.sampled_from([1.0, 2.0, math.inf]))) for m in max_norms]
     seen = set()
     for cell in cells:
@@ -342,13 +384,28 @@ def run_results(draw):
         seen.add(cell.run)
         n = draw(st.integers(min_value=0, max_value=6))
         steps = [
-            StepRecord(i + 1, draw(finite_or_not), draw(finite_or_not), draw(finite_or_not),
-                       lr=draw(finite_or_not), skipped=draw(st.booleans()),
-                       sites=tuple((f"site{j}", draw(finite_or_not), draw(finite_or_not)) for j in range(draw(st.integers(0, 2)))))
+            StepRecord(
+                i + 1,
+                draw(finite_or_not),
+                draw(finite_or_not),
+                draw(finite_or_not),
+                lr=draw(finite_or_not),
+                skipped=draw(st.booleans()),
+                sites=tuple(
+                    (f"site{j}", draw(finite_or_not), draw(finite_or_not)) for j in range(draw(st.integers(0, 2)))
+                ),
+            )
             for i in range(n)
         ]
         status = draw(st.sampled_from([STABLE, NON_FINITE, DIVERGED, ERROR]))
-        text = st.one_of(st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), min_size=1, max_size=20))
+        text = st.one_of(
+            st.none(),
+            st.text(
+                alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"),
+                min_size=1,
+                max_size=20,
+            ),
+        )
         out.append(
             RunResult(
                 cell,
@@ -395,15 +452,33 @@ def test_different_options_refuse_to_resume(tmp_path):
 
 
 def test_resume_rebuilds_lr_seed_and_amp_columns_exactly(tmp_path):
-    config = SweepConfig(script=Path("model.py"), steps=3, lrs=(0.1, 1.0), seeds=(0, 7), max_norms=(1.0,),
-                         norm_types=(2.0,), amp="fp16", accumulate=2)
+    config = SweepConfig(
+        script=Path("model.py"),
+        steps=3,
+        lrs=(0.1, 1.0),
+        seeds=(0, 7),
+        max_norms=(1.0,),
+        norm_types=(2.0,),
+        amp="fp16",
+        accumulate=2,
+    )
     results = []
     for cell in config.cells():
-        steps = [StepRecord(1, 2.0, math.inf, NAN, lr=config.lr_of(cell), skipped=True),
-                 StepRecord(2, 1.5, 0.5, 1.0, lr=config.lr_of(cell) / 2)]
+        steps = [
+            StepRecord(1, 2.0, math.inf, NAN, lr=config.lr_of(cell), skipped=True),
+            StepRecord(2, 1.5, 0.5, 1.0, lr=config.lr_of(cell) / 2),
+        ]
         results.append(RunResult(cell, STABLE, steps, lr=config.lr_of(cell), seed=config.seed_of(cell), seconds=0.5))
-    results[-1] = RunResult(results[-1].cell, NON_FINITE, [StepRecord(1, NAN, lr=1.0)], nan_step=1,
-                            nan_source=SOURCE_FORWARD, nan_micro_batch=2, lr=1.0, seed=7)
+    results[-1] = RunResult(
+        results[-1].cell,
+        NON_FINITE,
+        [StepRecord(1, NAN, lr=1.0)],
+        nan_step=1,
+        nan_source=SOURCE_FORWARD,
+        nan_micro_batch=2,
+        lr=1.0,
+        seed=7,
+    )
     write(tmp_path, results)
     files.write_manifest(tmp_path, config.fingerprint(), [r.run for r in results])
     first = read_bytes(tmp_path)
@@ -419,8 +494,12 @@ def test_resume_rebuilds_lr_seed_and_amp_columns_exactly(tmp_path):
     write(tmp_path, list(loaded.values()))
     assert read_bytes(tmp_path) == first
     # a different lr, seed, amp or accumulation refuses to resume, naming the option
-    for change, option in [({"lrs": (0.1,)}, "--lr"), ({"seeds": (0,)}, "--seeds"), ({"amp": "bf16"}, "--amp"),
-                           ({"accumulate": 1}, "--accumulate")]:
+    for change, option in [
+        ({"lrs": (0.1,)}, "--lr"),
+        ({"seeds": (0,)}, "--seeds"),
+        ({"amp": "bf16"}, "--amp"),
+        ({"accumulate": 1}, "--accumulate"),
+    ]:
         other = SweepConfig(**{**config.__dict__, **change})
         with pytest.raises(UsageError, match=option):
             files.load_finished(tmp_path, other.fingerprint())
@@ -465,7 +544,9 @@ def test_resume_with_real_runs_reproduces_the_uninterrupted_reports(tmp_path, on
     from gradcheck_cli.loader import load_experiment
     from gradcheck_cli.sweep import run_sweep
 
-    config = SweepConfig(script=REPO / "sample_models" / "exploding_rnn.py", steps=8, max_norms=(0.1, 1.0), norm_types=(2.0,))
+    config = SweepConfig(
+        script=REPO / "sample_models" / "exploding_rnn.py", steps=8, max_norms=(0.1, 1.0), norm_types=(2.0,)
+    )
     experiment = load_experiment(config.script)
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
     full_dir.mkdir()
@@ -502,5 +583,10 @@ def test_summary_json_is_strict_and_documented():
     assert forward_nan["grad_norm_p50"] is None  # no value -> null
     assert stable["final_loss"] == 0.25 and stable["steps"] == 4
     assert errored["error"].startswith("ValueError")
-    assert json.loads(summary_json([RunResult(Cell(1.0), DIVERGED, [StepRecord(1, 1.0, 1.0, 1.0), StepRecord(2, math.inf)])]))[0]["final_loss"] == "inf"
+    assert (
+        json.loads(
+            summary_json([RunResult(Cell(1.0), DIVERGED, [StepRecord(1, 1.0, 1.0, 1.0), StepRecord(2, math.inf)])])
+        )[0]["final_loss"]
+        == "inf"
+    )
     assert summary_json([]) == "[]"

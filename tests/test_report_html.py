@@ -62,8 +62,22 @@ def assert_self_contained(path: Path) -> None:
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("html") / "report"
-    result = invoke("sweep", SCRIPTS / "spike_at_step.py", "--steps", 12, "--lr", 0.05, "--max-norm", "0.5,50,500",
-                    "--norm-type", "2,inf", "--refine", 1, "--out", out)
+    result = invoke(
+        "sweep",
+        SCRIPTS / "spike_at_step.py",
+        "--steps",
+        12,
+        "--lr",
+        0.05,
+        "--max-norm",
+        "0.5,50,500",
+        "--norm-type",
+        "2,inf",
+        "--refine",
+        1,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -95,7 +109,9 @@ def test_report_command_re_renders_from_the_files(sweep_dir, tmp_path):
     result = invoke("report", copy)
     assert result.exit_code == 0, result.output
     assert (copy / "report.html").exists() and len(images(parse(copy / "report.html"))) == 5
-    assert json.loads((copy / "recommendation.json").read_text()) == json.loads((sweep_dir / "recommendation.json").read_text())
+    assert json.loads((copy / "recommendation.json").read_text()) == json.loads(
+        (sweep_dir / "recommendation.json").read_text()
+    )
     text = " ".join(result.stdout.split())
     assert "gradclip sweep" in text and "unclipped: gradients of body.2.weight spike at step 6" in text
     assert "recommendation:" in text
@@ -110,7 +126,9 @@ def test_report_command_exit_codes(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     result = invoke("report", empty)
-    assert result.exit_code == 2 and "is not a gradclip output: it has no summary.csv" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "is not a gradclip output: it has no summary.csv" in " ".join(
+        result.output.split()
+    )
     assert "hint:" in result.output and "Traceback" not in result.output
     (empty / "summary.csv").write_text("a,b\n1,2\n")
     result = invoke("report", empty)

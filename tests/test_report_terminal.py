@@ -53,8 +53,15 @@ def render(renderable, width=200) -> str:
 def sweep_results():
     """An exploding-RNN-like sweep: control non-finite, one clipped run diverged, two stable."""
     return [
-        run(None, losses=(2.0, 3.0, 5.0), norms=(60.0, 900.0, math.inf), status=NON_FINITE, nan_step=3,
-            nan_source=SOURCE_BACKWARD, nan_param="rnn.weight_hh_l0"),
+        run(
+            None,
+            losses=(2.0, 3.0, 5.0),
+            norms=(60.0, 900.0, math.inf),
+            status=NON_FINITE,
+            nan_step=3,
+            nan_source=SOURCE_BACKWARD,
+            nan_param="rnn.weight_hh_l0",
+        ),
         run(0.1, losses=(2.0, 1.0, 0.5), norms=(60.0, 30.0, 10.0)),
         run(1.0, losses=(2.0, 0.8, 0.1), norms=(60.0, 20.0, 5.0)),
         run(10.0, math.inf, losses=(2.0, 30.0), norms=(60.0,), status=DIVERGED, diverged_step=2),
@@ -66,8 +73,17 @@ def sweep_results():
 
 @pytest.mark.parametrize(
     "value, text",
-    [(None, "—"), (NAN, "nan"), (math.inf, "inf"), (-math.inf, "-inf"), (0.123456, "0.1235"), (34571184.0, "3.457e7"),
-     (1.2e-5, "1.2e-5"), (2, "2"), (100.0, "100")],
+    [
+        (None, "—"),
+        (NAN, "nan"),
+        (math.inf, "inf"),
+        (-math.inf, "-inf"),
+        (0.123456, "0.1235"),
+        (34571184.0, "3.457e7"),
+        (1.2e-5, "1.2e-5"),
+        (2, "2"),
+        (100.0, "100"),
+    ],
 )
 def test_format_number(value, text):
     assert format_number(value) == text
@@ -108,7 +124,11 @@ def test_summary_table_rows_and_cells():
     assert table.row_count == 4
     assert len(table.columns) == 14
     text = render(table)
-    lines = {line.split()[0]: line for line in text.splitlines() if line.strip() and line.split()[0] in {r.run for r in results}}
+    lines = {
+        line.split()[0]: line
+        for line in text.splitlines()
+        if line.strip() and line.split()[0] in {r.run for r in results}
+    }
     assert set(lines) == {"unclipped", "clip_0.1_2", "clip_1_2", "clip_10_inf"}
     control = lines["unclipped"].split()
     assert control[1] == "—"  # no max_norm for the control
@@ -126,7 +146,13 @@ def test_summary_table_statuses_are_coloured():
     status_cells = list(table.columns[3].cells)
     assert [c.plain for c in status_cells] == [r.status for r in results]
     assert [str(c.style) for c in status_cells] == [STATUS_STYLES[r.status] for r in results]
-    assert STATUS_STYLES == {STABLE: "green", DIVERGED: "yellow", NON_FINITE: "red", ERROR: "magenta", CRASHED: "magenta"}
+    assert STATUS_STYLES == {
+        STABLE: "green",
+        DIVERGED: "yellow",
+        NON_FINITE: "red",
+        ERROR: "magenta",
+        CRASHED: "magenta",
+    }
 
 
 def test_summary_table_histogram_uses_the_shared_bins():
@@ -200,7 +226,9 @@ def test_verdict_best_clipped_and_unclipped_non_finite():
     line = verdict_line(sweep_results())
     assert "\n" not in line
     # smoothed losses (mean of the last 10): 0.9667 for max_norm=1, 1.167 for 0.1, within noise
-    assert line.startswith("best: max_norm=1 norm_type=2 (stable, smoothed loss 0.9667); no meaningful difference from clip_0.1_2;")
+    assert line.startswith(
+        "best: max_norm=1 norm_type=2 (stable, smoothed loss 0.9667); no meaningful difference from clip_0.1_2;"
+    )
     assert "unclipped: non_finite at step 3 (backward): first non-finite gradient in rnn.weight_hh_l0" in line
 
 
@@ -251,7 +279,15 @@ def test_verdict_nothing_stable():
 
 def test_verdict_same_onset_everywhere_says_clipping_cannot_help():
     results = [
-        run(m, losses=(1.0, 0.9), norms=(2.0, NAN), status=NON_FINITE, nan_step=2, nan_source=SOURCE_BACKWARD, nan_param="head.weight")
+        run(
+            m,
+            losses=(1.0, 0.9),
+            norms=(2.0, NAN),
+            status=NON_FINITE,
+            nan_step=2,
+            nan_source=SOURCE_BACKWARD,
+            nan_param="head.weight",
+        )
         for m in (None, 1.0, 0.1)
     ]
     line = verdict_line(results)
@@ -264,7 +300,11 @@ def test_verdict_all_errors():
 
 
 def test_verdict_ties_go_to_the_earlier_run_and_odd_cases():
-    results = [run(None, losses=(1.0, 9.0), norms=(1.0,), status=DIVERGED, diverged_step=2), run(0.1, losses=(1.0, 0.2)), run(1.0, losses=(1.0, 0.2))]
+    results = [
+        run(None, losses=(1.0, 9.0), norms=(1.0,), status=DIVERGED, diverged_step=2),
+        run(0.1, losses=(1.0, 0.2)),
+        run(1.0, losses=(1.0, 0.2)),
+    ]
     assert verdict_line(results).startswith("best: max_norm=0.1 norm_type=2")
     assert verdict_line([]) == "no runs"
     assert verdict_line([run(None)]) == "unclipped: stable, final loss 0.25"
@@ -282,8 +322,19 @@ def test_describe_result_forward_and_error():
 
 def test_check_line():
     assert check_line(run(1.0)) == "PASS clip_1_2: stable, final loss 0.25 (3 steps)"
-    bad = run(None, losses=(1.0, 0.5), norms=(1.0, NAN), status=NON_FINITE, nan_step=2, nan_source=SOURCE_BACKWARD, nan_param="head.weight")
-    assert check_line(bad) == "FAIL unclipped: non_finite at step 2 (backward): first non-finite gradient in head.weight (2 steps)"
+    bad = run(
+        None,
+        losses=(1.0, 0.5),
+        norms=(1.0, NAN),
+        status=NON_FINITE,
+        nan_step=2,
+        nan_source=SOURCE_BACKWARD,
+        nan_param="head.weight",
+    )
+    assert (
+        check_line(bad)
+        == "FAIL unclipped: non_finite at step 2 (backward): first non-finite gradient in head.weight (2 steps)"
+    )
 
 
 # --- error panels -------------------------------------------------------------------------------
@@ -292,7 +343,14 @@ def test_check_line():
 def test_error_panels_show_tracebacks_verbatim():
     tb = 'Traceback (most recent call last):\n  File "model.py", line 3, in loss_fn\n    raise ValueError("[red]not markup[/red]")\nValueError: [red]not markup[/red]'
     results = sweep_results() + [
-        run(5.0, status=ERROR, losses=(1.0,), norms=(1.0,), error="ValueError: [red]not markup[/red]", error_traceback=tb),
+        run(
+            5.0,
+            status=ERROR,
+            losses=(1.0,),
+            norms=(1.0,),
+            error="ValueError: [red]not markup[/red]",
+            error_traceback=tb,
+        ),
         run(50.0, status=ERROR, losses=(), norms=(), error="RuntimeError: no traceback kept"),
     ]
     panels = error_panels(results)
@@ -319,8 +377,10 @@ def test_shared_bins_are_ordered_and_count_every_finite_norm(norms, n_bins):
 
 def grid_run(max_norm, lr, seed, final, status=STABLE, **kw) -> RunResult:
     """A run of a sweep over lrs (0.1, 1) and seeds (0, 1, 2): names carry both axes."""
-    steps = [StepRecord(1, 2.0, 4.0, 1.0 if max_norm is None else min(max_norm / 4.000001, 1.0), lr=lr),
-             StepRecord(2, final, 2.0 * (seed + 1), 1.0, lr=lr)]
+    steps = [
+        StepRecord(1, 2.0, 4.0, 1.0 if max_norm is None else min(max_norm / 4.000001, 1.0), lr=lr),
+        StepRecord(2, final, 2.0 * (seed + 1), 1.0, lr=lr),
+    ]
     return RunResult(Cell(max_norm, 2.0, lr=lr, seed=seed), status, steps, lr=lr, seed=seed, **kw)
 
 
@@ -329,8 +389,16 @@ def grid_results():
     for seed in (0, 1, 2):
         for lr in (0.1, 1.0):
             control_ok = lr == 0.1 and seed != 2
-            out.append(grid_run(None, lr, seed, 0.9 if control_ok else 50.0, STABLE if control_ok else DIVERGED,
-                                diverged_step=None if control_ok else 2))
+            out.append(
+                grid_run(
+                    None,
+                    lr,
+                    seed,
+                    0.9 if control_ok else 50.0,
+                    STABLE if control_ok else DIVERGED,
+                    diverged_step=None if control_ok else 2,
+                )
+            )
             out.append(grid_run(1.0, lr, seed, 0.5 + 0.1 * seed + (0.0 if lr == 0.1 else 0.3)))
     return out
 
@@ -345,7 +413,7 @@ def test_several_seeds_give_one_row_per_setting_with_stable_k_of_n_and_the_loss_
     # clip_1_2 at lr 0.1: final losses 0.5, 0.6, 0.7 -> mean 0.6, spread 0.2
     cells = rows["clip_1_2@lr=0.1"].split()
     # onset, spike, non-finite param, mean final loss, spread
-    assert cells[cells.index("3/3") + 1:cells.index("3/3") + 6] == ["—", "—", "—", "0.6", "0.2"]
+    assert cells[cells.index("3/3") + 1 : cells.index("3/3") + 6] == ["—", "—", "—", "0.6", "0.2"]
     assert "onset" in text and "spread" in text and "mean" in text
 
 
@@ -354,8 +422,11 @@ def test_stable_k_of_n_is_green_only_when_every_seed_is_stable():
     table = summary_table(results, shared_log_bins(results))
     statuses = table.columns[[c.header for c in table.columns].index("status")]._cells
     assert [(c.plain, c.style) for c in statuses] == [
-        ("stable 2/3", STATUS_STYLES[DIVERGED]), ("stable 3/3", STATUS_STYLES[STABLE]),
-        ("stable 0/3", STATUS_STYLES[DIVERGED]), ("stable 3/3", STATUS_STYLES[STABLE])]
+        ("stable 2/3", STATUS_STYLES[DIVERGED]),
+        ("stable 3/3", STATUS_STYLES[STABLE]),
+        ("stable 0/3", STATUS_STYLES[DIVERGED]),
+        ("stable 3/3", STATUS_STYLES[STABLE]),
+    ]
 
 
 def test_stability_map_lr_by_max_norm():
@@ -376,8 +447,10 @@ def test_grouped_verdict_needs_every_seed_stable_and_ranks_by_the_mean_smoothed_
     # per-seed smoothed losses (2 + final) / 2: clip_1_2 at lr 0.1 1.25, 1.3, 1.35 (mean 1.3); at lr 1
     # 1.4, 1.45, 1.5: 0.15 apart, beyond 2 standard errors over the seeds (2 * sqrt(2 * 0.05**2 / 3) = 0.082)
     line = verdict_line(grid_results())
-    assert line == ("best: max_norm=1 norm_type=2 lr=0.1 (stable in all 3 seeds, mean smoothed loss 1.3); "
-                    "unclipped: lr=0.1 stable 2/3 seeds, lr=1 stable 0/3 seeds")
+    assert line == (
+        "best: max_norm=1 norm_type=2 lr=0.1 (stable in all 3 seeds, mean smoothed loss 1.3); "
+        "unclipped: lr=0.1 stable 2/3 seeds, lr=1 stable 0/3 seeds"
+    )
     # the control stable in every seed with a meaningfully lower figure (1.1 in every seed): clipping not needed
     results = [r for r in grid_results() if not (r.cell.max_norm is None and r.cell.lr == 0.1)]
     results += [grid_run(None, 0.1, seed, 0.2) for seed in (0, 1, 2)]
@@ -392,10 +465,13 @@ def test_describe_amp_collapse_and_micro_batch_onsets():
 
     steps = [StepRecord(1, 1.0, 2.0, 1.0)] + [StepRecord(i, 1.0, math.inf, NAN, skipped=True) for i in range(2, 22)]
     amp = RunResult(Cell(None), NON_FINITE, steps, nan_step=21, nan_source=SOURCE_AMP, nan_param="head.weight")
-    assert describe_result(amp) == ("non_finite at step 21 (amp): the gradient scaler skipped 20 steps in a row "
-                                    "(from step 2); non-finite gradient in head.weight")
-    forward = RunResult(Cell(None), NON_FINITE, [StepRecord(3, NAN)], nan_step=3, nan_source=SOURCE_FORWARD,
-                        nan_micro_batch=2)
+    assert describe_result(amp) == (
+        "non_finite at step 21 (amp): the gradient scaler skipped 20 steps in a row "
+        "(from step 2); non-finite gradient in head.weight"
+    )
+    forward = RunResult(
+        Cell(None), NON_FINITE, [StepRecord(3, NAN)], nan_step=3, nan_source=SOURCE_FORWARD, nan_micro_batch=2
+    )
     assert describe_result(forward) == "non_finite at step 3 (forward, micro-batch 2): the loss is nan"
 
 
@@ -425,9 +501,17 @@ def test_narrow_note_names_exactly_the_columns_left_out(width):
         assert named == []
     if width <= 80:
         assert named  # the full table needs about 100 columns
+
+
 def test_verdict_says_divergence_was_not_judged_and_still_names_a_spike():
-    control = run(None, losses=(-1.0, -1.2, -1.1, -1.3), norms=(1.0, 1.0, 1.0, 50.0), divergence_checked=False,
-                  spike_step=4, spike_param="policy.weight")
+    control = run(
+        None,
+        losses=(-1.0, -1.2, -1.1, -1.3),
+        norms=(1.0, 1.0, 1.0, 50.0),
+        divergence_checked=False,
+        spike_step=4,
+        spike_param="policy.weight",
+    )
     line = verdict_line([control, run(1.0, losses=(-1.0, -1.1, -1.2, -1.3), divergence_checked=False)])
     assert line.endswith(
         "; divergence not judged: the first loss -1 is not positive; non-finite values and gradient spikes still are; "

@@ -48,10 +48,21 @@ def test_run_names():
 
 
 def test_summary_row_of_a_run_that_went_nan():
-    steps = [StepRecord(1, 2.0, 4.0, 0.25), StepRecord(2, 1.0, 0.5, 1.0), StepRecord(3, 0.5, 2.0, 0.5),
-             StepRecord(4, 0.75, math.inf)]
-    result = RunResult(Cell(1.0, 2.0), NON_FINITE, steps, nan_step=4, nan_source=SOURCE_BACKWARD,
-                       nan_param="fc.weight", seconds=1.23456)
+    steps = [
+        StepRecord(1, 2.0, 4.0, 0.25),
+        StepRecord(2, 1.0, 0.5, 1.0),
+        StepRecord(3, 0.5, 2.0, 0.5),
+        StepRecord(4, 0.75, math.inf),
+    ]
+    result = RunResult(
+        Cell(1.0, 2.0),
+        NON_FINITE,
+        steps,
+        nan_step=4,
+        nan_source=SOURCE_BACKWARD,
+        nan_param="fc.weight",
+        seconds=1.23456,
+    )
     row = result.summary_row()
     assert list(row) == SUMMARY_COLUMNS
     assert row["final_loss"] == 0.75 and row["min_loss"] == 0.5
@@ -69,11 +80,18 @@ def test_summary_of_an_empty_run_is_blank_not_zero():
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.lists(st.one_of(st.floats(min_value=0, max_value=1e30), st.just(math.nan), st.just(math.inf)),
-                         max_size=30), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.lists(st.one_of(st.floats(min_value=0, max_value=1e30), st.just(math.nan), st.just(math.inf)), max_size=30),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_histograms_count_each_finite_norm_once_on_increasing_edges(norm_lists):
-    results = [RunResult(Cell(None), STABLE, [StepRecord(i + 1, 1.0, n, 1.0) for i, n in enumerate(norms)])
-               for norms in norm_lists]
+    results = [
+        RunResult(Cell(None), STABLE, [StepRecord(i + 1, 1.0, n, 1.0) for i, n in enumerate(norms)])
+        for norms in norm_lists
+    ]
     edges = shared_log_bins(results)
     for r in results:
         finite_count = sum(math.isfinite(n) for n in r.finite_norms())
@@ -84,7 +102,18 @@ def test_histograms_count_each_finite_norm_once_on_increasing_edges(norm_lists):
 def test_frames_have_the_documented_columns():
     results = [RunResult(Cell(None), STABLE, [StepRecord(1, 1.0, 2.0, 1.0), StepRecord(2, 0.5, 1.0, 1.0)])]
     assert list(summary_frame(results).columns) == SUMMARY_COLUMNS
-    assert list(steps_frame(results).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
+    assert list(steps_frame(results).columns) == [
+        "run",
+        "step",
+        "loss",
+        "grad_norm",
+        "clip_coef",
+        "clip_threshold",
+        "clipped_unit_frac",
+        "lr",
+        "skipped",
+        "seed",
+    ]
     hist = histogram_frame(results, shared_log_bins(results))
     assert list(hist.columns) == ["run", "norm_type", "bin_left", "bin_right", "count"] and hist["count"].sum() == 2
 
@@ -200,19 +229,65 @@ def test_histogram_frame_rows_by_hand():
 
 
 def test_frames_hold_the_exact_records():
-    control = RunResult(Cell(None), STABLE, [StepRecord(1, 2.0, 4.0, 1.0, lr=0.5), StepRecord(2, 1.0, 3.0, 1.0, lr=0.25)],
-                        seconds=0.5, seed=7)
-    clipped = RunResult(Cell(0.5, math.inf), NON_FINITE, [StepRecord(1, 2.0, 4.0, 0.125, lr=0.5), StepRecord(2, math.nan)],
-                        nan_step=2, nan_source="forward")
+    control = RunResult(
+        Cell(None),
+        STABLE,
+        [StepRecord(1, 2.0, 4.0, 1.0, lr=0.5), StepRecord(2, 1.0, 3.0, 1.0, lr=0.25)],
+        seconds=0.5,
+        seed=7,
+    )
+    clipped = RunResult(
+        Cell(0.5, math.inf),
+        NON_FINITE,
+        [StepRecord(1, 2.0, 4.0, 0.125, lr=0.5), StepRecord(2, math.nan)],
+        nan_step=2,
+        nan_source="forward",
+    )
     steps = steps_frame([control, clipped]).to_dict("records")
-    assert list(steps_frame([control]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
+    assert list(steps_frame([control]).columns) == [
+        "run",
+        "step",
+        "loss",
+        "grad_norm",
+        "clip_coef",
+        "clip_threshold",
+        "clipped_unit_frac",
+        "lr",
+        "skipped",
+        "seed",
+    ]
     assert all(math.isnan(row.pop("clip_threshold")) and math.isnan(row.pop("clipped_unit_frac")) for row in steps)
     assert steps[:2] == [
-        {"run": "unclipped", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 1.0, "lr": 0.5, "skipped": 0, "seed": 7},
-        {"run": "unclipped", "step": 2, "loss": 1.0, "grad_norm": 3.0, "clip_coef": 1.0, "lr": 0.25, "skipped": 0, "seed": 7},
+        {
+            "run": "unclipped",
+            "step": 1,
+            "loss": 2.0,
+            "grad_norm": 4.0,
+            "clip_coef": 1.0,
+            "lr": 0.5,
+            "skipped": 0,
+            "seed": 7,
+        },
+        {
+            "run": "unclipped",
+            "step": 2,
+            "loss": 1.0,
+            "grad_norm": 3.0,
+            "clip_coef": 1.0,
+            "lr": 0.25,
+            "skipped": 0,
+            "seed": 7,
+        },
     ]
     assert {k: steps[2][k] for k in ("run", "step", "loss", "grad_norm", "clip_coef", "lr", "skipped")} == {
-        "run": "clip_0.5_inf", "step": 1, "loss": 2.0, "grad_norm": 4.0, "clip_coef": 0.125, "lr": 0.5, "skipped": 0}
+        "run": "clip_0.5_inf",
+        "step": 1,
+        "loss": 2.0,
+        "grad_norm": 4.0,
+        "clip_coef": 0.125,
+        "lr": 0.5,
+        "skipped": 0,
+    }
     assert steps[3]["run"] == "clip_0.5_inf" and steps[3]["step"] == 2
     assert all(math.isnan(steps[3][k]) for k in ("loss", "grad_norm", "clip_coef", "lr"))
     assert clipped.step_rows()[0]["clip_coef"] == 0.125 and clipped.step_rows()[0]["seed"] is None
@@ -220,16 +295,40 @@ def test_frames_hold_the_exact_records():
     assert list(summary["run"]) == ["unclipped", "clip_0.5_inf"]
     row = summary.loc[0].to_dict()
     expected = {
-        "run": "unclipped", "max_norm": None, "norm_type": "2", "clip_mode": "none", "clip_param": None,
-        "lr": None, "seed": 7, "status": "stable",
-        "nan_step": None, "nan_source": None, "nan_param": None, "nan_micro_batch": None, "diverged_step": None,
-        "skipped_steps": 0, "first_skip": None, "divergence_checked": None, "spike_step": None, "spike_param": None,
-        "final_loss": 1.0, "min_loss": 1.0,
+        "run": "unclipped",
+        "max_norm": None,
+        "norm_type": "2",
+        "clip_mode": "none",
+        "clip_param": None,
+        "lr": None,
+        "seed": 7,
+        "status": "stable",
+        "nan_step": None,
+        "nan_source": None,
+        "nan_param": None,
+        "nan_micro_batch": None,
+        "diverged_step": None,
+        "skipped_steps": 0,
+        "first_skip": None,
+        "divergence_checked": None,
+        "spike_step": None,
+        "spike_param": None,
+        "final_loss": 1.0,
+        "min_loss": 1.0,
         # losses 2 and 1: mean 1.5, sample standard deviation sqrt(0.5)
-        "smoothed_loss": 1.5, "smoothed_loss_sd": pytest.approx(math.sqrt(0.5)), "eval_metric": None,
+        "smoothed_loss": 1.5,
+        "smoothed_loss_sd": pytest.approx(math.sqrt(0.5)),
+        "eval_metric": None,
         "eval_higher_is_better": None,
-        "grad_norm_p50": 3.5, "grad_norm_p95": pytest.approx(3.95), "grad_norm_max": 4.0, "clipped_frac": 0.0,
-        "refined": False, "steps": 2, "seconds": 0.5, "error": None, "warnings": None,
+        "grad_norm_p50": 3.5,
+        "grad_norm_p95": pytest.approx(3.95),
+        "grad_norm_max": 4.0,
+        "clipped_frac": 0.0,
+        "refined": False,
+        "steps": 2,
+        "seconds": 0.5,
+        "error": None,
+        "warnings": None,
     }
     assert list(row) == list(expected)
     for key, value in expected.items():
@@ -240,20 +339,38 @@ def test_frames_hold_the_exact_records():
 
 def test_empty_frames_keep_their_columns():
     assert list(summary_frame([]).columns) == SUMMARY_COLUMNS
-    assert list(steps_frame([]).columns) == ["run", "step", "loss", "grad_norm", "clip_coef", "clip_threshold", "clipped_unit_frac", "lr", "skipped", "seed"]
+    assert list(steps_frame([]).columns) == [
+        "run",
+        "step",
+        "loss",
+        "grad_norm",
+        "clip_coef",
+        "clip_threshold",
+        "clipped_unit_frac",
+        "lr",
+        "skipped",
+        "seed",
+    ]
     assert list(histogram_frame([], []).columns) == ["run", "norm_type", "bin_left", "bin_right", "count"]
     assert histogram_frame([], []).empty
 
 
 def test_clipped_frac_counts_coefficients_below_one():
-    steps = [StepRecord(1, 1.0, 5.0, 0.2), StepRecord(2, 1.0, 1.0, 1.0), StepRecord(3, 1.0, 2.0, 0.5),
-             StepRecord(4, 1.0, 0.5, 1.0)]
+    steps = [
+        StepRecord(1, 1.0, 5.0, 0.2),
+        StepRecord(2, 1.0, 1.0, 1.0),
+        StepRecord(3, 1.0, 2.0, 0.5),
+        StepRecord(4, 1.0, 0.5, 1.0),
+    ]
     assert RunResult(Cell(1.0), STABLE, steps).summary_row()["clipped_frac"] == 0.5
 
 
 def test_layer_rows_and_frame_by_hand():
-    steps = [StepRecord(1, 1.0, 5.0, 1.0, layers=(("fc", 3.0), ("head", 4.0))), StepRecord(2, 0.5, 1.0, 1.0),
-             StepRecord(3, 0.25, 2.0, 1.0, layers=(("fc", 2.0),))]
+    steps = [
+        StepRecord(1, 1.0, 5.0, 1.0, layers=(("fc", 3.0), ("head", 4.0))),
+        StepRecord(2, 0.5, 1.0, 1.0),
+        StepRecord(3, 0.25, 2.0, 1.0, layers=(("fc", 2.0),)),
+    ]
     result = RunResult(Cell(1.0), STABLE, steps)
     expected = [
         {"run": "clip_1_2", "step": 1, "param": "fc", "grad_norm": 3.0},
@@ -269,8 +386,10 @@ def test_layer_rows_and_frame_by_hand():
 
 
 def test_site_rows_and_frame_by_hand():
-    steps = [StepRecord(1, 1.0, 5.0, 1.0, sites=(("encoder", 3.0, 1.0), ("decoder", 4.0, 0.25))),
-             StepRecord(2, 0.5, 1.0, 1.0)]
+    steps = [
+        StepRecord(1, 1.0, 5.0, 1.0, sites=(("encoder", 3.0, 1.0), ("decoder", 4.0, 0.25))),
+        StepRecord(2, 0.5, 1.0, 1.0),
+    ]
     result = RunResult(Cell(None), STABLE, steps, name="monitor")
     assert result.run == "monitor" and result.summary_row()["run"] == "monitor"
     expected = [

@@ -42,10 +42,7 @@ def step_kinds(draw, n_min=1, n_max=40):
 
 def make_params(seed: int, dtype=torch.float64) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
-        for s in SHAPES
-    ]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in SHAPES]
 
 
 def step_grads(seed: int, step: int, kind: str, scale: float) -> list[torch.Tensor]:
@@ -153,8 +150,7 @@ def ref_agc(weight: np.ndarray, grad: np.ndarray, clip_factor, eps):
 
 
 @SETTINGS
-@given(steps=step_kinds(), percentile=st.sampled_from([0, 10, 25, 50, 90, 100, 37.5]),
-       seed=st.integers(0, 10_000))
+@given(steps=step_kinds(), percentile=st.sampled_from([0, 10, 25, 50, 90, 100, 37.5]), seed=st.integers(0, 10_000))
 def test_autoclip_matches_reference(steps, percentile, seed):
     rule, ref = AutoClip(percentile), RefAutoClip(percentile)
     params = make_params(seed)
@@ -255,12 +251,20 @@ def test_zclip_spike_threshold_formula():
 
 def test_zclip_defaults_are_the_reference_defaults():
     rule = ZClip()
-    assert (rule.alpha, rule.z_thresh, rule.warmup_steps, rule.max_grad_norm, rule.eps) == (
-        0.97, 2.5, 25, 1.0, 1e-6)
+    assert (rule.alpha, rule.z_thresh, rule.warmup_steps, rule.max_grad_norm, rule.eps) == (0.97, 2.5, 25, 1.0, 1e-6)
 
 
-@pytest.mark.parametrize("kw", [dict(alpha=1.5), dict(z_thresh=0), dict(warmup_steps=0),
-                                dict(warmup_steps=2.5), dict(max_grad_norm=-1), dict(eps=NAN)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(alpha=1.5),
+        dict(z_thresh=0),
+        dict(warmup_steps=0),
+        dict(warmup_steps=2.5),
+        dict(max_grad_norm=-1),
+        dict(eps=NAN),
+    ],
+)
 def test_zclip_rejects_bad_hyperparameters(kw):
     with pytest.raises(ValueError):
         ZClip(**kw)
@@ -281,16 +285,32 @@ def run(rule, params, seed, steps, start=0):
     for i, (kind, scale) in enumerate(steps, start):
         set_grads(params, step_grads(seed, i, kind, scale))
         total = rule.clip(params, skipped=(kind == "skipped"))
-        out.append((total.item(), rule.last.threshold, rule.last.coef, rule.last.clipped_frac,
-                    [p.grad.clone() for p in params]))
+        out.append(
+            (
+                total.item(),
+                rule.last.threshold,
+                rule.last.coef,
+                rule.last.clipped_frac,
+                [p.grad.clone() for p in params],
+            )
+        )
     return out
 
 
 @settings(max_examples=30, deadline=None)
-@given(steps=step_kinds(n_min=2, n_max=50), cut=st.integers(0, 50), seed=st.integers(0, 999),
-       make=st.sampled_from([
-           lambda: AutoClip(25), lambda: ZClip(warmup_steps=5, max_grad_norm=30.0),
-           lambda: ZClip(warmup_steps=30, z_thresh=1.5), lambda: AGC(0.05)]))
+@given(
+    steps=step_kinds(n_min=2, n_max=50),
+    cut=st.integers(0, 50),
+    seed=st.integers(0, 999),
+    make=st.sampled_from(
+        [
+            lambda: AutoClip(25),
+            lambda: ZClip(warmup_steps=5, max_grad_norm=30.0),
+            lambda: ZClip(warmup_steps=30, z_thresh=1.5),
+            lambda: AGC(0.05),
+        ]
+    ),
+)
 def test_restored_rule_continues_identically(steps, cut, seed, make):
     cut = min(cut, len(steps))
     params = make_params(seed)
@@ -388,8 +408,9 @@ def test_rules_accept_a_model_and_a_generator():
 def agc_case(draw):
     seed = draw(st.integers(0, 10_000))
     gen = torch.Generator().manual_seed(seed)
-    shapes = draw(st.lists(st.sampled_from([(), (1,), (7,), (4, 6), (1, 9), (3, 2, 3, 3),
-                                            (2, 1, 1, 5)]), min_size=1, max_size=5))
+    shapes = draw(
+        st.lists(st.sampled_from([(), (1,), (7,), (4, 6), (1, 9), (3, 2, 3, 3), (2, 1, 1, 5)]), min_size=1, max_size=5)
+    )
     params, grads = [], []
     for s in shapes:
         w_scale = draw(st.sampled_from([0.0, 1e-5, 0.1, 1.0, 30.0]))
@@ -404,8 +425,9 @@ def agc_case(draw):
 
 
 @SETTINGS
-@given(case=agc_case(), clip_factor=st.sampled_from([0.0, 0.001, 0.01, 0.1, 1.0]),
-       eps=st.sampled_from([1e-3, 1e-6, 0.5]))
+@given(
+    case=agc_case(), clip_factor=st.sampled_from([0.0, 0.001, 0.01, 0.1, 1.0]), eps=st.sampled_from([1e-3, 1e-6, 0.5])
+)
 def test_agc_matches_reference(case, clip_factor, eps):
     params, grads = case
     set_grads(params, grads)

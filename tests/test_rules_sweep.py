@@ -101,14 +101,22 @@ def test_run_names_and_settings():
     assert Cell(1.0) == Cell(1.0, 2.0, mode="norm", param=1.0)
     assert [c.clipped for c in cells.values()] == [False] + [True] * 6
     assert [describe_setting(c) for c in cells.values()][3:] == [
-        "value clip_value=0.5", "agc clip_factor=0.01", "autoclip percentile=10", "zclip z_thresh=2.5"
+        "value clip_value=0.5",
+        "agc clip_factor=0.01",
+        "autoclip percentile=10",
+        "zclip z_thresh=2.5",
     ]
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(max_norm=None, mode="agc"), dict(max_norm=1.0, mode="value", param=1.0), dict(max_norm=None, mode="bogus", param=1.0),
-     dict(max_norm=None, mode="none", param=1.0), dict(max_norm=1.0, mode="norm", param=2.0)],
+    [
+        dict(max_norm=None, mode="agc"),
+        dict(max_norm=1.0, mode="value", param=1.0),
+        dict(max_norm=None, mode="bogus", param=1.0),
+        dict(max_norm=None, mode="none", param=1.0),
+        dict(max_norm=1.0, mode="norm", param=2.0),
+    ],
 )
 def test_inconsistent_cells_are_refused(kwargs):
     with pytest.raises(ValueError):
@@ -123,10 +131,22 @@ def test_default_norm_grid_runs_only_without_any_grid_option():
     both = SweepConfig.from_values({**base, "max_norms": "1", "norm_types": "2", "autoclip_percentiles": "10,50"})
     assert [c.run for c in both.cells()] == ["unclipped", "clip_1_2", "autoclip_p10", "autoclip_p50"]
     every = SweepConfig.from_values(
-        {**base, "clip_values": "0.5", "zclip_z_thresholds": "2.5,3", "agc_clip_factors": [0.01], "autoclip_percentiles": [0, 100]}
+        {
+            **base,
+            "clip_values": "0.5",
+            "zclip_z_thresholds": "2.5,3",
+            "agc_clip_factors": [0.01],
+            "autoclip_percentiles": [0, 100],
+        }
     )
     assert [c.run for c in every.cells()] == [
-        "unclipped", "value_0.5", "agc_0.01", "autoclip_p0", "autoclip_p100", "zclip_z2.5", "zclip_z3"
+        "unclipped",
+        "value_0.5",
+        "agc_0.01",
+        "autoclip_p0",
+        "autoclip_p100",
+        "zclip_z2.5",
+        "zclip_z3",
     ]
 
 
@@ -138,8 +158,15 @@ def test_default_norm_grid_runs_only_without_any_grid_option():
     seeds=st.sampled_from([None, "0,1"]),
 )
 def test_grid_names_are_unique_or_refused(values, percentiles, lrs, seeds):
-    grid = {"max_norms": values, "clip_values": values, "agc_clip_factors": values,
-            "autoclip_percentiles": percentiles, "zclip_z_thresholds": values, "lr": lrs, "seeds": seeds}
+    grid = {
+        "max_norms": values,
+        "clip_values": values,
+        "agc_clip_factors": values,
+        "autoclip_percentiles": percentiles,
+        "zclip_z_thresholds": values,
+        "lr": lrs,
+        "seeds": seeds,
+    }
     values_given = {"script": RNN, **{k: v for k, v in grid.items() if v}}
     # names spell numbers in their shortest round-trip form, so distinct values never share a
     # name (1e-06 and 1.0000000000000002e-06 are two runs): no grid is refused
@@ -153,8 +180,9 @@ def test_grid_names_are_unique_or_refused(values, percentiles, lrs, seeds):
 
 
 def test_rule_cells_take_the_lr_and_seed_axes():
-    config = SweepConfig.from_values({"script": RNN, "agc_clip_factors": "0.01", "zclip_z_thresholds": "2.5",
-                                      "lr": "0.01,0.1", "seeds": "0,1"})
+    config = SweepConfig.from_values(
+        {"script": RNN, "agc_clip_factors": "0.01", "zclip_z_thresholds": "2.5", "lr": "0.01,0.1", "seeds": "0,1"}
+    )
     names = [c.run for c in config.cells()]
     assert names[:3] == ["unclipped@lr=0.01,seed=0", "agc_0.01@lr=0.01,seed=0", "zclip_z2.5@lr=0.01,seed=0"]
     assert len(names) == 12 and names[-1] == "zclip_z2.5@lr=0.1,seed=1"
@@ -263,18 +291,38 @@ def test_zclip_default_cap_clips_like_max_norm_1_during_warmup():
 def test_rules_stop_at_a_non_finite_gradient_without_clipping_it():
     script = SCRIPTS / "nan_backward.py"
     control = run(script, Cell(None), steps=10)
-    for cell in (Cell(None, mode="value", param=0.1), Cell(None, mode="agc", param=0.01),
-                 Cell(None, mode="autoclip", param=10), Cell(None, mode="zclip", param=2.5)):
+    for cell in (
+        Cell(None, mode="value", param=0.1),
+        Cell(None, mode="agc", param=0.01),
+        Cell(None, mode="autoclip", param=10),
+        Cell(None, mode="zclip", param=2.5),
+    ):
         result = run(script, cell, steps=10)
         assert (result.status, result.nan_step, result.nan_param) == (NON_FINITE, control.nan_step, control.nan_param)
         last = result.steps[-1]
-        assert not math.isfinite(last.grad_norm) and math.isnan(last.clip_threshold) and math.isnan(last.clipped_unit_frac)
+        assert (
+            not math.isfinite(last.grad_norm) and math.isnan(last.clip_threshold) and math.isnan(last.clipped_unit_frac)
+        )
 
 
 # --- the sweep end to end -----------------------------------------------------------------------
 
-ALL_MODES = ["--max-norm", "1", "--norm-type", "2", "--clip-value", "0.01", "--agc", "0.1", "--autoclip", "10",
-             "--zclip", "2.5", "--steps", "30"]
+ALL_MODES = [
+    "--max-norm",
+    "1",
+    "--norm-type",
+    "2",
+    "--clip-value",
+    "0.01",
+    "--agc",
+    "0.1",
+    "--autoclip",
+    "10",
+    "--zclip",
+    "2.5",
+    "--steps",
+    "30",
+]
 
 
 @pytest.fixture(scope="module")
@@ -312,8 +360,12 @@ def test_every_mode_in_one_sweep(all_modes):
     # the verdict may pick a rule: the lowest final loss among the stable clipped runs
     stable = rows[rows.status == STABLE].drop(index="unclipped", errors="ignore")
     best = stable["final_loss"].astype(float).idxmin()
-    expected = {"clip_1_2": "max_norm=1 norm_type=2", "value_0.01": "value clip_value=0.01", "agc_0.1": "agc clip_factor=0.1",
-                "zclip_z2.5": "zclip z_thresh=2.5"}[best]
+    expected = {
+        "clip_1_2": "max_norm=1 norm_type=2",
+        "value_0.01": "value clip_value=0.01",
+        "agc_0.1": "agc clip_factor=0.1",
+        "zclip_z2.5": "zclip z_thresh=2.5",
+    }[best]
     assert f"best: {expected} (stable" in result.stdout
     junit = (out / "junit.xml").read_text()
     assert 'name="agc_0.1"' in junit and "clipping: autoclip: autoclip percentile=10" in junit
@@ -324,7 +376,8 @@ def test_json_output_has_the_mode_columns(all_modes, tmp_path):
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
     assert [(r["run"], r["clip_mode"], r["clip_param"], r["max_norm"]) for r in records] == [
-        ("unclipped", "none", None, None), ("agc_0.1", "agc", 0.1, None)
+        ("unclipped", "none", None, None),
+        ("agc_0.1", "agc", 0.1, None),
     ]
 
 
@@ -337,9 +390,18 @@ def test_resume_with_modes_reruns_only_the_missing_run(all_modes, tmp_path):
     manifest = json.loads((copy / "gradclip-sweep.json").read_text())
     manifest["finished_runs"].remove("agc_0.1")
     (copy / "gradclip-sweep.json").write_text(json.dumps(manifest))
-    config = SweepConfig.from_values({"script": RNN, "max_norms": "1", "norm_types": "2", "clip_values": "0.01",
-                                      "agc_clip_factors": "0.1", "autoclip_percentiles": "10", "zclip_z_thresholds": "2.5",
-                                      "steps": 30})
+    config = SweepConfig.from_values(
+        {
+            "script": RNN,
+            "max_norms": "1",
+            "norm_types": "2",
+            "clip_values": "0.01",
+            "agc_clip_factors": "0.1",
+            "autoclip_percentiles": "10",
+            "zclip_z_thresholds": "2.5",
+            "steps": 30,
+        }
+    )
     saved = manifest["fingerprint"]
     assert {k: saved[k] for k in config.fingerprint()} == json.loads(json.dumps(config.fingerprint()))
     loaded = load_finished(copy, saved)
@@ -379,7 +441,10 @@ def test_resume_with_a_different_rule_grid_is_refused(all_modes, tmp_path):
         (["--zclip", "2", "--zclip-max-norm", "0"], "--zclip-max-norm '0' must be a positive finite number or 'none'"),
         (["--agc", "0.01", "--agc-exclude", "heads,rnn"], "--agc-exclude heads matches no parameter of the model"),
         (["--agc-exclude", "head"], "--agc-exclude was given without --agc: it only changes AGC runs"),
-        (["--max-norm", "1", "--zclip-max-norm", "2"], "--zclip-max-norm was given without --zclip: it only changes ZClip runs"),
+        (
+            ["--max-norm", "1", "--zclip-max-norm", "2"],
+            "--zclip-max-norm was given without --zclip: it only changes ZClip runs",
+        ),
         (["--zclip-max-norm", "none"], "--zclip-max-norm was given without --zclip"),
     ],
 )
@@ -422,8 +487,15 @@ def test_recipe_takes_the_rule_keys(tmp_path):
     assert values["agc_exclude"] == ("head",) and values["autoclip_percentiles"] == (10.0, 25.0)
     assert values["zclip_z_thresholds"] == (2.5,) and values["zclip_max_norm"] is None
     config = SweepConfig.from_values(values)
-    assert [c.run for c in config.cells()] == ["unclipped", "value_0.5", "agc_0.01", "agc_0.1", "autoclip_p10",
-                                               "autoclip_p25", "zclip_z2.5"]
+    assert [c.run for c in config.cells()] == [
+        "unclipped",
+        "value_0.5",
+        "agc_0.01",
+        "agc_0.1",
+        "autoclip_p10",
+        "autoclip_p25",
+        "zclip_z2.5",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -479,7 +551,15 @@ def test_readme_rules_recipe_loads_and_sweeps(tmp_path):
     path.write_text(text)
     config = SweepConfig.from_values(load_recipe(path))
     assert [c.run for c in config.cells()] == [
-        "unclipped", "clip_0.1_2", "clip_1_2", "value_0.01", "agc_0.01", "agc_0.1", "autoclip_p10", "autoclip_p25", "zclip_z2.5"
+        "unclipped",
+        "clip_0.1_2",
+        "clip_1_2",
+        "value_0.01",
+        "agc_0.01",
+        "agc_0.1",
+        "autoclip_p10",
+        "autoclip_p25",
+        "zclip_z2.5",
     ]
     assert config.agc_exclude == ("head",) and config.zclip_max_norm is None
     result = invoke("sweep", "--recipe", path, "--steps", "3", "--out", tmp_path / "out")
@@ -487,21 +567,58 @@ def test_readme_rules_recipe_loads_and_sweeps(tmp_path):
 
 
 def test_rules_with_the_lr_and_seed_axes_end_to_end(tmp_path):
-    result = invoke("sweep", RNN, "--max-norm", "1", "--norm-type", "2", "--agc", "0.1", "--lr", "0.01,0.005",
-                    "--seeds", "0,1", "--steps", "6", "--out", tmp_path)
+    result = invoke(
+        "sweep",
+        RNN,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--agc",
+        "0.1",
+        "--lr",
+        "0.01,0.005",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "6",
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(tmp_path / "summary.csv")
     agc = summary[summary.clip_mode == "agc"]
-    assert list(agc["run"]) == ["agc_0.1@lr=0.01,seed=0", "agc_0.1@lr=0.005,seed=0",
-                                "agc_0.1@lr=0.01,seed=1", "agc_0.1@lr=0.005,seed=1"]
+    assert list(agc["run"]) == [
+        "agc_0.1@lr=0.01,seed=0",
+        "agc_0.1@lr=0.005,seed=0",
+        "agc_0.1@lr=0.01,seed=1",
+        "agc_0.1@lr=0.005,seed=1",
+    ]
     assert list(agc["lr"]) == [0.01, 0.005, 0.01, 0.005] and list(agc["seed"]) == [0, 0, 1, 1]
     assert "stability: lr x clipping" in result.stdout and "agc_0.1" in result.stdout
     # each (lr, seed) starts from one state: step 1 is the same for the control, clip_1_2 and agc
     steps = pd.read_csv(tmp_path / "steps.csv")
     first = steps[steps.step == 1].groupby(["lr", "seed"])["loss"].nunique()
     assert (first == 1).all()
-    resumed = invoke("sweep", RNN, "--max-norm", "1", "--norm-type", "2", "--agc", "0.1", "--lr", "0.01,0.005",
-                     "--seeds", "0,1", "--steps", "6", "--out", tmp_path, "--resume")
+    resumed = invoke(
+        "sweep",
+        RNN,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--agc",
+        "0.1",
+        "--lr",
+        "0.01,0.005",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "6",
+        "--out",
+        tmp_path,
+        "--resume",
+    )
     assert resumed.exit_code == 0 and "resuming: 12 of 12 runs" in resumed.stderr
 
 
@@ -607,8 +724,11 @@ def test_agc_on_a_sparse_gradient_equals_agc_on_its_dense_equivalent(rows, cols,
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(shape, generator=gen)
     index = torch.tensor([[r % rows for r, _ in entries]])  # repeated rows: an uncoalesced gradient
-    values = torch.tensor([v for _, v in entries]).reshape(-1, *shape[1:]) if cols is None else \
-        torch.tensor([v for _, v in entries])[:, None] * torch.randn(len(entries), cols, generator=gen)
+    values = (
+        torch.tensor([v for _, v in entries]).reshape(-1, *shape[1:])
+        if cols is None
+        else torch.tensor([v for _, v in entries])[:, None] * torch.randn(len(entries), cols, generator=gen)
+    )
     grad = torch.sparse_coo_tensor(index, values, shape)
     sparse_p, dense_p = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
     sparse_p.grad, dense_p.grad = grad.clone(), grad.to_dense()
@@ -622,8 +742,26 @@ def test_agc_on_a_sparse_gradient_equals_agc_on_its_dense_equivalent(rows, cols,
 
 def test_every_mode_runs_on_sparse_gradients(tmp_path):
     script = SCRIPTS / "sparse_embedding.py"
-    result = invoke("sweep", script, "--max-norm", "1", "--norm-type", "2", "--clip-value", "0.01", "--agc", "0.01",
-                    "--autoclip", "10", "--zclip", "2.5", "--steps", "6", "--out", tmp_path)
+    result = invoke(
+        "sweep",
+        script,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--clip-value",
+        "0.01",
+        "--agc",
+        "0.01",
+        "--autoclip",
+        "10",
+        "--zclip",
+        "2.5",
+        "--steps",
+        "6",
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(tmp_path / "summary.csv").set_index("run")
     assert (summary["status"] == STABLE).all()
@@ -665,7 +803,10 @@ def test_recommendation_picks_a_rule_only_when_it_beats_every_fixed_threshold():
     rec = recommend([control, fixed, agc])
     assert rec.run is agc and rec.as_json()["clip_mode"] == "agc" and rec.as_json()["max_norm"] is None
     assert rec.evidence["boundary"] is None
-    assert "clip with agc clip_factor=0.1 (agc_0.1)" in rec.line() and "better than every stable fixed threshold" in rec.reason
+    assert (
+        "clip with agc clip_factor=0.1 (agc_0.1)" in rec.line()
+        and "better than every stable fixed threshold" in rec.reason
+    )
     # within noise of the fixed threshold: the fixed threshold stays
     close = _run(Cell(None, mode="agc", param=0.1), STABLE, 0.5)
     assert recommend([control, fixed, close]).run is fixed
@@ -676,8 +817,17 @@ def test_recommendation_picks_a_rule_only_when_it_beats_every_fixed_threshold():
 
 
 def test_rule_values_one_ulp_apart_are_two_runs_with_two_names():
-    config = SweepConfig.from_values({"script": RNN, "autoclip_percentiles": [1.0000000000000002e-06, 1e-06],
-                                      "zclip_z_thresholds": [2.5, 2.5000000000000004]})
+    config = SweepConfig.from_values(
+        {
+            "script": RNN,
+            "autoclip_percentiles": [1.0000000000000002e-06, 1e-06],
+            "zclip_z_thresholds": [2.5, 2.5000000000000004],
+        }
+    )
     assert [c.run for c in config.cells()] == [
-        "unclipped", "autoclip_p1.0000000000000002e-06", "autoclip_p1e-06", "zclip_z2.5", "zclip_z2.5000000000000004"
+        "unclipped",
+        "autoclip_p1.0000000000000002e-06",
+        "autoclip_p1e-06",
+        "zclip_z2.5",
+        "zclip_z2.5000000000000004",
     ]

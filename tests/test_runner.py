@@ -49,8 +49,9 @@ def run(script: Path | str, cell: Cell = CONTROL, seed: int = 0, lr: float | Non
 
 def bare_loop(name: str, steps: int, lr: float | None = None, max_norm=None, norm_type=2.0, seed=0):
     """The reference loop's losses and pre-clip norms for a test script."""
-    history = reference_training(load_experiment(script_path(name)), steps, lr=lr, max_norm=max_norm,
-                                 norm_type=norm_type, seed=seed)
+    history = reference_training(
+        load_experiment(script_path(name)), steps, lr=lr, max_norm=max_norm, norm_type=norm_type, seed=seed
+    )
     return [h.loss for h in history], [h.norm for h in history]
 
 
@@ -470,7 +471,10 @@ def test_to_device_moves_tensors_inside_containers():
 
 
 def test_gradients_of_parameters_outside_the_optimizer_do_not_pile_up(tmp_path):
-    script = write(tmp_path, "partial_optimizer.py", """
+    script = write(
+        tmp_path,
+        "partial_optimizer.py",
+        """
         import torch
 
         def build_model():
@@ -484,7 +488,8 @@ def test_gradients_of_parameters_outside_the_optimizer_do_not_pile_up(tmp_path):
 
         def build_optimizer(model):
             return torch.optim.SGD([model.weight], lr=0.0)  # bias is not held; nothing moves
-    """)
+    """,
+    )
     result, _ = run(script, steps=4)
     assert result.status == STABLE
     # lr 0: every step sees the same fresh gradient, so the same norm, unless the bias's

@@ -18,8 +18,20 @@ from gradcheck_cli.sweep import run_sweep
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 NAMES = ["exploding_rnn", "nan_at_step", "tiny_lm"]
-RECIPE_VALUES = {"script", "max_norms", "norm_types", "steps", "seed", "seeds", "lr", "divergence_factor", "device",
-                 "amp", "accumulate", "amp_init_scale"}
+RECIPE_VALUES = {
+    "script",
+    "max_norms",
+    "norm_types",
+    "steps",
+    "seed",
+    "seeds",
+    "lr",
+    "divergence_factor",
+    "device",
+    "amp",
+    "accumulate",
+    "amp_init_scale",
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,8 +51,9 @@ def experiment(name):
 def train(name, steps=100, lr=None, max_norm=None, norm_type=2.0, seed=0):
     """The reference loop (plain torch): per step (loss, pre-clip L2 norm, names of parameters
     with non-finite gradients)."""
-    history = reference_training(experiment(name), steps, lr=lr, max_norm=max_norm, norm_type=norm_type,
-                                 seed=seed, track_non_finite=True)
+    history = reference_training(
+        experiment(name), steps, lr=lr, max_norm=max_norm, norm_type=norm_type, seed=seed, track_non_finite=True
+    )
     return [(h.loss, h.norm, h.non_finite_params) for h in history]
 
 

@@ -134,9 +134,7 @@ def test_sparse_adam_sweep_matches_a_plain_torch_loop():
     assert results[0].run == "unclipped"
     for result in results:
         cell = result.cell
-        losses, norms = sparse_reference(
-            experiment, STEPS, max_norm=cell.max_norm, norm_type=cell.norm_type
-        )
+        losses, norms = sparse_reference(experiment, STEPS, max_norm=cell.max_norm, norm_type=cell.norm_type)
         assert_run_matches(result, losses, norms)
     assert any(s.clip_coef < 1.0 for r in results[1:] for s in r.steps)
     # SparseAdam's moments make the unclipped and clipped runs differ
@@ -175,8 +173,21 @@ def test_cli_sweep_of_a_sparse_adam_script(tmp_path):
     from gradcheck_cli.cli import app
 
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["sweep", str(SCRIPTS / "sparse_adam.py"), "--steps", "4",
-                                      "--max-norm", "0.1", "--norm-type", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            str(SCRIPTS / "sparse_adam.py"),
+            "--steps",
+            "4",
+            "--max-norm",
+            "0.1",
+            "--norm-type",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["run"]) == ["unclipped", "clip_0.1_2"]

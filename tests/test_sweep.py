@@ -26,7 +26,12 @@ def sweep(name: str, **kw):
 
 def records(result: RunResult) -> list[tuple]:
     """Step records as tuples in which NaN compares equal to NaN (as its repr)."""
-    return [tuple(repr(v) if isinstance(v, float) and math.isnan(v) else v for v in (s.step, s.loss, s.grad_norm, s.clip_coef)) for s in result.steps]
+    return [
+        tuple(
+            repr(v) if isinstance(v, float) and math.isnan(v) else v for v in (s.step, s.loss, s.grad_norm, s.clip_coef)
+        )
+        for s in result.steps
+    ]
 
 
 def test_one_result_per_cell_control_first():

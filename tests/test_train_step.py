@@ -84,7 +84,9 @@ def test_gan_sweep_records_each_network_pre_clip_norm(max_norm, norm_type):
         coefs = [1.0 if max_norm is None else min(max_norm / (n + 1e-6), 1.0) for n in norms]
         assert [s[2] for s in step.sites] == pytest.approx(coefs, rel=1e-5)
         p = norm_type
-        assert step.grad_norm == pytest.approx(float(torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), p)), rel=1e-5)
+        assert step.grad_norm == pytest.approx(
+            float(torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), p)), rel=1e-5
+        )
         assert step.clip_coef == pytest.approx(min(coefs), rel=1e-5)
         assert {name.split(".")[0] for name, _ in step.layers} == {"discriminator", "generator"}
     if max_norm is not None:
@@ -102,7 +104,10 @@ def test_every_run_starts_from_the_same_state_of_both_optimizers():
 
 
 def test_nan_at_a_clip_call_stops_before_clipping(tmp_path):
-    script = write(tmp_path, "nan_step.py", """
+    script = write(
+        tmp_path,
+        "nan_step.py",
+        """
         import math, torch
         from torch import nn
 
@@ -130,7 +135,8 @@ def test_nan_at_a_clip_call_stops_before_clipping(tmp_path):
             for opt in optimizers:
                 opt.step()
             return loss
-    """)
+    """,
+    )
     config = SweepConfig(script=script, max_norms=(1.0,), norm_types=(2.0,), steps=10)
     results = run_sweep(config, load_experiment(script))
     for r in results:
@@ -149,7 +155,10 @@ def test_nan_at_a_clip_call_stops_before_clipping(tmp_path):
     ],
 )
 def test_contract_failures_in_a_run_are_errors(tmp_path, body, message):
-    script = write(tmp_path, "s.py", f"""
+    script = write(
+        tmp_path,
+        "s.py",
+        f"""
         import torch
 
         def build_model():
@@ -167,8 +176,11 @@ def test_contract_failures_in_a_run_are_errors(tmp_path, body, message):
                 return "oops"
             optimizers.step()
             return loss
-    """)
-    (result,) = run_sweep(SweepConfig(script=script, max_norms=(), steps=2), load_experiment(script), cells=[Cell(None)])
+    """,
+    )
+    (result,) = run_sweep(
+        SweepConfig(script=script, max_norms=(), steps=2), load_experiment(script), cells=[Cell(None)]
+    )
     assert result.status == ERROR and message in result.error
 
 
@@ -189,7 +201,10 @@ def test_loader_accepts_train_step_and_refuses_both_or_neither(tmp_path):
 
 
 def test_several_optimizers_only_for_train_step(tmp_path):
-    script = write(tmp_path, "lossfn.py", """
+    script = write(
+        tmp_path,
+        "lossfn.py",
+        """
         import torch
         def build_model():
             return torch.nn.Linear(2, 1)
@@ -199,22 +214,42 @@ def test_several_optimizers_only_for_train_step(tmp_path):
             return [torch.ones(1, 2)]
         def loss_fn(model, batch):
             return model(batch).sum()
-    """)
-    (result,) = run_sweep(SweepConfig(script=script, max_norms=(), steps=1), load_experiment(script), cells=[Cell(None)])
+    """,
+    )
+    (result,) = run_sweep(
+        SweepConfig(script=script, max_norms=(), steps=1), load_experiment(script), cells=[Cell(None)]
+    )
     assert result.status == ERROR and "must return a torch.optim.Optimizer, got list" in result.error
 
 
 def test_combine_site_norms_matches_torch():
     norms = [3.0, 4.0, 0.5]
     for p in (1.0, 2.0, 3.0, math.inf):
-        assert combine_site_norms(norms, p) == pytest.approx(float(torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), p)), rel=1e-12)
+        assert combine_site_norms(norms, p) == pytest.approx(
+            float(torch.linalg.vector_norm(torch.tensor(norms, dtype=torch.float64), p)), rel=1e-12
+        )
 
 
 def test_gan_recipe_end_to_end(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "gradcheck_cli", "sweep", "--recipe", "tiny_gan", "--steps", "6", "--out", str(out), "--json"],
-        cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gradcheck_cli",
+            "sweep",
+            "--recipe",
+            "tiny_gan",
+            "--steps",
+            "6",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     summary, sites = pd.read_csv(out / "summary.csv"), pd.read_csv(out / "clip_sites.csv")
@@ -223,7 +258,9 @@ def test_gan_recipe_end_to_end(tmp_path):
     assert set(sites["site"]) == {"discriminator", "generator"}
     steps = pd.read_csv(out / "steps.csv")
     for run, group in sites.groupby("run"):
-        per_step = group.groupby("step")["grad_norm"].apply(lambda s: math.sqrt((s**2).sum()) if "_inf" not in run else s.max())
+        per_step = group.groupby("step")["grad_norm"].apply(
+            lambda s: math.sqrt((s**2).sum()) if "_inf" not in run else s.max()
+        )
         mine = steps[steps["run"] == run].set_index("step")["grad_norm"]
         assert mine.tolist() == pytest.approx(per_step.tolist(), rel=1e-9)
 

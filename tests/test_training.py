@@ -61,9 +61,18 @@ def same(a: float, b: float) -> bool:
 @pytest.mark.parametrize("amp, accumulate", [("fp16", 2), ("fp16", 1), ("bf16", 3), ("off", 2)])
 def test_control_run_matches_the_reference_loop_step_for_step(amp, accumulate):
     steps = 10
-    [result] = sweep(AMP_SCRIPT, steps=steps, amp=amp, accumulate=accumulate, amp_init_scale=FORCES_SKIPS,
-                     max_norms=(1.0,), norm_types=(2.0,))[:1]
-    ref = reference_training(load_experiment(AMP_SCRIPT), steps, amp=amp, accumulate=accumulate, init_scale=FORCES_SKIPS)
+    [result] = sweep(
+        AMP_SCRIPT,
+        steps=steps,
+        amp=amp,
+        accumulate=accumulate,
+        amp_init_scale=FORCES_SKIPS,
+        max_norms=(1.0,),
+        norm_types=(2.0,),
+    )[:1]
+    ref = reference_training(
+        load_experiment(AMP_SCRIPT), steps, amp=amp, accumulate=accumulate, init_scale=FORCES_SKIPS
+    )
     assert result.status == STABLE and len(result.steps) == steps
     assert [s.loss for s in result.steps] == [r.loss for r in ref]  # bit for bit
     assert [s.skipped for s in result.steps] == [r.skipped for r in ref]
@@ -83,11 +92,19 @@ def test_control_run_matches_the_reference_loop_step_for_step(amp, accumulate):
 
 def test_clipped_run_with_amp_accumulation_and_schedule_matches_the_reference():
     steps = 10
-    results = sweep(AMP_SCRIPT, steps=steps, amp="fp16", accumulate=2, amp_init_scale=FORCES_SKIPS,
-                    max_norms=(0.05,), norm_types=(2.0,))
+    results = sweep(
+        AMP_SCRIPT,
+        steps=steps,
+        amp="fp16",
+        accumulate=2,
+        amp_init_scale=FORCES_SKIPS,
+        max_norms=(0.05,),
+        norm_types=(2.0,),
+    )
     clipped = results[1]
-    ref = reference_training(load_experiment(AMP_SCRIPT), steps, amp="fp16", accumulate=2, init_scale=FORCES_SKIPS,
-                             max_norm=0.05)
+    ref = reference_training(
+        load_experiment(AMP_SCRIPT), steps, amp="fp16", accumulate=2, init_scale=FORCES_SKIPS, max_norm=0.05
+    )
     assert clipped.run == "clip_0.05_2" and clipped.status == STABLE
     assert [s.skipped for s in clipped.steps] == [r.skipped for r in ref]
     assert [s.lr for s in clipped.steps] == [r.lr for r in ref]
@@ -102,8 +119,9 @@ def test_clipped_run_with_amp_accumulation_and_schedule_matches_the_reference():
 
 def test_scheduler_steps_only_after_steps_taken():
     # StepLR(step_size=2, gamma=0.5) from lr 0.2: the lr halves after every two *taken* steps
-    [control] = sweep(AMP_SCRIPT, steps=12, amp="fp16", amp_init_scale=FORCES_SKIPS, max_norms=(1.0,),
-                      norm_types=(2.0,))[:1]
+    [control] = sweep(
+        AMP_SCRIPT, steps=12, amp="fp16", amp_init_scale=FORCES_SKIPS, max_norms=(1.0,), norm_types=(2.0,)
+    )[:1]
     taken = 0
     for s in control.steps:
         assert s.lr == 0.2 * 0.5 ** (taken // 2)
@@ -175,7 +193,10 @@ def test_a_collapsing_scale_is_an_amp_instability(tmp_path):
 
 
 def test_accumulation_consumes_n_batches_per_optimizer_step(tmp_path):
-    script = write(tmp_path, "counted.py", """
+    script = write(
+        tmp_path,
+        "counted.py",
+        """
         import torch
         SEEN = []
         def build_model():
@@ -186,7 +207,8 @@ def test_accumulation_consumes_n_batches_per_optimizer_step(tmp_path):
                 yield torch.full((1, 1), float(i))
         def loss_fn(model, batch):
             return model(batch).pow(2).sum()
-        """)
+        """,
+    )
     exp = load_experiment(script)
     config = SweepConfig(script=script, steps=4, accumulate=3, max_norms=(1.0,), norm_types=(2.0,))
     results = run_sweep(config, exp, cells=[Cell(None)])
@@ -195,7 +217,10 @@ def test_accumulation_consumes_n_batches_per_optimizer_step(tmp_path):
 
 
 def test_a_non_finite_micro_batch_is_located(tmp_path):
-    script = write(tmp_path, "nan_micro.py", """
+    script = write(
+        tmp_path,
+        "nan_micro.py",
+        """
         import torch
         def build_model():
             return torch.nn.Linear(2, 1)
@@ -204,7 +229,8 @@ def test_a_non_finite_micro_batch_is_located(tmp_path):
                 yield torch.full((2, 2), float("nan") if i == 6 else 0.1 * i)
         def loss_fn(model, batch):
             return model(batch).pow(2).mean()
-        """)
+        """,
+    )
     # batch 6 is the 2nd micro-batch of step 3 with 2 per step, the 3rd of step 2 with 3
     for accumulate, step, micro in [(2, 3, 2), (3, 2, 3)]:
         [r] = sweep(script, steps=6, accumulate=accumulate, max_norms=(1.0,), norm_types=(2.0,))[:1]
@@ -226,11 +252,15 @@ def test_a_non_finite_micro_batch_is_located(tmp_path):
     ],
 )
 def test_bad_schedulers_are_error_runs(tmp_path, body, expected):
-    script = write(tmp_path, "bad_sched.py", "import torch\n"
-                   "def build_model():\n    return torch.nn.Linear(2, 1)\n"
-                   f"def build_scheduler(optimizer):\n    {body}\n"
-                   "def batches():\n    return [torch.ones(1, 2)]\n"
-                   "def loss_fn(model, batch):\n    return model(batch).sum()\n")
+    script = write(
+        tmp_path,
+        "bad_sched.py",
+        "import torch\n"
+        "def build_model():\n    return torch.nn.Linear(2, 1)\n"
+        f"def build_scheduler(optimizer):\n    {body}\n"
+        "def batches():\n    return [torch.ones(1, 2)]\n"
+        "def loss_fn(model, batch):\n    return model(batch).sum()\n",
+    )
     results = sweep(script, steps=2, max_norms=(1.0,), norm_types=(2.0,))
     assert {r.status for r in results} == {ERROR}
     assert all(expected in r.error for r in results)
@@ -243,7 +273,11 @@ def test_bad_schedulers_are_error_runs(tmp_path, body, expected):
 def test_lr_axis_overrides_the_scripts_optimizer_and_names_the_runs():
     results = sweep(SCRIPTS / "with_optimizer.py", steps=4, lrs=(0.001, 0.1), max_norms=(1.0,), norm_types=(2.0,))
     assert [r.run for r in results] == [
-        "unclipped@lr=0.001", "clip_1_2@lr=0.001", "unclipped@lr=0.1", "clip_1_2@lr=0.1"]
+        "unclipped@lr=0.001",
+        "clip_1_2@lr=0.001",
+        "unclipped@lr=0.1",
+        "clip_1_2@lr=0.1",
+    ]
     for r in results:
         assert r.lr == r.cell.lr and all(s.lr == r.cell.lr for s in r.steps)
         assert r.summary_row()["lr"] == r.cell.lr
@@ -267,8 +301,9 @@ def test_lr_axis_sets_initial_lr_for_a_scheduler():
 
 def test_seed_grid_names_are_unique_and_fair_per_lr_and_seed():
     seeds, lrs = (0, 1, 2), (0.01, 0.05)
-    results = sweep(SCRIPTS / "with_optimizer.py", steps=3, seeds=seeds, lrs=lrs, max_norms=(0.1, 1.0),
-                    norm_types=(2.0,))
+    results = sweep(
+        SCRIPTS / "with_optimizer.py", steps=3, seeds=seeds, lrs=lrs, max_norms=(0.1, 1.0), norm_types=(2.0,)
+    )
     names = [r.run for r in results]
     assert len(names) == len(set(names)) == len(seeds) * len(lrs) * 3
     assert "clip_1_2@lr=0.05,seed=1" in names and "unclipped@lr=0.01,seed=2" in names
@@ -286,7 +321,9 @@ def test_a_seed_of_a_multi_seed_sweep_equals_a_single_seed_sweep():
     by_name = {r.run: r for r in grid}
     for r in alone:
         twin = by_name[f"{r.run}@seed=1"]
-        assert [(s.loss, s.grad_norm, s.clip_coef) for s in twin.steps] == [(s.loss, s.grad_norm, s.clip_coef) for s in r.steps]
+        assert [(s.loss, s.grad_norm, s.clip_coef) for s in twin.steps] == [
+            (s.loss, s.grad_norm, s.clip_coef) for s in r.steps
+        ]
 
 
 # --- the command line ------------------------------------------------------------------------------
@@ -300,8 +337,25 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-GRID_ARGS = [AMP_SCRIPT, "--steps", 4, "--lr", "0.1,0.4", "--seeds", "0,1", "--max-norm", "0.05", "--norm-type", "2",
-             "--amp", "fp16", "--amp-init-scale", FORCES_SKIPS, "--accumulate", 2]
+GRID_ARGS = [
+    AMP_SCRIPT,
+    "--steps",
+    4,
+    "--lr",
+    "0.1,0.4",
+    "--seeds",
+    "0,1",
+    "--max-norm",
+    "0.05",
+    "--norm-type",
+    "2",
+    "--amp",
+    "fp16",
+    "--amp-init-scale",
+    FORCES_SKIPS,
+    "--accumulate",
+    2,
+]
 
 
 @pytest.fixture(scope="module")
@@ -318,8 +372,12 @@ def test_grid_sweep_writes_every_axis_to_the_reports(grid_sweep):
     result, out, junit = grid_sweep
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary["run"]) == [f"{base}@lr={lr},seed={seed}" for seed in (0, 1) for lr in ("0.1", "0.4")
-                                    for base in ("unclipped", "clip_0.05_2")]
+    assert list(summary["run"]) == [
+        f"{base}@lr={lr},seed={seed}"
+        for seed in (0, 1)
+        for lr in ("0.1", "0.4")
+        for base in ("unclipped", "clip_0.05_2")
+    ]
     assert list(summary["lr"]) == [0.1, 0.1, 0.4, 0.4] * 2 and list(summary["seed"]) == [0] * 4 + [1] * 4
     assert (summary["skipped_steps"] >= 1).all() and (summary["first_skip"] == 1).all()
     steps = pd.read_csv(out / "steps.csv")
@@ -368,7 +426,9 @@ def test_grid_sweep_resumes_with_its_axes(grid_sweep, tmp_path):
     ],
 )
 def test_bad_axis_options_exit_2(tmp_path, args, needle):
-    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 1, "--norm-type", "2", *args, "--out", tmp_path / "r")
+    result = invoke(
+        "sweep", SCRIPTS / "stable_linear.py", "--steps", 1, "--norm-type", "2", *args, "--out", tmp_path / "r"
+    )
     assert result.exit_code == 2, result.output
     assert needle in result.output and "Traceback" not in result.output
 
@@ -376,16 +436,43 @@ def test_bad_axis_options_exit_2(tmp_path, args, needle):
 def test_seed_and_seeds_that_agree_are_one_seed(tmp_path):
     import pandas as pd
 
-    result = invoke("sweep", SCRIPTS / "stable_linear.py", "--steps", 2, "--max-norm", "1", "--norm-type", "2",
-                    "--seed", 3, "--seeds", "3", "--out", tmp_path / "r")
+    result = invoke(
+        "sweep",
+        SCRIPTS / "stable_linear.py",
+        "--steps",
+        2,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--seed",
+        3,
+        "--seeds",
+        "3",
+        "--out",
+        tmp_path / "r",
+    )
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(tmp_path / "r" / "summary.csv")
     assert list(summary["run"]) == ["unclipped", "clip_1_2"] and list(summary["seed"]) == [3, 3]
 
 
 def test_check_trains_with_amp_and_accumulation(tmp_path):
-    result = invoke("check", AMP_SCRIPT, "--steps", 6, "--amp", "fp16", "--amp-init-scale", FORCES_SKIPS,
-                    "--accumulate", 2, "--lr", 0.05, "--json")
+    result = invoke(
+        "check",
+        AMP_SCRIPT,
+        "--steps",
+        6,
+        "--amp",
+        "fp16",
+        "--amp-init-scale",
+        FORCES_SKIPS,
+        "--accumulate",
+        2,
+        "--lr",
+        0.05,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     import json
 
@@ -394,14 +481,18 @@ def test_check_trains_with_amp_and_accumulation(tmp_path):
 
 
 def test_under_fp16_a_non_finite_loss_is_still_a_forward_onset():
-    [r] = sweep(SCRIPTS / "nan_forward.py", steps=8, amp="fp16", amp_init_scale=1.0, max_norms=(1.0,),
-                norm_types=(2.0,))[:1]
+    [r] = sweep(
+        SCRIPTS / "nan_forward.py", steps=8, amp="fp16", amp_init_scale=1.0, max_norms=(1.0,), norm_types=(2.0,)
+    )[:1]
     assert (r.status, r.nan_step, r.nan_source, r.skipped_steps) == (NON_FINITE, 5, SOURCE_FORWARD, 0)
     assert math.isnan(r.steps[-1].loss) and not r.steps[-1].skipped
 
 
 def test_a_half_precision_model_under_fp16_is_an_error_run_that_says_why(tmp_path):
-    script = write(tmp_path, "half.py", """
+    script = write(
+        tmp_path,
+        "half.py",
+        """
         import torch
         def build_model():
             return torch.nn.Linear(2, 1).half()
@@ -409,14 +500,18 @@ def test_a_half_precision_model_under_fp16_is_an_error_run_that_says_why(tmp_pat
             return [torch.ones(1, 2, dtype=torch.half)]
         def loss_fn(model, batch):
             return model(batch).float().sum()
-        """)
+        """,
+    )
     [r] = sweep(script, steps=2, amp="fp16", max_norms=(1.0,), norm_types=(2.0,))[:1]
     assert r.status == ERROR and "--amp fp16 cannot unscale" in r.error and "float32" in r.error
 
 
 def test_fp16_with_an_optimizer_holding_no_gradient_keeps_training(tmp_path):
     # the optimizer holds only a parameter the loss does not use: the scaler checks nothing
-    script = write(tmp_path, "unused.py", """
+    script = write(
+        tmp_path,
+        "unused.py",
+        """
         import torch
         class Net(torch.nn.Module):
             def __init__(self):
@@ -433,6 +528,7 @@ def test_fp16_with_an_optimizer_holding_no_gradient_keeps_training(tmp_path):
             return [torch.ones(2, 2)]
         def loss_fn(model, batch):
             return model(batch).pow(2).mean()
-        """)
+        """,
+    )
     [r] = sweep(script, steps=3, amp="fp16", amp_init_scale=1.0, max_norms=(1.0,), norm_types=(2.0,))[:1]
     assert r.status == STABLE and len(r.steps) == 3 and r.skipped_steps == 0

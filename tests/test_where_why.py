@@ -46,8 +46,9 @@ def combine(norms: list[float], p: float) -> float:
 @pytest.fixture(scope="module")
 def spike_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("spike") / "report"
-    result = invoke("sweep", SPIKE, "--steps", 12, "--lr", 0.05, "--max-norm", "0.5,5", "--norm-type", "1,2,inf",
-                    "--out", out)
+    result = invoke(
+        "sweep", SPIKE, "--steps", 12, "--lr", 0.05, "--max-norm", "0.5,5", "--norm-type", "1,2,inf", "--out", out
+    )
     assert result.exit_code == 0, result.output
     return result, out
 
@@ -61,7 +62,14 @@ def test_layer_norms_combine_into_the_steps_total_for_l1_l2_and_inf(spike_sweep)
     norm_type = dict(zip(summary["run"], summary["norm_type"].map(_p)))
     checked = {1.0: 0, 2.0: 0, math.inf: 0}
     for (run, step), rows in layers.groupby(["run", "step"]):
-        assert list(rows["param"]) == ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "head.weight", "head.bias"]
+        assert list(rows["param"]) == [
+            "body.0.weight",
+            "body.0.bias",
+            "body.2.weight",
+            "body.2.bias",
+            "head.weight",
+            "head.bias",
+        ]
         total = steps[(steps["run"] == run) & (steps["step"] == step)]["grad_norm"].item()
         p = norm_type[run]
         assert combine(list(rows["grad_norm"]), p) == pytest.approx(total, rel=1e-6), (run, step)
@@ -87,7 +95,9 @@ def test_layer_norms_equal_each_parameters_gradient_norm_at_step_1(spike_sweep):
 
 def test_layer_depth_groups_by_module_and_keeps_the_identity(tmp_path):
     out = tmp_path / "r"
-    result = invoke("sweep", SPIKE, "--steps", 4, "--max-norm", "1", "--norm-type", "inf,2", "--layer-depth", "1", "--out", out)
+    result = invoke(
+        "sweep", SPIKE, "--steps", 4, "--max-norm", "1", "--norm-type", "inf,2", "--layer-depth", "1", "--out", out
+    )
     assert result.exit_code == 0, result.output
     steps, layers = read(out, "steps.csv"), read(out, "layers.csv")
     assert list(dict.fromkeys(layers["param"])) == ["body.0", "body.2", "head"]  # an index belongs to its level
@@ -124,7 +134,10 @@ def test_injected_spike_is_found_at_its_step_and_parameter(spike_sweep):
     # clipping cannot stop the pre-clip gradient from spiking: every run sees it at step 6
     assert set(summary["spike_step"]) == {6} and set(summary["spike_param"]) == {"body.2.weight"}
     verdict = " ".join(result.stdout.split())
-    assert f"unclipped: gradients of body.2.weight spike at step 6, then diverged at step {int(control['diverged_step'])}" in verdict
+    assert (
+        f"unclipped: gradients of body.2.weight spike at step 6, then diverged at step {int(control['diverged_step'])}"
+        in verdict
+    )
 
 
 # --- evaluate() and divergence that cannot be judged ---------------------------------------------
@@ -163,7 +176,9 @@ _EVAL = """
 def test_evaluate_metric_ranks_the_runs(tmp_path):
     script = write(tmp_path, "evalmodel.py", _EVAL)
     out = tmp_path / "r"
-    result = invoke("sweep", script, "--steps", 20, "--lr", 0.05, "--max-norm", "0.01,1", "--norm-type", "2", "--out", out)
+    result = invoke(
+        "sweep", script, "--steps", 20, "--lr", 0.05, "--max-norm", "0.01,1", "--norm-type", "2", "--out", out
+    )
     assert result.exit_code == 0, result.output
     summary = read(out, "summary.csv")
     assert summary["eval_metric"].notna().all() and (summary["eval_metric"] < 0).all()
@@ -183,7 +198,9 @@ def test_evaluate_that_returns_no_number_is_an_error_run(tmp_path):
     summary = read(tmp_path / "r", "summary.csv")
     assert (summary["status"] == "error").all()
     assert summary["error"].str.contains("evaluate\\(model\\) must return a number").all()
-    flag = write(tmp_path, "badflag.py", _EVAL.replace("EVALUATE_HIGHER_IS_BETTER = True", "EVALUATE_HIGHER_IS_BETTER = 'yes'"))
+    flag = write(
+        tmp_path, "badflag.py", _EVAL.replace("EVALUATE_HIGHER_IS_BETTER = True", "EVALUATE_HIGHER_IS_BETTER = 'yes'")
+    )
     result = invoke("sweep", flag, "--out", tmp_path / "r2")
     assert result.exit_code == 2 and "EVALUATE_HIGHER_IS_BETTER must be True or False" in result.output
 
@@ -216,8 +233,20 @@ def test_negative_first_loss_says_divergence_was_not_judged(tmp_path):
 
 def test_divergence_factor_inf_turns_the_check_off(tmp_path):
     out = tmp_path / "r"
-    result = invoke("sweep", SAMPLES / "exploding_rnn.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2",
-                    "--divergence-factor", "inf", "--out", out)
+    result = invoke(
+        "sweep",
+        SAMPLES / "exploding_rnn.py",
+        "--steps",
+        3,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--divergence-factor",
+        "inf",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     summary = read(out, "summary.csv")
     assert (~summary["divergence_checked"]).all()
@@ -225,8 +254,21 @@ def test_divergence_factor_inf_turns_the_check_off(tmp_path):
     assert "divergence not judged (--divergence-factor inf)" in " ".join(result.stdout.split())
     manifest = json.loads((out / "gradclip-sweep.json").read_text())
     assert manifest["fingerprint"]["divergence_factor"] == "inf"
-    resumed = invoke("sweep", SAMPLES / "exploding_rnn.py", "--steps", 3, "--max-norm", "1", "--norm-type", "2",
-                     "--divergence-factor", "inf", "--out", out, "--resume")
+    resumed = invoke(
+        "sweep",
+        SAMPLES / "exploding_rnn.py",
+        "--steps",
+        3,
+        "--max-norm",
+        "1",
+        "--norm-type",
+        "2",
+        "--divergence-factor",
+        "inf",
+        "--out",
+        out,
+        "--resume",
+    )
     assert resumed.exit_code == 0, resumed.output
 
 
@@ -251,7 +293,10 @@ def test_refine_bisects_the_boundary_with_ordinary_runs(tmp_path):
     assert second == (5.62 if first_ok else 1.78)
     # the boundary is bracketed: every stable max_norm lies below every unstable one
     clipped = summary[summary["run"] != "unclipped"]
-    assert clipped[clipped["status"] == "stable"]["max_norm"].max() < clipped[clipped["status"] == "diverged"]["max_norm"].min()
+    assert (
+        clipped[clipped["status"] == "stable"]["max_norm"].max()
+        < clipped[clipped["status"] == "diverged"]["max_norm"].min()
+    )
     steps = read(out, "steps.csv")
     assert set(refined["run"]) <= set(steps["run"])
     assert junit.read_text().count("<testcase") == 5
@@ -271,7 +316,9 @@ def test_refine_bisects_the_boundary_with_ordinary_runs(tmp_path):
     after = {name: read(out, name) for name in ("summary.csv", "steps.csv", "layers.csv")}
     pd.testing.assert_frame_equal(before["steps.csv"], after["steps.csv"])
     pd.testing.assert_frame_equal(before["layers.csv"], after["layers.csv"])
-    pd.testing.assert_frame_equal(before["summary.csv"].drop(columns="seconds"), after["summary.csv"].drop(columns="seconds"))
+    pd.testing.assert_frame_equal(
+        before["summary.csv"].drop(columns="seconds"), after["summary.csv"].drop(columns="seconds")
+    )
     # the runs kept from before were not run again
     kept = before["summary.csv"]["run"].iloc[:-1]
     b = before["summary.csv"].set_index("run").loc[kept, "seconds"]
@@ -284,5 +331,7 @@ def test_refine_option_is_validated_and_in_the_fingerprint(tmp_path):
     assert bad.exit_code == 2 and "--refine" in bad.output
     out = tmp_path / "r"
     assert invoke("sweep", SPIKE, "--steps", 2, "--max-norm", "1", "--norm-type", "2", "--out", out).exit_code == 0
-    differ = invoke("sweep", SPIKE, "--steps", 2, "--max-norm", "1", "--norm-type", "2", "--refine", 1, "--out", out, "--resume")
+    differ = invoke(
+        "sweep", SPIKE, "--steps", 2, "--max-norm", "1", "--norm-type", "2", "--refine", 1, "--out", out, "--resume"
+    )
     assert differ.exit_code == 2 and "--refine 0 (saved) vs 1 (now)" in " ".join(differ.output.split())

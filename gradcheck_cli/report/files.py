@@ -141,15 +141,23 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UsageError(f"cannot create --out directory {str(out)!r}: a file is in the way", f"{fix}, or move that file away") from None
+        raise UsageError(
+            f"cannot create --out directory {str(out)!r}: a file is in the way", f"{fix}, or move that file away"
+        ) from None
     except NotADirectoryError:
-        raise UsageError(f"cannot create --out directory {str(out)!r}: part of the path is a file, not a directory", fix) from None
+        raise UsageError(
+            f"cannot create --out directory {str(out)!r}: part of the path is a file, not a directory", fix
+        ) from None
     except PermissionError:
-        raise UsageError(f"cannot create --out directory {str(out)!r}: permission denied", f"{fix} in a place you can write to") from None
+        raise UsageError(
+            f"cannot create --out directory {str(out)!r}: permission denied", f"{fix} in a place you can write to"
+        ) from None
     except OSError as exc:
         raise UsageError(f"cannot create --out directory {str(out)!r}: {exc.strerror or exc}", fix) from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise UsageError(f"--out directory {str(out)!r} is not writable: permission denied", f"{fix} in a place you can write to")
+        raise UsageError(
+            f"--out directory {str(out)!r} is not writable: permission denied", f"{fix} in a place you can write to"
+        )
     _remove_stale_temp_files(out)
     return out
 
@@ -157,8 +165,17 @@ def prepare_out_dir(path: str | os.PathLike) -> Path:
 def _remove_stale_temp_files(out: Path) -> None:
     """Temp files a killed sweep left behind (``.summary.csv.<pid>.<random>.tmp``): only ours,
     and only those of processes that are gone; a live sweep's temp file is never touched."""
-    for name in (SUMMARY_FILE, STEPS_FILE, LAYERS_FILE, CONTROL_NORMS_FILE, HISTOGRAMS_FILE, SITES_FILE, MANIFEST_FILE,
-                 RECOMMENDATION_FILE, HTML_FILE):
+    for name in (
+        SUMMARY_FILE,
+        STEPS_FILE,
+        LAYERS_FILE,
+        CONTROL_NORMS_FILE,
+        HISTOGRAMS_FILE,
+        SITES_FILE,
+        MANIFEST_FILE,
+        RECOMMENDATION_FILE,
+        HTML_FILE,
+    ):
         for stale in out.glob(f".{name}.*.tmp"):
             pid = stale.name[len(name) + 2 :].split(".", 1)[0]
             if pid.isdigit() and pid_alive(int(pid)):
@@ -242,7 +259,9 @@ class OutDirLock:
             os.close(fd)
             self.held = True
             return self
-        raise UsageError(f"cannot take the lock {self.path}", "another sweep keeps taking it; use another --out directory")
+        raise UsageError(
+            f"cannot take the lock {self.path}", "another sweep keeps taking it; use another --out directory"
+        )
 
     def _holder(self) -> int | None:
         try:
@@ -621,7 +640,9 @@ def _fingerprint_differences(saved: dict, now: dict) -> list[str]:
     for key in keys:
         a, b = saved.get(key), now.get(key)
         if a != b and key == "script_sha256" and saved.get("script") == now.get("script"):
-            diffs.append(f"the script {now.get('script')} has changed since the interrupted sweep (its content differs)")
+            diffs.append(
+                f"the script {now.get('script')} has changed since the interrupted sweep (its content differs)"
+            )
         elif a != b:
             name = _OPTION_NAMES.get(key, key)
             diffs.append(f"{name} {_show(a)} (saved) vs {_show(b)} (now)")
@@ -638,7 +659,18 @@ _RESUME_HINT = (
 _START_OVER = "drop --resume to start over, or use a new --out directory"
 
 # Columns resume needs; files of an older gradclip may lack the later additions (warnings).
-_SUMMARY_NEEDED = ["run", "max_norm", "norm_type", "status", "nan_step", "nan_source", "nan_param", "diverged_step", "seconds", "error"]
+_SUMMARY_NEEDED = [
+    "run",
+    "max_norm",
+    "norm_type",
+    "status",
+    "nan_step",
+    "nan_source",
+    "nan_param",
+    "diverged_step",
+    "seconds",
+    "error",
+]
 _STEPS_NEEDED = ["run", "step", "loss", "grad_norm", "clip_coef"]
 _LAYERS_NEEDED = ["run", "step", "param", "grad_norm"]
 _SITES_NEEDED = ["run", "step", "site", "grad_norm", "clip_coef"]
@@ -669,7 +701,9 @@ def _read_manifest(path: Path) -> tuple[dict, list[str], dict[str, int] | None]:
         raise _Corrupt(path, "the manifest is unreadable: not a JSON object")
     version = manifest.get("format", 1)
     if version not in READABLE_MANIFEST_FORMATS:
-        raise _Corrupt(path, f"manifest format {version!r} is not one this gradclip reads ({READABLE_MANIFEST_FORMATS})")
+        raise _Corrupt(
+            path, f"manifest format {version!r} is not one this gradclip reads ({READABLE_MANIFEST_FORMATS})"
+        )
     saved, finished, committed = manifest.get("fingerprint"), manifest.get("finished_runs"), manifest.get("committed")
     if not isinstance(saved, dict):
         raise _Corrupt(path, "the manifest is unreadable: 'fingerprint' is missing or not an object")
@@ -677,7 +711,10 @@ def _read_manifest(path: Path) -> tuple[dict, list[str], dict[str, int] | None]:
         raise _Corrupt(path, "the manifest is unreadable: 'finished_runs' is missing or not a list of run names")
     if committed is not None and not (
         isinstance(committed, dict)
-        and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in committed.items())
+        and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in committed.items()
+        )
     ):
         raise _Corrupt(path, "the manifest is unreadable: 'committed' is not a map of file names to byte counts")
     return saved, finished, committed
@@ -709,7 +746,8 @@ def load_finished(out_dir: str | os.PathLike, fingerprint: dict) -> dict[str, Ru
         diffs = _fingerprint_differences(saved, _json_normal(fingerprint))
         if diffs:
             raise UsageError(
-                f"cannot resume in {str(out)!r}: the options differ from the saved sweep: " + "; ".join(diffs), _RESUME_HINT
+                f"cannot resume in {str(out)!r}: the options differ from the saved sweep: " + "; ".join(diffs),
+                _RESUME_HINT,
             )
         if not finished:
             return {}
@@ -731,15 +769,20 @@ def _load_runs(
         for line, row in _read_csv_rows(layers_path, _LAYERS_NEEDED, committed.get(LAYERS_FILE)):
             if wanted is None or row["run"] in wanted:
                 key = (row["run"], _parse(layers_path, line, "step", row["step"], int))
-                layers_by_step.setdefault(key, []).append((row["param"], _parse(layers_path, line, "grad_norm", row["grad_norm"], _float_or_nan)))
+                layers_by_step.setdefault(key, []).append(
+                    (row["param"], _parse(layers_path, line, "grad_norm", row["grad_norm"], _float_or_nan))
+                )
     sites_path = out / SITES_FILE
     sites_by_step: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
     if sites_path.exists():  # written only by train_step scripts; older reports have none
         for line, row in _read_csv_rows(sites_path, _SITES_NEEDED, committed.get(SITES_FILE)):
             if wanted is None or row["run"] in wanted:
                 sites_by_step.setdefault((row["run"], _parse(sites_path, line, "step", row["step"], int)), []).append(
-                    (row["site"], _parse(sites_path, line, "grad_norm", row["grad_norm"], _float_or_nan),
-                     _parse(sites_path, line, "clip_coef", row["clip_coef"], _float_or_nan))
+                    (
+                        row["site"],
+                        _parse(sites_path, line, "grad_norm", row["grad_norm"], _float_or_nan),
+                        _parse(sites_path, line, "clip_coef", row["clip_coef"], _float_or_nan),
+                    )
                 )
     norms_path = out / CONTROL_NORMS_FILE
     norms_by_step: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -747,8 +790,10 @@ def _load_runs(
         for line, row in _read_csv_rows(norms_path, _CONTROL_NORMS_NEEDED, committed.get(CONTROL_NORMS_FILE)):
             if wanted is None or row["run"] in wanted:
                 norms_by_step.setdefault((row["run"], _parse(norms_path, line, "step", row["step"], int)), []).append(
-                    (_parse(norms_path, line, "norm_type", row["norm_type"], float),
-                     _parse(norms_path, line, "grad_norm", row["grad_norm"], _float_or_nan))
+                    (
+                        _parse(norms_path, line, "norm_type", row["norm_type"], float),
+                        _parse(norms_path, line, "grad_norm", row["grad_norm"], _float_or_nan),
+                    )
                 )
     steps_by_run: dict[str, list[StepRecord]] = {}
     for line, row in _read_csv_rows(steps_path, _STEPS_NEEDED, committed.get(STEPS_FILE)):
@@ -763,7 +808,9 @@ def _load_runs(
                 clip_coef=_parse(steps_path, line, "clip_coef", row["clip_coef"], _float_or_nan),
                 # reports written before the clipping modes have neither column
                 clip_threshold=_parse(steps_path, line, "clip_threshold", row.get("clip_threshold", ""), _float_or_nan),
-                clipped_unit_frac=_parse(steps_path, line, "clipped_unit_frac", row.get("clipped_unit_frac", ""), _float_or_nan),
+                clipped_unit_frac=_parse(
+                    steps_path, line, "clipped_unit_frac", row.get("clipped_unit_frac", ""), _float_or_nan
+                ),
                 layers=tuple(layers_by_step.get((row["run"], step), ())),
                 lr=_parse(steps_path, line, "lr", row.get("lr", ""), _float_or_nan),
                 skipped=row.get("skipped", "") == "1",
@@ -823,7 +870,10 @@ def _summary_result(
     if row["status"] not in STATUSES:
         raise _Corrupt(path, f"line {line}: unknown status {row['status']!r} (expected one of {', '.join(STATUSES)})")
     if row["nan_source"] not in ("", SOURCE_FORWARD, SOURCE_BACKWARD, SOURCE_AMP):
-        raise _Corrupt(path, f"line {line}: unknown nan_source {row['nan_source']!r} (expected {SOURCE_FORWARD} or {SOURCE_BACKWARD})")
+        raise _Corrupt(
+            path,
+            f"line {line}: unknown nan_source {row['nan_source']!r} (expected {SOURCE_FORWARD} or {SOURCE_BACKWARD})",
+        )
     warnings = row.get("warnings", "")
     return RunResult(
         cell=cell,
@@ -891,7 +941,9 @@ def _read_csv_rows(path: Path, needed: list[str], committed: int | None = None) 
         with open(path, "rb") as f:
             data = f.read() if committed is None else f.read(committed)
     except FileNotFoundError:
-        raise UsageError(f"cannot resume: {path} is missing although the manifest lists finished runs", _START_OVER) from None
+        raise UsageError(
+            f"cannot resume: {path} is missing although the manifest lists finished runs", _START_OVER
+        ) from None
     except OSError as exc:
         raise _Corrupt(path, f"unreadable ({exc.strerror or exc})") from None
     if committed is not None and len(data) < committed:

@@ -37,7 +37,18 @@ from gradcheck_cli.results import (
 
 STATUS_COLOURS = {STABLE: "#2e7d32", DIVERGED: "#f9a825", NON_FINITE: "#c62828", ERROR: "#8e24aa"}
 CONTROL_COLOUR = "#222222"
-_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+_PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+]
 
 _TABLE_COLUMNS = [
     ("run", "run"),
@@ -187,13 +198,25 @@ def map_figure(results: list[RunResult]):
         y = types.index(r.cell.norm_type)
         label = r.status + (" (refined)" if r.refined else "")
         ax.scatter(
-            [r.cell.max_norm], [y], s=140 if not r.refined else 110, marker="D" if r.refined else "o",
-            color=STATUS_COLOURS.get(r.status, "#999999"), edgecolor="black", linewidth=0.6, zorder=3,
+            [r.cell.max_norm],
+            [y],
+            s=140 if not r.refined else 110,
+            marker="D" if r.refined else "o",
+            color=STATUS_COLOURS.get(r.status, "#999999"),
+            edgecolor="black",
+            linewidth=0.6,
+            zorder=3,
             label=None if label in seen else label,
         )
         seen.add(label)
-        ax.annotate(f"{r.cell.max_norm:g}", (r.cell.max_norm, y), xytext=(0, 10), textcoords="offset points",
-                    ha="center", fontsize=7)
+        ax.annotate(
+            f"{r.cell.max_norm:g}",
+            (r.cell.max_norm, y),
+            xytext=(0, 10),
+            textcoords="offset points",
+            ha="center",
+            fontsize=7,
+        )
     ax.set_xscale("log")
     ax.set_yticks(range(len(types)), [format_norm_type(p) for p in types])
     ax.set_ylim(-0.7, len(types) - 0.3)
@@ -225,8 +248,13 @@ def heatmap_figure(results: list[RunResult]):
                 grid[layers.index(name), j] = math.log10(v)
     fig = _figure(12, min(2.0 + 0.22 * len(layers), 14))
     ax = fig.add_subplot()
-    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5))
+    image = ax.imshow(
+        grid,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=(steps[0] - 0.5, steps[-1] + 0.5, len(layers) - 0.5, -0.5),
+    )
     fig.colorbar(image, ax=ax, label=f"log10 pre-clip norm ({format_norm_type(control.cell.norm_type)})", pad=0.01)
     ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) < 40 else 5)
     ax.set_xlabel("step")
@@ -234,8 +262,15 @@ def heatmap_figure(results: list[RunResult]):
     if control.spike_step is not None:
         ax.axvline(control.spike_step, color="#ff9800", lw=2, ls="--", label=f"spike (step {control.spike_step})")
         if control.spike_param in layers:
-            ax.plot([control.spike_step], [layers.index(control.spike_param)], marker="o", ms=10, mfc="none",
-                    mec="#ff9800", mew=2)
+            ax.plot(
+                [control.spike_step],
+                [layers.index(control.spike_param)],
+                marker="o",
+                ms=10,
+                mfc="none",
+                mec="#ff9800",
+                mew=2,
+            )
         marks.append("the spike (orange)")
     stop = control.stop_step()
     if stop is not None:
@@ -332,7 +367,7 @@ def render_html(results: list[RunResult], recommendation=None, title: str = "gra
             caption, fig = made
             figures.append((section, caption, _png(fig)))
     parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>gradclip: {html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>gradclip: {html.escape(title)}</h1>",
         f'<p class="meta">{len(results)} runs. Norms are pre-clip gradient norms.</p>',
@@ -343,8 +378,8 @@ def render_html(results: list[RunResult], recommendation=None, title: str = "gra
     parts.append("<h2>Summary</h2>" + _table(results))
     for section, caption, data in figures:
         parts.append(
-            f"<h2>{html.escape(section)}</h2><figure><img alt=\"{html.escape(section)}\" "
-            f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}</figcaption></figure>"
+            f'<h2>{html.escape(section)}</h2><figure><img alt="{html.escape(section)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
         )
     parts.append("</body></html>\n")
     return "\n".join(parts), len(figures)

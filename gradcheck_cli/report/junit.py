@@ -77,7 +77,9 @@ def junit_tree(results: list[RunResult], suite_name: str = "gradclip") -> ET.Ele
     root = ET.Element("testsuites", {"name": _xml_safe(suite_name), **counts})
     suite = ET.SubElement(root, "testsuite", {"name": _xml_safe(suite_name), **counts})
     for r in results:
-        case = ET.SubElement(suite, "testcase", {"classname": _xml_safe(classname), "name": _xml_safe(r.run), "time": f"{r.seconds:.3f}"})
+        case = ET.SubElement(
+            suite, "testcase", {"classname": _xml_safe(classname), "name": _xml_safe(r.run), "time": f"{r.seconds:.3f}"}
+        )
         if r.status in (NON_FINITE, DIVERGED):
             failure = ET.SubElement(case, "failure", {"type": r.status, "message": _xml_safe(describe_result(r))})
             failure.text = _xml_safe(_details(r))
@@ -86,7 +88,9 @@ def junit_tree(results: list[RunResult], suite_name: str = "gradclip") -> ET.Ele
             error.text = _xml_safe(r.error or "")
         elif r.status == ERROR:
             exc_type = (r.error or "error").split(":", 1)[0]
-            error = ET.SubElement(case, "error", {"type": _xml_safe(exc_type), "message": _xml_safe(r.error or "error")})
+            error = ET.SubElement(
+                case, "error", {"type": _xml_safe(exc_type), "message": _xml_safe(r.error or "error")}
+            )
             error.text = _xml_safe(r.error_traceback or r.error or "")
     ET.indent(root)
     return ET.ElementTree(root)
@@ -109,4 +113,6 @@ def write_junit(path: str | os.PathLike, results: list[RunResult], suite_name: s
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(target, data)
     except OSError as exc:
-        raise ReportWriteError(f"cannot write --junit {str(target)!r}: {exc.strerror or exc}", "choose a path you can write to") from None
+        raise ReportWriteError(
+            f"cannot write --junit {str(target)!r}: {exc.strerror or exc}", "choose a path you can write to"
+        ) from None

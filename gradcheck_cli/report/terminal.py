@@ -227,7 +227,9 @@ def _build_summary_table(results, edges, title, drop: tuple[str, ...], adaptive:
         notes.append("norms are pre-clip gradient norms")
     if isinstance(edges, dict) and "histogram" in keys:
         ranges = [
-            f"{format_norm_type(p)}: {format_number(e[0])} to {format_number(e[-1])}" for p, e in edges.items() if len(e) >= 2
+            f"{format_norm_type(p)}: {format_number(e[0])} to {format_number(e[-1])}"
+            for p, e in edges.items()
+            if len(e) >= 2
         ]
         if ranges:
             n = max(len(e) for e in edges.values()) - 1
@@ -256,9 +258,12 @@ def stability_map(results: list[RunResult]) -> Table | None:
     several_seeds = seeds_vary(results)
     caption = "entries: seeds stable / seeds" if several_seeds else "entries: status of each run"
     # with the adaptive rules among the columns, they are clipping settings, not max_norms
-    title = "stability: lr x max_norm" if all(c.mode in (MODE_NONE, MODE_NORM) for c in clips) else "stability: lr x clipping"
-    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1),
-                  pad_edge=False, show_edge=False)
+    title = (
+        "stability: lr x max_norm"
+        if all(c.mode in (MODE_NONE, MODE_NORM) for c in clips)
+        else "stability: lr x clipping"
+    )
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("lr", justify="right", no_wrap=True)
     for clip in clips:
         table.add_column(clip.run, justify="center", no_wrap=True)

@@ -10,9 +10,7 @@ Y = torch.tanh(X @ torch.randn(6, 1, generator=g))
 
 
 def build_model():
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1)
-    )
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1))
 
 
 def build_optimizer(model):
