@@ -1,77 +1,11 @@
-"""gradclip's measurements inside your own training loop, written as a sweep's files.
-
-::
-
-    from gradcheck_cli.monitor import GradMonitor
-
-    with GradMonitor(model, optimizer, out="gradclip-monitor") as monitor:
-        for batch in loader:
-            optimizer.zero_grad()
-            loss = loss_fn(model, batch)
-            loss.backward()
-            monitor.record_loss(loss)                               # optional
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # or no clipping at all
-            optimizer.step()
-
-The loop stays as it is. While the monitor is active:
-
-* ``torch.nn.utils.clip_grad_norm_`` (also reached as ``torch.nn.utils.clip_grad.clip_grad_norm_``,
-  and the name ``clip_grad_norm_`` imported into ``__main__`` or into the module that enters the
-  monitor) is wrapped: first gradclip's engine measures the gradients of all the model's
-  parameters in the call's norm type, so the recorded norm is the pre-clip norm and the first
-  non-finite parameter is located before clipping spreads NaN. Then, with ``clip="engine"`` (the
-  default), the engine clips, reusing that measurement: one pass over the gradients, the call
-  returns ``gradcheck_cli.engine.clip_grad_norm_``'s total and the gradients are what that
-  function leaves, bit for bit (the same formula as torch's; the total is exact instead of
-  torch's float32 accumulation, so clipped steps differ from torch's by that rounding). With
-  ``clip="torch"`` torch's original clips exactly as it would have (a second pass; training
-  bit-identical with and without the monitor). Either way the coefficient applied is recorded.
-  Calls on parameters of another model pass straight through to torch.
-  ``torch.nn.utils.clip_grad_value_`` is wrapped the same way (measure, then torch's original
-  clamps); value clipping has no single coefficient, so such a step's ``clip_coef`` is blank.
-* a step pre-hook on the optimizer closes the step just before ``optimizer.step()`` (after the
-  last micro-batch under gradient accumulation): when nothing clipped, the gradients are measured
-  there (L2, or the norm type of the last clip call);
-* ``torch.amp.GradScaler.step`` is wrapped: it unscales the gradients before the optimizer runs,
-  and when it finds inf/NaN it does not call ``optimizer.step()`` at all; such a step is recorded
-  with ``skipped = 1`` and its (non-finite, unscaled) norm, and is not a ``non_finite`` verdict.
-
-Per optimizer step (numbered from 1, skipped steps included) one ``StepRecord``: the loss (the mean
-of the losses given to ``record_loss`` since the previous step; blank when none), the pre-clip
-total norm, the clip coefficient applied (1 when nothing clipped, blank when the scaler skipped
-the step), ``lr`` (the first parameter group's, as used by the step), ``skipped``, and the
-per-layer norms (``layers.LayerGrouping``, as a sweep groups them) from the same measuring pass.
-
-Host syncs: everything a step records is gathered on the gradients' device and brought to the
-host in one transfer per step (one ``.tolist()``); nothing else reads device values. On the CPU
-reading a value is no sync, and right after a backward pass every tensor op costs several
-microseconds, so there the numbers come to Python as they are made (a small model's norms in
-one foreach op, ``engine.host_grad_norms``) and the rest of the step's bookkeeping is plain
-Python; the ``StepRecord`` objects are built when they are read (a write, the result).
-
-Verdicts use a sweep's words: ``stable``; ``non_finite`` at the first step whose loss
-(``forward``) or pre-clip norm (``backward``, in a step the optimizer took) is NaN/inf, with the
-first non-finite parameter in ``named_parameters()`` order; ``diverged`` when a finite loss first
-exceeds ``divergence_factor`` x the first recorded loss; ``error`` when the loop raised inside
-the ``with`` block. Later steps are still recorded; the first event is the verdict. With
-``stop_on_non_finite=True`` the monitor raises ``NonFiniteError`` from the pre-step hook, so the
-optimizer never applies the non-finite update.
-
-Files (``out``): ``summary.csv``, ``steps.csv``, ``layers.csv``, ``histograms.csv`` with one run
-named ``run`` (default ``monitor``), brought up to date every ``write_every`` steps, at the first
-non-finite or diverged step, and on exit (``report.live.LiveRunWriter``: the new steps' rows
-appended in one write of whole lines, the summary and histograms replaced atomically), so a
-killed training leaves readable files up to its last write, and a long one pays per write only
-for the steps since the previous one.
-"""
+"""The per-step recorder behind ``GradMonitor`` and the framework callbacks: measure the
+pre-clip gradients once per step, judge the step, keep its record, write the files.
+See docs/monitor.md."""
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-import types
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +15,8 @@ from torch import Tensor
 from gradcheck_cli import engine
 from gradcheck_cli.detect import is_diverged
 from gradcheck_cli.layers import AUTO, LayerGrouping
+from gradcheck_cli.report.files import prepare_out_dir
+from gradcheck_cli.report.live import LiveRunWriter
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -103,7 +39,16 @@ CLIP_ENGINE = "engine"
 CLIP_TORCH = "torch"
 CLIP_CHOICES = (CLIP_ENGINE, CLIP_TORCH)
 
-__all__ = ["CLIP_CHOICES", "DEFAULT_OUT", "DEFAULT_RUN", "GradMonitor", "NonFiniteError", "StepRecorder"]
+__all__ = [
+    "CLIP_CHOICES",
+    "CLIP_ENGINE",
+    "CLIP_TORCH",
+    "DEFAULT_OUT",
+    "DEFAULT_RUN",
+    "NonFiniteError",
+    "StepRecorder",
+    "first_param_lr",
+]
 
 
 class NonFiniteError(RuntimeError):
@@ -470,8 +415,6 @@ class StepRecorder:
         )
 
     def prepare(self) -> None:
-        from gradcheck_cli.report.files import prepare_out_dir
-
         prepare_out_dir(self.out)
 
     def write(self, *, refresh_histograms: bool = True) -> None:
@@ -479,288 +422,11 @@ class StepRecorder:
         appended, the summary replaced (``report.live.LiveRunWriter``); the histograms are
         refreshed when asked (events, the end) or when the run has doubled since."""
         if self._writer is None:
-            from gradcheck_cli.report.live import LiveRunWriter
-
             self._writer = LiveRunWriter(self.out)
         self._writer.write(self.result(), refresh_histograms=refresh_histograms)
         self._written = self._count
 
 
-# --------------------------------------------------------------------------------------------
-# Interception of torch.nn.utils.clip_grad_norm_ and GradScaler.step (shared by all monitors)
-# --------------------------------------------------------------------------------------------
-
-_SESSIONS: list[Any] = []  # active sessions: objects with .recorder and .handles(optimizer)
-_ORIGINAL_CLIP = torch.nn.utils.clip_grad_norm_
-_ORIGINAL_CLIP_VALUE = torch.nn.utils.clip_grad_value_
-# torch.amp.GradScaler from torch 2.3; before that the CUDA one is the only one.
-_SCALER = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler
-_ORIGINAL_SCALER_STEP = _SCALER.step
-_REBOUND: list[tuple[dict, str, Any]] = []  # (module dict, name, original) rebound to a wrapper
-
-
-def _clip_grad_norm_(
-    parameters: Tensor | Iterable[Tensor],
-    max_norm: float,
-    norm_type: float = 2.0,
-    error_if_nonfinite: bool = False,
-    foreach: bool | None = None,
-) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` while a gradclip monitor is active: the engine
-    measures the pre-clip gradients of the monitored model; then the engine clips, reusing that
-    pass (``clip="engine"``), or torch's original clips, unchanged (``clip="torch"``). Calls on
-    other parameters go straight to the original."""
-    was_generator = False
-    if isinstance(parameters, Tensor):
-        params: list[Tensor] = [parameters]
-    else:
-        was_generator = isinstance(parameters, types.GeneratorType)
-        params = list(parameters)
-    grads: list[Tensor] = []
-    first = None
-    for prm in params:
-        g = prm.grad
-        if g is not None:
-            if first is None:
-                first = prm
-            grads.append(g)
-    recorders = [s.recorder for s in _SESSIONS if s.recorder.owns(first)] if first is not None else []
-    if not recorders:
-        return _original_clip(parameters, params, was_generator, max_norm, norm_type, error_if_nonfinite, foreach)
-    p = float(norm_type)
-    measured_now = []
-    for rec in recorders:
-        rec.note_norm_type(p)
-        measured_now.append(rec.measure(p))
-    clipper = next((i for i, rec in enumerate(recorders) if rec.clip == CLIP_ENGINE), None)
-    if clipper is None:
-        total = _original_clip(parameters, params, was_generator, max_norm, norm_type, error_if_nonfinite, foreach)
-    else:
-        total = recorders[clipper].clip_measured_(
-            grads, params, max_norm, p, error_if_nonfinite, foreach, reuse=measured_now[clipper]
-        )
-    for i, rec in enumerate(recorders):
-        if i != clipper:  # the clipper noted the coefficient it applied
-            rec.note_clip(max_norm, total)
-    return total
-
-
-def _original_clip(parameters, params, was_generator, max_norm, norm_type, error_if_nonfinite, foreach) -> Tensor:
-    """torch's own function on what the caller passed (a generator again when it was one, so
-    that torch still warns about an empty one)."""
-    passed: Any = parameters if isinstance(parameters, Tensor) else ((q for q in params) if was_generator else params)
-    return _ORIGINAL_CLIP(passed, max_norm, norm_type, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
-
-
-def _clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float, foreach: bool | None = None) -> None:
-    """``torch.nn.utils.clip_grad_value_`` while a monitor is active: measure first; value
-    clipping has no single coefficient, so the step's ``clip_coef`` is recorded blank."""
-    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    first = next((p for p in params if p.grad is not None), None)
-    recorders = [s.recorder for s in _SESSIONS if first is not None and s.recorder.owns(first)]
-    for rec in recorders:
-        rec.measure()
-    _ORIGINAL_CLIP_VALUE(params, clip_value, foreach=foreach)
-    for rec in recorders:
-        rec.note_value_clip(clip_value)
-
-
-def _scaler_step(self, optimizer, *args, **kwargs):
-    """``GradScaler.step`` while a monitor is active: a step whose optimizer did not run was
-    skipped (inf/NaN found); the monitor records it after the scaler has unscaled."""
-    sessions = [s for s in _SESSIONS if s.handles(optimizer)]
-    for s in sessions:
-        s.scaler_step_begin()
-    try:
-        return _ORIGINAL_SCALER_STEP(self, optimizer, *args, **kwargs)
-    finally:
-        for s in sessions:
-            s.scaler_step_end()
-
-
-def _install(session: Any, extra_namespaces: Iterable[dict] = ()) -> None:
-    if not _SESSIONS:
-        torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
-        torch.nn.utils.clip_grad.clip_grad_norm_ = _clip_grad_norm_
-        torch.nn.utils.clip_grad_value_ = _clip_grad_value_
-        torch.nn.utils.clip_grad.clip_grad_value_ = _clip_grad_value_
-        _SCALER.step = _scaler_step
-    _SESSIONS.append(session)
-    main = sys.modules.get("__main__")
-    for namespace in [*extra_namespaces, getattr(main, "__dict__", {})]:
-        for key, value in list(namespace.items()):
-            if value is _ORIGINAL_CLIP or value is _ORIGINAL_CLIP_VALUE:
-                namespace[key] = _clip_grad_norm_ if value is _ORIGINAL_CLIP else _clip_grad_value_
-                _REBOUND.append((namespace, key, value))
-
-
-def _uninstall(session: Any) -> None:
-    if session in _SESSIONS:
-        _SESSIONS.remove(session)
-    if not _SESSIONS:
-        torch.nn.utils.clip_grad_norm_ = _ORIGINAL_CLIP
-        torch.nn.utils.clip_grad.clip_grad_norm_ = _ORIGINAL_CLIP
-        torch.nn.utils.clip_grad_value_ = _ORIGINAL_CLIP_VALUE
-        torch.nn.utils.clip_grad.clip_grad_value_ = _ORIGINAL_CLIP_VALUE
-        _SCALER.step = _ORIGINAL_SCALER_STEP
-        for namespace, key, original in _REBOUND:
-            if namespace.get(key) in (_clip_grad_norm_, _clip_grad_value_):
-                namespace[key] = original
-        _REBOUND.clear()
-
-
-class ClipSession:
-    """An interception registration: clip calls on ``recorder``'s parameters are measured.
-    Framework callbacks use it as is; ``GradMonitor`` adds the GradScaler handling."""
-
-    def __init__(self, recorder: StepRecorder) -> None:
-        self.recorder = recorder
-
-    def handles(self, optimizer: Any) -> bool:
-        return False
-
-    def scaler_step_begin(self) -> None:  # pragma: no cover - only GradMonitor handles scalers
-        pass
-
-    def scaler_step_end(self) -> None:  # pragma: no cover
-        pass
-
-    def install(self, extra_namespaces: Iterable[dict] = ()) -> None:
-        _install(self, extra_namespaces)
-
-    def uninstall(self) -> None:
-        _uninstall(self)
-
-
 def first_param_lr(optimizer: torch.optim.Optimizer) -> Any:
     groups = getattr(optimizer, "param_groups", None)
     return groups[0].get("lr") if groups else None
-
-
-# --------------------------------------------------------------------------------------------
-# The plain-loop monitor
-# --------------------------------------------------------------------------------------------
-
-
-class GradMonitor(ClipSession):
-    """Record gradclip's per-step measurements of an unchanged training loop (module docstring).
-
-    Args:
-        model: the ``nn.Module`` being trained (its trainable parameters are measured).
-        optimizer: the ``torch.optim.Optimizer`` whose ``step()`` ends an optimizer step.
-        out: directory for the report files (created; existing report files are replaced).
-        run: the run's name in the files. Default ``monitor``.
-        stop_on_non_finite: raise ``NonFiniteError`` (step, source, parameter) from
-            ``optimizer.step()`` at the first non-finite step, before the update is applied.
-        write_every: bring the files up to date every this many steps (and at the first
-            non-finite or diverged step, and on exit). Each write appends the new steps' rows,
-            so its cost does not grow with the length of the run.
-        layer_depth: per-layer grouping, as ``layers.LayerGrouping`` (``"auto"``, ``None`` for one
-            group per parameter, or a module depth).
-        divergence_factor: ``diverged`` when a finite loss exceeds this times the first recorded
-            loss (``None``: never judged). Needs ``record_loss``.
-        clip: who clips when the loop calls ``clip_grad_norm_`` on this model. ``"engine"``
-            (default): gradclip's engine, whose measuring pass is also the clip's, so a step
-            reads its gradients once; the training equals the same loop with
-            ``gradcheck_cli.engine.clip_grad_norm_``, which differs from torch's only by the
-            rounding of torch's float32 norm, in steps that clip. ``"torch"``: torch's own
-            function clips after the engine has measured (a second pass over the gradients),
-            and the training is bit-identical to the loop without the monitor.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        out: str | Path = DEFAULT_OUT,
-        *,
-        run: str = DEFAULT_RUN,
-        stop_on_non_finite: bool = False,
-        write_every: int = 100,
-        layer_depth: int | str | None = AUTO,
-        divergence_factor: float | None = 10.0,
-        clip: str = CLIP_ENGINE,
-    ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        super().__init__(
-            StepRecorder(
-                model,
-                out,
-                run=run,
-                layer_depth=layer_depth,
-                write_every=write_every,
-                divergence_factor=divergence_factor,
-                clip=clip,
-            )
-        )
-        self.optimizer = optimizer
-        self.stop_on_non_finite = stop_on_non_finite
-        self._handles: list[Any] = []
-        self._in_scaler_step = False
-        self._stepped = False
-        self._active = False
-
-    # ---- the user's API -----------------------------------------------------------------------
-
-    def record_loss(self, loss: Tensor | float) -> None:
-        """Give the monitor the step's loss (each micro-batch's under accumulation; the step
-        records their mean). Call it before ``optimizer.step()``. Never syncs."""
-        self.recorder.add_loss(loss)
-
-    @property
-    def steps(self) -> list[StepRecord]:
-        return self.recorder.steps
-
-    def result(self) -> RunResult:
-        return self.recorder.result()
-
-    def start(self) -> GradMonitor:
-        if self._active:
-            return self
-        self.recorder.prepare()
-        caller = (
-            sys._getframe(2).f_globals if sys._getframe(1).f_code.co_name == "__enter__" else sys._getframe(1).f_globals
-        )
-        self.install([caller])
-        self._handles = [self.optimizer.register_step_pre_hook(self._pre_step)]
-        self._active = True
-        return self
-
-    def close(self, exc: BaseException | None = None) -> None:
-        if not self._active:
-            return
-        self._active = False
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.uninstall()
-        if exc is not None and not isinstance(exc, NonFiniteError):
-            self.recorder.fail(exc)
-        self.recorder.write()
-
-    def __enter__(self) -> GradMonitor:
-        return self.start()
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self.close(exc)
-        return False
-
-    # ---- hooks ------------------------------------------------------------------------------
-
-    def handles(self, optimizer: Any) -> bool:
-        return optimizer is self.optimizer
-
-    def _pre_step(self, optimizer, args, kwargs) -> None:
-        self._stepped = True
-        event = self.recorder.finish_step(skipped=False, lr=first_param_lr(optimizer))
-        if event is not None and self.stop_on_non_finite:
-            raise event
-
-    def scaler_step_begin(self) -> None:
-        self._stepped = False
-
-    def scaler_step_end(self) -> None:
-        if not self._stepped:  # the scaler found inf/NaN and skipped optimizer.step()
-            self.recorder.finish_step(skipped=True, lr=first_param_lr(self.optimizer))
-        self._stepped = False
