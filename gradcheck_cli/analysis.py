@@ -58,12 +58,12 @@ from gradcheck_cli.results import (
     STABLE,
     RunResult,
     format_norm_type,
-    percentile,
+    smoothed_loss,
 )
+from gradcheck_cli.stats import Smoothed, mean_sd, median, percentile
 
 DEFAULT_SPIKE_FACTOR = 10.0
 MIN_HISTORY = 3  # earlier finite norms a layer needs before a jump can be judged
-SMOOTH_STEPS = 10  # the smoothed loss is the mean of this many last losses
 NOISE_SE = 2.0  # a difference is meaningful beyond this many standard errors
 REFINE_DIGITS = 3  # significant digits of a refined max_norm
 UNSTABLE = (NON_FINITE, DIVERGED)
@@ -71,12 +71,6 @@ UNSTABLE = (NON_FINITE, DIVERGED)
 
 # --------------------------------------------------------------------------------------------
 # The explosion's origin
-
-
-def _median(sorted_values: list[float]) -> float:
-    n = len(sorted_values)
-    mid = n // 2
-    return sorted_values[mid] if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2.0
 
 
 def find_spike(
@@ -94,7 +88,7 @@ def find_spike(
         for name, value in series:
             past = history.get(name)
             if past is not None and len(past) >= min_history:
-                typical = _median(past)
+                typical = median(past)
                 if typical > 0 and math.isfinite(typical):
                     ratio = value / typical if math.isfinite(value) else math.inf
                     if ratio > factor and (not found or ratio > best_ratio):
@@ -114,42 +108,6 @@ def annotate_spike(result: RunResult, factor: float = DEFAULT_SPIKE_FACTOR) -> R
 
 # --------------------------------------------------------------------------------------------
 # Smoothed figures and noise
-
-
-@dataclass(frozen=True)
-class Smoothed:
-    """The mean of a run's last ``n`` finite losses and their sample standard deviation."""
-
-    mean: float
-    sd: float
-    n: int
-
-
-def smoothed_loss(result: RunResult, k: int = SMOOTH_STEPS) -> Smoothed | None:
-    """``Smoothed`` over the last ``k`` finite losses, the step that stopped the run excluded;
-    ``None`` when there is none."""
-    stop = result.stop_step()
-    losses = [s.loss for s in result.steps if s.step != stop and math.isfinite(s.loss)][-k:]
-    return mean_sd(losses) if losses else None
-
-
-def mean_sd(values: list[float]) -> Smoothed:
-    """``Smoothed`` of finite ``values`` (at least one): their mean and sample standard deviation
-    (0 for one value), computed without overflow for values near the float limit."""
-    n = len(values)
-    mean = math.fsum(x / n for x in values)  # divided first: no overflow for values near the float limit
-    if n < 2:
-        return Smoothed(mean, 0.0, n)
-    # Centred and scaled by the largest deviation, so nothing overflows unless the spread
-    # itself is beyond float range (then it is inf).
-    deviations = [x - mean for x in values]
-    scale = max(abs(d) for d in deviations)
-    if not math.isfinite(scale):
-        return Smoothed(mean, math.inf, n)
-    if scale == 0:
-        return Smoothed(mean, 0.0, n)
-    sd = scale * math.sqrt(math.fsum((d / scale) ** 2 for d in deviations) / (n - 1))
-    return Smoothed(mean, sd, n)
 
 
 def differ_meaningfully(a: Smoothed | None, b: Smoothed | None) -> bool:

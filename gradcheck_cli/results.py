@@ -3,14 +3,18 @@
 Everything downstream (terminal tables, CSV files, JSON, JUnit, resume) reads these records;
 nothing else defines a column name. Missing values are ``None``/NaN and reach CSV as blanks;
 status words are never the bare word ``nan``, so pandas never reads a status as missing.
+See docs/outputs.md.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import sys
 from dataclasses import dataclass, field, replace
+
+from gradcheck_cli.stats import SMOOTH_STEPS, Smoothed, mean_sd, percentile
 
 STABLE = "stable"
 NON_FINITE = "non_finite"
@@ -305,8 +309,6 @@ class RunResult:
             for s in self.steps
             if not s.skipped and not (math.isnan(s.clip_coef) and math.isnan(s.clipped_unit_frac))
         ]
-        from gradcheck_cli.analysis import smoothed_loss
-
         smoothed = smoothed_loss(self)
         return {
             "run": self.run,
@@ -400,14 +402,13 @@ def was_clipped(step: StepRecord, mode: str) -> bool:
     return step.clip_coef < 1.0
 
 
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default) of already sorted values."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+def smoothed_loss(result: RunResult, k: int = SMOOTH_STEPS) -> Smoothed | None:
+    """``Smoothed`` over the run's last ``k`` finite losses, the step that stopped the run
+    excluded; ``None`` when there is none (the ``smoothed_loss`` and ``smoothed_loss_sd``
+    columns)."""
+    stop = result.stop_step()
+    losses = [s.loss for s in result.steps if s.step != stop and math.isfinite(s.loss)][-k:]
+    return mean_sd(losses) if losses else None
 
 
 @dataclass(frozen=True)
@@ -510,8 +511,6 @@ def histogram_counts(result: RunResult, edges, norm_type: float | None = None) -
 
 
 def _bin_index(value: float, edges: list[float]) -> int:
-    import bisect
-
     i = bisect.bisect_right(edges, value) - 1
     return min(max(i, 0), len(edges) - 2)
 

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from gradcheck_cli import analysis
 from gradcheck_cli.analysis import (
     MIN_HISTORY,
-    SMOOTH_STEPS,
     Smoothed,
     boundaries,
     differ_meaningfully,
@@ -27,6 +26,7 @@ from gradcheck_cli.analysis import (
     smoothed_loss,
 )
 from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, SOURCE_BACKWARD, STABLE, Cell, RunResult, StepRecord
+from gradcheck_cli.stats import SMOOTH_STEPS
 
 NAN, INF = math.nan, math.inf
 
