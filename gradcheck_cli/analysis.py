@@ -61,6 +61,7 @@ from gradcheck_cli.results import (
     smoothed_loss,
 )
 from gradcheck_cli.stats import Smoothed, mean_sd, median, percentile
+from gradcheck_cli.text import describe_setting_at_lr, format_number
 
 DEFAULT_SPIKE_FACTOR = 10.0
 MIN_HISTORY = 3  # earlier finite norms a layer needs before a jump can be judged
@@ -492,7 +493,7 @@ class Recommendation:
         """One line for the terminal, with the evidence."""
         line = self._line()
         if self.lr_choice is not None:
-            line += f"; at lr={_fmt(self.lr)}: {self.lr_choice}"
+            line += f"; at lr={format_number(self.lr)}: {self.lr_choice}"
         return line
 
     def _line(self) -> str:
@@ -502,15 +503,12 @@ class Recommendation:
             bound = self.evidence.get("boundary") or {}
             nt = format_norm_type(self.norm_type)
             several = _several(self.setting)
-            from gradcheck_cli.report import describe_setting
-
             cell = self.run.cell
-            at_lr = f" lr={_fmt(cell.lr)}" if cell.lr is not None else ""
             if several:
                 name = f"{self.setting.cell.run}, stable in all {len(self.setting.runs)} seeds"
             else:
                 name = self.run.run
-            parts = [f"recommendation: clip with {describe_setting(cell)}{at_lr} ({name})"]
+            parts = [f"recommendation: clip with {describe_setting_at_lr(cell)} ({name})"]
             pct = control.get("norm_percentiles", {})
             if pct.get("p50") is not None:
                 n = pct["steps"]
@@ -520,7 +518,7 @@ class Recommendation:
                     where = f"over {n} step{'s' if n != 1 else ''} before its onset"
                 parts.append(
                     f"unclipped pre-clip {nt} norm {where}: "
-                    f"p50 {_fmt(pct['p50'])}, p90 {_fmt(pct['p90'])}, p99 {_fmt(pct['p99'])}"
+                    f"p50 {format_number(pct['p50'])}, p90 {format_number(pct['p90'])}, p99 {format_number(pct['p99'])}"
                 )
             if ev.get("clipped_frac") is not None:
                 parts.append(
@@ -530,12 +528,12 @@ class Recommendation:
                 parts.append("an adaptive rule: no max_norm boundary applies")
             elif (bound or {}).get("margin") is not None:
                 parts.append(
-                    f"{_fmt(bound['margin'])}x below the smallest unstable max_norm ({_fmt(bound['smallest_unstable'])})"
+                    f"{format_number(bound['margin'])}x below the smallest unstable max_norm ({format_number(bound['smallest_unstable'])})"
                 )
             else:
                 parts.append(f"no {nt}-norm max_norm above it was unstable")
             parts.append(
-                f"final loss {_fmt(ev.get('final_loss'))} vs unclipped {_fmt(control.get('final_loss'))}"
+                f"final loss {format_number(ev.get('final_loss'))} vs unclipped {format_number(control.get('final_loss'))}"
                 + (" (means over the seeds)" if several else "")
             )
             return "; ".join(parts) + f" ({self.reason})"
@@ -557,12 +555,6 @@ def _control_past(control: SettingOverSeeds, status: str) -> str:
     unstable = [r.status for r in control.runs if r.status in UNSTABLE]
     how = _past(unstable[0]) if len(set(unstable)) == 1 else "went unstable"
     return f"{how} in {len(unstable)} of {len(control.runs)} seeds"
-
-
-def _fmt(x) -> str:
-    from gradcheck_cli.report import format_number
-
-    return format_number(x)
 
 
 def _json_num(x):
@@ -732,7 +724,7 @@ def _recommend_at(results: list[RunResult]) -> Recommendation:
             over = " over the seeds" if several_seeds else ""
             reason = (
                 f"the unclipped run is stable{every}; {_name(best)} reaches a meaningfully {lower}{over} "
-                f"({_fmt(ranking.value(best))} vs {_fmt(ranking.value(control))})"
+                f"({format_number(ranking.value(best))} vs {format_number(ranking.value(control))})"
             )
         else:
             reason = f"the unclipped run is stable{every}"

@@ -31,9 +31,9 @@ from gradcheck_cli.analysis import (
 from gradcheck_cli.cli import app
 from gradcheck_cli.grid import over_seeds
 from gradcheck_cli.loader import load_experiment
-from gradcheck_cli.report import format_number
 from gradcheck_cli.report.terminal import verdict_line
 from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, STABLE, Cell, RunResult, StepRecord
+from gradcheck_cli.text import format_number
 
 NAN, INF = math.nan, math.inf
 SEEDS = [0, 1, 2]

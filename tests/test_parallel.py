@@ -170,10 +170,10 @@ def test_a_script_raising_keyboard_interrupt_in_a_worker_interrupts_the_sweep(tm
 
 
 def test_reports_name_a_crashed_run_and_junit_counts_it_as_an_error():
-    from gradcheck_cli.report import describe_result
     from gradcheck_cli.report.junit import junit_tree
     from gradcheck_cli.report.terminal import error_panels
     from gradcheck_cli.results import CRASHED, STABLE, Cell, RunResult, StepRecord
+    from gradcheck_cli.text import describe_result
 
     how = crash_message(-int(signal.SIGSEGV), 2)
     crashed = RunResult(Cell(1.0, 2.0), CRASHED, error=how)

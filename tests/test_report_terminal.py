@@ -7,7 +7,6 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from gradcheck_cli.report import describe_result, format_number, onset_step
 from gradcheck_cli.report.terminal import (
     SPARK_BLOCKS,
     STATUS_STYLES,
@@ -31,6 +30,7 @@ from gradcheck_cli.results import (
     histogram_counts,
     shared_log_bins,
 )
+from gradcheck_cli.text import describe_result, format_number, onset_step
 
 NAN = math.nan
 

@@ -21,7 +21,6 @@ from gradcheck_cli.config import DEFAULT_MAX_NORMS, SweepConfig, agc_excluded
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.recipes import load_recipe
-from gradcheck_cli.report import describe_setting
 from gradcheck_cli.report.files import load_finished
 from gradcheck_cli.results import (
     DIVERGED,
@@ -36,6 +35,7 @@ from gradcheck_cli.results import (
 from gradcheck_cli.runner import run_cell
 from gradcheck_cli.snapshot import seed_everything
 from gradcheck_cli.sweep import run_sweep
+from gradcheck_cli.text import describe_setting
 
 ROOT = Path(__file__).resolve().parent.parent
 RNN = ROOT / "sample_models" / "exploding_rnn.py"

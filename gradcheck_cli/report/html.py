@@ -23,7 +23,6 @@ import io
 import math
 from pathlib import Path
 
-from gradcheck_cli.report import format_number
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -34,6 +33,7 @@ from gradcheck_cli.results import (
     histogram_counts,
     log_bins_by_norm_type,
 )
+from gradcheck_cli.text import format_number
 
 STATUS_COLOURS = {STABLE: "#2e7d32", DIVERGED: "#f9a825", NON_FINITE: "#c62828", ERROR: "#8e24aa"}
 CONTROL_COLOUR = "#222222"

@@ -24,8 +24,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gradcheck_cli.errors import ReportWriteError, UsageError
-from gradcheck_cli.report import describe_result, describe_setting, format_number
 from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, RunResult, format_float, format_norm_type
+from gradcheck_cli.text import describe_result, describe_setting, format_number
 
 # Characters XML 1.0 forbids even when escaped (most C0 controls, e.g. the ESC of colour codes).
 _XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")

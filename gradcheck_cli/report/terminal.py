@@ -15,7 +15,6 @@ from rich.table import Table
 from rich.text import Text
 
 from gradcheck_cli.grid import SettingOverSeeds, lr_grid, lrs_vary, over_seeds, seeds_vary
-from gradcheck_cli.report import describe_result, describe_setting, format_number, onset_step
 from gradcheck_cli.results import (
     CRASHED,
     DIVERGED,
@@ -28,6 +27,7 @@ from gradcheck_cli.results import (
     format_norm_type,
     histogram_counts,
 )
+from gradcheck_cli.text import describe_result, describe_setting_at_lr, format_number, onset_step
 
 STATUS_STYLES = {STABLE: "green", DIVERGED: "yellow", NON_FINITE: "red", ERROR: "magenta", CRASHED: "magenta"}
 
@@ -289,12 +289,7 @@ def _has_bins(r: RunResult, edges) -> bool:
 
 
 def _setting(r: RunResult) -> str:
-    return _cell_setting(r.cell)
-
-
-def _cell_setting(cell) -> str:
-    text = describe_setting(cell)
-    return text + (f" lr={format_number(cell.lr)}" if cell.lr is not None else "")
+    return describe_setting_at_lr(r.cell)
 
 
 def _group_outcome(group: SettingOverSeeds, several_seeds: bool) -> str:
@@ -333,7 +328,7 @@ def _grouped_verdict(results: list[RunResult]) -> str:
         line = f"clipping not needed: unclipped is stable{_at_lr(best_control)}{every}, {_group_figure(best_control, ranking)}"
         if best is not None:
             return line + (
-                f"; no clipped setting is meaningfully better (best: {_cell_setting(best.cell)}, "
+                f"; no clipped setting is meaningfully better (best: {describe_setting_at_lr(best.cell)}, "
                 f"{_group_figure(best, ranking)})"
             )
         if any(g.cell.clipped for g in groups):
@@ -341,7 +336,7 @@ def _grouped_verdict(results: list[RunResult]) -> str:
         return line
     if best is not None:
         seeds_note = f" in all {len(best.runs)} seeds" if several_seeds else ""
-        line = f"best: {_cell_setting(best.cell)} (stable{seeds_note}, {_group_figure(best, ranking)})"
+        line = f"best: {describe_setting_at_lr(best.cell)} (stable{seeds_note}, {_group_figure(best, ranking)})"
         clipped_ranked = [g for g in ranking.settings if g.cell.clipped]
         tied = [g.cell.run for g in clipped_ranked[1:] if not ranking.better(best, g)]
         if tied:
