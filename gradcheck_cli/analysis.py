@@ -49,7 +49,6 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from gradcheck_cli.grid import SettingOverSeeds, over_seeds, seeds_vary
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -60,6 +59,7 @@ from gradcheck_cli.results import (
     format_norm_type,
     smoothed_loss,
 )
+from gradcheck_cli.settings import SettingOverSeeds, over_seeds, seeds_vary
 from gradcheck_cli.stats import Smoothed, mean_sd, median, percentile
 from gradcheck_cli.text import describe_setting_at_lr, format_number
 

@@ -29,10 +29,10 @@ from gradcheck_cli.analysis import (
     settings_of,
 )
 from gradcheck_cli.cli import app
-from gradcheck_cli.grid import over_seeds
 from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.report.terminal import verdict_line
 from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, STABLE, Cell, RunResult, StepRecord
+from gradcheck_cli.settings import over_seeds
 from gradcheck_cli.text import format_number
 
 NAN, INF = math.nan, math.inf

@@ -14,7 +14,6 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradcheck_cli.grid import SettingOverSeeds, lr_grid, lrs_vary, over_seeds, seeds_vary
 from gradcheck_cli.results import (
     CRASHED,
     DIVERGED,
@@ -27,6 +26,7 @@ from gradcheck_cli.results import (
     format_norm_type,
     histogram_counts,
 )
+from gradcheck_cli.settings import SettingOverSeeds, lr_grid, lrs_vary, over_seeds, seeds_vary
 from gradcheck_cli.text import describe_result, describe_setting_at_lr, format_number, onset_step
 
 STATUS_STYLES = {STABLE: "green", DIVERGED: "yellow", NON_FINITE: "red", ERROR: "magenta", CRASHED: "magenta"}

@@ -1,8 +1,9 @@
-"""The lr and seed axes of a sweep, summed up: each setting over its seeds, and the lr grid.
+"""Settings: a sweep's runs grouped over the seeds, and the lr x clipping map.
 
-A multi-seed sweep asks whether a setting is stable *in every seed*, so the runs that differ
-only in their seed are grouped (``over_seeds``): ``stable 3/3``, the mean and spread of their
-final losses, their norms pooled. Pure functions over ``RunResult``s; no torch, no printing.
+A multi-seed sweep asks whether a setting (a clipping cell at one lr) is stable *in every seed*,
+so the runs that differ only in their seed are grouped (``over_seeds``): ``stable 3/3``, the mean
+and spread of their final losses, their norms pooled. Pure functions over ``RunResult``s; no
+torch, no printing. See docs/diagnosis.md.
 """
 
 from __future__ import annotations
