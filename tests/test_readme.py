@@ -7,9 +7,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def doc(name: str) -> str:
+    return (ROOT / "docs" / name).read_text()
+
+
+def section_of(text: str, heading: str) -> str:
+    """The text under ``heading`` up to the next heading of the same or a higher level (lines in
+    code blocks are not headings)."""
+    level = len(heading.split(" ", 1)[0])
+    lines = text.split("\n")
+    start = lines.index(heading) + 1
+    fenced = False
+    for end in range(start, len(lines)):
+        line = lines[end]
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
+            return "\n".join(lines[start:end])
+    return "\n".join(lines[start:])
+
+
 def quick_start_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    section = section_of(readme(), "## Quick start")
     return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
 
 
@@ -46,8 +69,7 @@ def test_readme_example_script_runs(tmp_path):
 
     from gradcheck_cli.cli import app
 
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(r"```python\n(# my_model\.py\n.*?)\n```", readme, flags=re.S).group(1)
+    example = re.search(r"```python\n(# my_model\.py\n.*?)\n```", readme(), flags=re.S).group(1)
     script = tmp_path / "my_model.py"
     script.write_text(example)
     result = CliRunner().invoke(app, ["check", str(script), "--steps", "5", "--max-norm", "1"])
@@ -55,16 +77,25 @@ def test_readme_example_script_runs(tmp_path):
     assert "stable" in result.stdout
 
 
-def readme_sample_output() -> list[str]:
-    """The lines of the README's "What the first command prints" block."""
-    readme = (ROOT / "README.md").read_text()
-    after = readme.split("What the first command prints", 1)[1]
-    return re.search(r"```text\n(.*?)\n```", after, flags=re.S).group(1).splitlines()
+def readme_sample_blocks() -> tuple[list[str], list[str]]:
+    """The two ```text blocks of "## What the sweep prints": the table as printed, and the verdict
+    and recommendation lines, each one line on stdout, wrapped in the README with indented
+    continuation lines (joined back here with one space)."""
+    section = section_of(readme(), "## What the sweep prints")
+    table, wrapped = re.findall(r"```text\n(.*?)\n```", section, flags=re.S)[:2]
+    lines: list[str] = []
+    for line in wrapped.splitlines():
+        if line.startswith(" ") and lines:
+            lines[-1] += " " + line.strip()
+        else:
+            lines.append(line)
+    return table.splitlines(), lines
 
 
 def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
-    """The README's sample table and verdict, line for line, from the README's own main command
-    (run in a fresh interpreter, stdout piped as in CI); then the files agree with the table."""
+    """The README's sample table line for line, and its wrapped verdict and recommendation word
+    for word, from the README's own main command (run in a fresh interpreter, stdout piped as in
+    CI); then the files agree with the table."""
     import os
     import subprocess
     import sys
@@ -82,12 +113,16 @@ def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    expected = [line.rstrip() for line in readme_sample_output()]
+    table, verdict_lines = readme_sample_blocks()
     got = [line.rstrip() for line in proc.stdout.splitlines()]
-    assert got == expected
+    assert got == [line.rstrip() for line in table] + verdict_lines
+    assert len(verdict_lines) == 2
+    # readable: the table as wide as it prints, the verdict wrapped to a page's width
+    wrapped = re.findall(r"```text\n(.*?)\n```", section_of(readme(), "## What the sweep prints"), flags=re.S)[1]
+    assert max(map(len, table)) <= 104 and max(map(len, wrapped.splitlines())) <= 100
 
     # The rows of the README table, read back as words: all seven runs, their statuses and onsets.
-    rows = {line.split()[0]: line.split() for line in expected if line.startswith(("unclipped", "clip_"))}
+    rows = {line.split()[0]: line.split() for line in table if line.startswith(("unclipped", "clip_"))}
     assert list(rows) == [
         "unclipped",
         "clip_0.1_2",
@@ -109,7 +144,7 @@ def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
     )
     # The chosen setting: the README's verdict names the lowest smoothed loss (mean of the last 10
     # losses) among stable clipped runs, and the recommendation line and file agree with it.
-    verdict, recommendation = expected[-2], expected[-1]
+    verdict, recommendation = verdict_lines
     assert verdict.startswith("best: max_norm=0.1 norm_type=inf (stable, smoothed loss 0.0879)")
     stable = summary[(summary["status"] == "stable") & summary["max_norm"].notna()]
     best = stable.loc[stable["smoothed_loss"].idxmin()]
@@ -118,13 +153,12 @@ def test_readme_sample_output_is_what_the_bundled_recipe_prints(tmp_path):
     assert recommendation.startswith("recommendation: clip with max_norm=0.1 norm_type=inf (clip_0.1_inf)")
     rec = json.loads((tmp_path / "gradclip-report" / "recommendation.json").read_text())
     assert (rec["needs_clipping"], rec["max_norm"], rec["norm_type"], rec["run"]) == (True, 0.1, "inf", "clip_0.1_inf")
-    # the prose under the block says the same
-    readme = (ROOT / "README.md").read_text()
-    assert "The unclipped run diverges at step 2; `max_norm=0.1` with the inf norm trains best" in readme
+    # the prose under the blocks says the same
+    assert "The unclipped run diverges at step 2; `max_norm=0.1` with the inf norm trains best" in readme()
 
 
 def test_readme_pandas_example_runs_on_a_sweeps_files(tmp_path):
-    """The plotting example under "Output files" works after the README's install (matplotlib is
+    """The plotting example in docs/outputs.md works after the README's install (matplotlib is
     a dependency), in a fresh interpreter, on the files of a real sweep."""
     import subprocess
     import sys
@@ -133,8 +167,7 @@ def test_readme_pandas_example_runs_on_a_sweeps_files(tmp_path):
 
     from gradcheck_cli.cli import app
 
-    readme = (ROOT / "README.md").read_text()
-    example = re.search(r"```python\n(import pandas as pd\n.*?)\n```", readme, flags=re.S).group(1)
+    example = re.search(r"```python\n(import pandas as pd\n.*?)\n```", doc("outputs.md"), flags=re.S).group(1)
     out = tmp_path / "gradclip-report"
     script = ROOT / "sample_models" / "nan_at_step.py"
     result = CliRunner().invoke(app, ["sweep", str(script), "--steps", "3", "--max-norm", "1", "--out", str(out)])

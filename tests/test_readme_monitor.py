@@ -1,4 +1,5 @@
-"""The README's three "Inside your own training" snippets run as copied and write a monitored run."""
+"""The three snippets of docs/monitor.md run as copied and write a monitored run; the README's
+GradMonitor lines are those of the plain-loop snippet."""
 
 import os
 import re
@@ -13,9 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def snippet(name: str) -> str:
+    page = (ROOT / "docs" / "monitor.md").read_text()
+    return re.search(rf"```python\n(# {re.escape(name)}\n.*?)\n```", page, flags=re.S).group(1)
+
+
+def test_readme_monitor_lines_are_the_tested_snippets():
+    """The README shows the plain loop's monitor in a few lines: each of them is a line of the
+    snippet that runs below, so the README's form is tested with it."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Inside your own training", 1)[1].split("\n## ", 1)[0]
-    return re.search(rf"```python\n(# {re.escape(name)}\n.*?)\n```", section, flags=re.S).group(1)
+    section = readme.split("## Inside your own training\n", 1)[1].split("\n## ", 1)[0]
+    shown = re.search(r"```python\n(.*?)\n```", section, flags=re.S).group(1).splitlines()
+    tested = snippet("train.py").splitlines()
+    assert "with GradMonitor(model, optimizer, out=\"gradclip-monitor\") as monitor:" in shown
+    assert [line for line in shown if line.strip()] == [line for line in tested if line in shown and line.strip()]
+    assert all(line in tested for line in shown)
 
 
 @pytest.mark.parametrize(

@@ -541,8 +541,8 @@ def test_rule_records_survive_a_csv_round_trip(tmp_path):
 def test_readme_rules_recipe_loads_and_sweeps(tmp_path):
     import re
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Sweeping the rules", 1)[1]
+    page = (ROOT / "docs" / "engine.md").read_text()
+    section = page.split("## Sweeping the rules", 1)[1]
     text = re.search(r"```toml\n(.*?)\n```", section, flags=re.S).group(1)
     (tmp_path / "recipes").mkdir()
     (tmp_path / "sample_models").mkdir()
@@ -795,7 +795,7 @@ def _run(cell: Cell, status: str, level: float, n: int = 12) -> RunResult:
 
 
 def test_recommendation_picks_a_rule_only_when_it_beats_every_fixed_threshold():
-    from gradcheck_cli.analysis import recommend
+    from gradcheck_cli.recommend import recommend
 
     control = _run(Cell(None), DIVERGED, 0)
     fixed = _run(Cell(1.0, 2.0), STABLE, 0.5)
