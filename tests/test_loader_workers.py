@@ -1,0 +1,135 @@
+"""A script whose ``batches()`` is a ``DataLoader`` with worker processes of its own, started by
+``fork`` or ``spawn`` (tests/scripts/loader_workers.py): its runs in gradclip's worker processes
+(the default options, ``--jobs 2``) and under torchrun give the files of one process
+(``--jobs 0``); a run that kills its process while its loader workers are alive is ``crashed``
+and leaves no process behind; a supervisor that is killed leaves no worker behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_parallel import files_without_seconds, gradclip, rows
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "loader_workers.py"
+GRID = ("--steps", "3", "--max-norm", "0.5", "--norm-type", "2")
+REFERENCES: dict[str, dict] = {}
+
+
+def reference(tmp_path_factory, context: str) -> dict[str, bytes]:
+    """The sweep in one process (``--jobs 0``), once per start method."""
+    if context not in REFERENCES:
+        out = tmp_path_factory.mktemp(f"ref_{context}")
+        proc = gradclip(SCRIPT, *GRID, "--out", out, "--jobs", "0", env={"LOADER_CONTEXT": context})
+        assert proc.returncode == 0, proc.stderr
+        REFERENCES[context] = {"files": files_without_seconds(out), "out": out}
+    return REFERENCES[context]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is dead: it only waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def survivors(folder: Path, within_s: float) -> list[int]:
+    """The pids named in ``folder`` still alive after up to ``within_s`` seconds."""
+    end = time.monotonic() + within_s
+    while True:
+        left = [int(p.name) for p in folder.iterdir() if alive(int(p.name))]
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_default_options_give_the_numbers_of_one_process(tmp_path_factory, tmp_path, context):
+    want = reference(tmp_path_factory, context)["files"]
+    proc = gradclip(SCRIPT, *GRID, "--out", tmp_path, env={"LOADER_CONTEXT": context})
+    assert proc.returncode == 0, proc.stderr
+    assert files_without_seconds(tmp_path) == want
+
+
+def test_two_jobs_give_the_numbers_of_one_process(tmp_path_factory, tmp_path):
+    want = reference(tmp_path_factory, "fork")["files"]
+    proc = gradclip(SCRIPT, *GRID, "--out", tmp_path, "--jobs", "2", env={"LOADER_CONTEXT": "fork"})
+    assert proc.returncode == 0, proc.stderr
+    assert files_without_seconds(tmp_path) == want
+
+
+def test_torchrun_ranks_give_the_numbers_of_one_process(tmp_path_factory, tmp_path):
+    from test_ranks import torchrun
+
+    want = reference(tmp_path_factory, "fork")["files"]
+    proc = torchrun(SCRIPT, *GRID, "--out", tmp_path, LOADER_CONTEXT="fork")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert files_without_seconds(tmp_path) == want
+
+
+def test_a_run_killed_with_its_loader_workers_alive_is_crashed_and_leaves_none_behind(tmp_path_factory, tmp_path):
+    ref = reference(tmp_path_factory, "fork")["out"]
+    pids, marker = tmp_path / "pids", tmp_path / "crash"
+    pids.mkdir()
+    marker.touch()
+    env = {"LOADER_CONTEXT": "fork", "LOADER_PIDS": str(pids), "LOADER_CRASH": str(marker)}
+    proc = gradclip(SCRIPT, *GRID, "--out", tmp_path / "out", env=env)
+    assert proc.returncode == 3, proc.stderr
+    assert not marker.exists()
+    got = {r["run"]: r for r in rows(tmp_path / "out" / "summary.csv")}
+    want = {r["run"]: r for r in rows(ref / "summary.csv")}
+    crashed = got.pop("unclipped")  # the first run dies at its second step
+    assert crashed["status"] == "crashed", crashed
+    assert crashed["error"] == f"worker process killed by signal SIGKILL ({int(signal.SIGKILL)}) during step 2"
+    assert got["clip_0.5_2"] == want["clip_0.5_2"]  # the next run, in a fresh worker, is untouched
+    assert [r for r in rows(tmp_path / "out" / "steps.csv")] == [
+        r for r in rows(ref / "steps.csv") if r["run"] != "unclipped"
+    ]
+    assert len(list(pids.iterdir())) >= 4  # two workers, each with two loader workers
+    assert survivors(pids, within_s=2.0) == []
+
+
+def test_a_killed_supervisor_leaves_no_worker_and_no_loader_worker_behind(tmp_path):
+    pids, marker = tmp_path / "pids", tmp_path / "stall"
+    pids.mkdir()
+    marker.touch()
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        LOADER_CONTEXT="fork",
+        LOADER_PIDS=str(pids),
+        LOADER_CRASH=str(marker),
+        LOADER_CRASH_HOW="sleep",  # the first run sleeps for a minute at its second step
+    )
+    command = [sys.executable, "-m", "gradcheck_cli", "sweep", str(SCRIPT), *GRID, "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 240
+        while marker.exists() and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.1)
+        assert proc.poll() is None and not marker.exists(), proc.stderr.read().decode() if proc.poll() else ""
+        time.sleep(0.5)
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        proc.stderr.close()
+    assert len(list(pids.iterdir())) >= 3  # the worker and its two loader workers
+    assert survivors(pids, within_s=10.0) == []
