@@ -752,7 +752,7 @@ def _print_errors(results: list) -> None:
 
 def _write_derived(out_dir: Path, results: list, title: str):
     """``recommendation.json`` and ``report.html``, both derived from the results alone."""
-    from gradcheck_cli.analysis import recommend
+    from gradcheck_cli.recommend import recommend
     from gradcheck_cli.report import files
     from gradcheck_cli.report.html import write_html
 

@@ -1,12 +1,9 @@
-"""Verdicts over plain numbers: is a value non-finite, has a run diverged.
+"""Verdicts over plain numbers: is a value non-finite, has a run diverged, is training degenerate.
 
 Pure functions over Python floats, stdlib only, so the runner can judge every step from the
 numbers it already gathered (the loss and the pre-clip total norm) without touching tensors.
-
-Every comparison is written with NaN in mind. ``loss > k * first`` is ``False`` when ``loss`` is
-NaN, so a plain "greater than" test would call a NaN run healthy; here non-finite values are a
-separate verdict (``is_non_finite``) that the runner checks *first*, and ``is_diverged`` says
-``False`` for anything it cannot judge rather than guessing.
+Non-finite is a verdict of its own, checked first, and ``is_diverged`` says ``False`` for
+anything it cannot judge. See docs/diagnosis.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradcheck_cli import analysis
 from gradcheck_cli.analysis import (
     MIN_HISTORY,
     Smoothed,
@@ -21,10 +20,10 @@ from gradcheck_cli.analysis import (
     find_spike,
     next_refine_max_norm,
     rank,
-    recommend,
     refine_bracket,
     smoothed_loss,
 )
+from gradcheck_cli.recommend import recommend
 from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, SOURCE_BACKWARD, STABLE, Cell, RunResult, StepRecord
 from gradcheck_cli.stats import SMOOTH_STEPS
 
@@ -367,4 +366,4 @@ def test_recommendation_is_a_stable_run_deterministic_and_strict_json(control, c
         assert results[0].status in (DIVERGED, NON_FINITE)
     if control == STABLE:
         assert rec.needs_clipping is False
-    assert analysis.recommend.__doc__  # the rule is documented where it is implemented
+    assert recommend.__doc__  # the rule is documented where it is implemented

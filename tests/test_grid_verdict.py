@@ -23,13 +23,13 @@ from gradcheck_cli.analysis import (
     next_refine_max_norm,
     rank,
     rank_settings,
-    recommend,
     refine_bracket,
     setting_status,
     settings_of,
 )
 from gradcheck_cli.cli import app
 from gradcheck_cli.loader import load_experiment
+from gradcheck_cli.recommend import recommend
 from gradcheck_cli.report.terminal import verdict_line
 from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, STABLE, Cell, RunResult, StepRecord
 from gradcheck_cli.settings import over_seeds

@@ -14,6 +14,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gradcheck_cli.analysis import best_settings, rank, rank_settings, settings_of, sweep_seeds
+from gradcheck_cli.recommend import what_to_try
 from gradcheck_cli.results import (
     CRASHED,
     DIVERGED,
@@ -314,8 +316,6 @@ def _grouped_verdict(results: list[RunResult]) -> str:
     and rules: settings (a clipping cell at an lr) count as stable only if stable in every seed,
     are ranked by ``analysis.rank_settings`` (the mean over the seeds of each run's figure) and
     are only called better beyond noise (across the seeds; with one seed, within the run)."""
-    from gradcheck_cli.analysis import best_settings, rank_settings, settings_of, sweep_seeds
-
     several_seeds = seeds_vary(results)
     seeds = sweep_seeds(results)
     groups = settings_of(results)
@@ -403,9 +403,7 @@ def verdict_line(results: list[RunResult]) -> str:
     the lr or the seed, the same cases are worded for settings over their seeds
     (``_grouped_verdict``).
     """
-    from gradcheck_cli.analysis import _advice, rank
-
-    line = _verdict(results, rank, _advice)
+    line = _verdict(results, rank, what_to_try)
     note = _divergence_note(results)
     return f"{line}; {note}" if note else line
 
