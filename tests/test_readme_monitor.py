@@ -25,7 +25,7 @@ def test_readme_monitor_lines_are_the_tested_snippets():
     section = readme.split("## Inside your own training\n", 1)[1].split("\n## ", 1)[0]
     shown = re.search(r"```python\n(.*?)\n```", section, flags=re.S).group(1).splitlines()
     tested = snippet("train.py").splitlines()
-    assert "with GradMonitor(model, optimizer, out=\"gradclip-monitor\") as monitor:" in shown
+    assert 'with GradMonitor(model, optimizer, out="gradclip-monitor") as monitor:' in shown
     assert [line for line in shown if line.strip()] == [line for line in tested if line in shown and line.strip()]
     assert all(line in tested for line in shown)
 
