@@ -4,7 +4,7 @@ replaces and appends, and the CSV encoding every report file shares.
 Every file is replaced atomically (temporary file in the same directory, fsync, ``os.replace``)
 or appended in one write of complete lines up to a committed length, so a sweep killed at any
 moment leaves each file whole. See docs/outputs.md (Reference: how the files are written) and
-docs/reliability.md.
+docs/reliability.md (Results are never mixed up, overwritten or lost).
 """
 
 from __future__ import annotations

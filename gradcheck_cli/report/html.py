@@ -1,18 +1,9 @@
-"""``report.html``: one self-contained page with the verdict, the summary table and the figures.
-
-Figures are drawn with matplotlib on its Agg canvas (no pyplot, so a user's interactive backend
-is never switched) and embedded as base64 PNG ``data:`` URIs; the page loads nothing from the
-network and opens from a CI artifact as it is. Figures, each left out when its data is missing
-(a single monitored run, reports without per-layer norms):
-
-1. loss per step per run, log scale (symmetric log when some loss is 0 or negative);
-2. pre-clip total norm per step per run, one panel per norm type, each clipped run's
-   ``max_norm`` drawn as a dashed line in its colour (the control appears in every panel);
-3. the ``max_norm`` x ``norm_type`` map coloured by status, refined runs as diamonds;
-4. the control run's per-layer norms as a heatmap (steps x layers), spike and onset marked;
-5. the pre-clip norm histograms, one panel per norm type.
-
-This module draws; it never decides: verdicts come from ``analysis`` and ``terminal``.
+"""``report.html``: one self-contained page with the verdict, the recommendation, the summary
+table and the figures, drawn with matplotlib on its Agg canvas (no pyplot, so a user's
+interactive backend is never switched) and embedded as base64 PNG ``data:`` URIs, so the page
+loads nothing from the network. A figure whose data is missing is left out. This module draws;
+it never decides: verdicts come from ``analysis`` and ``terminal``. See docs/outputs.md (The HTML
+report).
 """
 
 from __future__ import annotations
@@ -23,6 +14,8 @@ import io
 import math
 from pathlib import Path
 
+from gradcheck_cli.report._io import atomic_write_bytes
+from gradcheck_cli.report.terminal import verdict_line
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -351,8 +344,6 @@ figure{margin:12px 0} img{max-width:100%} figcaption{font-size:13px;color:#555}
 
 def render_html(results: list[RunResult], recommendation=None, title: str = "gradclip report") -> tuple[str, int]:
     """The page as text, and how many figures it embeds."""
-    from gradcheck_cli.report.terminal import verdict_line
-
     colours = _colours(results)
     figures = []
     for section, make in (
@@ -387,8 +378,6 @@ def render_html(results: list[RunResult], recommendation=None, title: str = "gra
 
 def write_html(path: str | Path, results: list[RunResult], recommendation=None, title: str = "gradclip report") -> int:
     """Write ``report.html`` atomically; returns the number of figures."""
-    from gradcheck_cli.report.files import atomic_write_bytes
-
     text, n = render_html(results, recommendation, title)
     atomic_write_bytes(path, text.encode("utf-8"))
     return n

@@ -1,15 +1,6 @@
-"""The summary as strict JSON, for ``--json`` on stdout.
-
-A JSON list with one object per run, keys exactly ``results.SUMMARY_COLUMNS`` in that order.
-Strict JSON has no NaN or infinity, so non-finite numbers are encoded as:
-
-* NaN and "no value": ``null`` (``max_norm`` of the unclipped control and of the rule runs,
-  ``clip_param`` of the control, a loss that was NaN, a percentile of a run without finite
-  norms);
-* ``+inf`` / ``-inf``: the strings ``"inf"`` / ``"-inf"`` (a final loss that overflowed).
-
-``norm_type`` is always a string (``"2"``, ``"inf"``), as in the CSV files. Floats are written
-in Python's shortest round-trip form.
+"""The summary as strict JSON, for ``--json`` on stdout: a list with one object per run, keys
+exactly ``results.SUMMARY_COLUMNS`` in that order; NaN and "no value" are ``null``, +-inf the
+strings ``"inf"``/``"-inf"``. See docs/outputs.md (JSON; Reference: how the files are written).
 """
 
 from __future__ import annotations

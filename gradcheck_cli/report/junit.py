@@ -1,19 +1,7 @@
-"""A JUnit XML report: one test case per run, for CI systems that render test results.
-
-Layout (the shape Jenkins, GitLab, GitHub test reporters and pytest's ``--junitxml`` use)::
-
-    <testsuites name="gradclip.exploding_rnn" tests="7" failures="1" errors="0" skipped="0" time="1.234">
-      <testsuite name="gradclip.exploding_rnn" tests="7" failures="1" errors="0" skipped="0" time="1.234">
-        <testcase classname="gradclip.exploding_rnn" name="unclipped" time="0.012">
-          <failure type="diverged" message="diverged at step 2: loss 3.457e+07 vs 1.789 at step 1">...</failure>
-        </testcase>
-        <testcase classname="gradclip.exploding_rnn" name="clip_1_2" time="0.321"/>
-        ...
-
-* ``stable``: a passing test case;
-* ``non_finite`` and ``diverged``: ``<failure>``, with the onset step, where it happened and the
-  first non-finite parameter in the message;
-* ``error``: ``<error>`` with the exception; its trimmed traceback is the element's text.
+"""A JUnit XML report: one test case per run, for CI systems that render test results, in the
+shape Jenkins, GitLab, GitHub test reporters and pytest's ``--junitxml`` use. A stable run
+passes, ``non_finite`` and ``diverged`` are failures, ``error`` and ``crashed`` are errors. See
+docs/outputs.md (JUnit and CI; Reference: how the files are written).
 """
 
 from __future__ import annotations
@@ -24,6 +12,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from gradcheck_cli.errors import ReportWriteError, UsageError
+from gradcheck_cli.report._io import atomic_write_bytes
 from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE, RunResult, format_float, format_norm_type
 from gradcheck_cli.text import describe_result, describe_setting, format_number
 
@@ -102,8 +91,6 @@ def write_junit(path: str | os.PathLike, results: list[RunResult], suite_name: s
     The parent directory is created if missing. Raises ``UsageError`` when ``path`` is a
     directory and ``ReportWriteError`` (exit 5) when it cannot be written.
     """
-    from gradcheck_cli.report.files import atomic_write_bytes
-
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"--junit {str(target)!r} is a directory", "give a file name, e.g. --junit gradclip-junit.xml")

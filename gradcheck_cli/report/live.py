@@ -1,20 +1,10 @@
-"""The report files of one run that is still growing: a monitored training, written every few
-hundred steps for hours.
-
-Rewriting every file at each write would cost in proportion to the whole run so far, so a long
-training would pay quadratically. Instead, per write:
-
-* ``steps.csv`` and ``layers.csv`` (``files.APPENDED_FILES``): the rows of the steps recorded
-  since the previous write are appended in one ``write`` of complete lines, then fsync. The first
-  write creates each file atomically with its header.
-* ``summary.csv`` (one row): replaced atomically.
-* ``histograms.csv`` (bins over every step so far): replaced atomically at the first write, when
-  the run has at least doubled since the last refresh, and whenever the caller asks (the first
-  non-finite step, the end of the run), so its total cost stays in proportion to the run.
-  ``gradclip report`` recomputes the histograms from ``steps.csv`` in any case.
-
-A write that fails raises the ``OSError``; the next write starts again from the last committed
-length of each appended file (``files.append_bytes`` cuts anything past it).
+"""The report files of one run that is still growing (a monitored training, written every few
+hundred steps for hours), at a cost per write in proportion to the steps since the last one:
+the per-step files (``files.APPENDED_FILES``) get the new rows appended, ``summary.csv`` is
+replaced, ``histograms.csv`` only when the run has doubled or the caller asks. A write that fails
+raises the ``OSError``; the next one starts again from the last committed length of each
+appended file. See docs/monitor.md (Options) and docs/outputs.md (Reference: how the files are
+written).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ directory for ``gradclip report`` (``read_results``).
 Runs are rebuilt exactly from the CSV text (floats parsed from their round-trip form), so
 rewriting the reports after a resumed sweep gives the files of an uninterrupted one. A missing,
 malformed or hand-edited file is refused with a message naming it. See docs/outputs.md
-(Interrupting and resuming; Reference: how the files are written) and docs/reliability.md.
+(Resuming; Reference: how the files are written) and docs/reliability.md (Interrupting and
+resuming).
 """
 
 from __future__ import annotations
