@@ -321,3 +321,23 @@ def test_links_between_pages_resolve(page):
         assert file.exists(), f"{page.name}: {target}"
         if anchor and file.suffix == ".md":
             assert anchor in anchors(file.read_text()), f"{page.name}: {target}"
+
+
+def test_outputs_page_lists_the_columns_the_files_have():
+    """docs/outputs.md's table of files names each file's columns exactly as gradclip writes them."""
+    from gradcheck_cli import results
+
+    table = {
+        row[0].strip("` "): row[2]
+        for row in (line.split("|")[1:-1] for line in section_of(doc("outputs.md"), "## Output files").splitlines())
+        if len(row) == 3 and row[0].strip().startswith("`")
+    }
+    for file, columns in {
+        "summary.csv": results.SUMMARY_COLUMNS,
+        "steps.csv": results.STEP_COLUMNS,
+        "layers.csv": results.LAYER_COLUMNS,
+        "control_norms.csv": results.CONTROL_NORM_COLUMNS,
+        "histograms.csv": results.HISTOGRAM_COLUMNS,
+        "clip_sites.csv": results.SITE_COLUMNS,
+    }.items():
+        assert table[file].strip().split("`")[1] == ", ".join(columns), file
