@@ -2,7 +2,7 @@
 ``--fail-on-*`` flags give which documented exit code, and how typed errors map to codes.
 
 Fast on purpose: mutation testing (see tests/README.md) runs these for every mutant of
-``cli._exit_code`` and ``cli._exit_on_errors``.
+``cli._shell.exit_code`` and ``cli._shell.exit_on_errors``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import itertools
 import pytest
 import typer
 
-from gradcheck_cli.cli import _exit_code, _exit_on_errors, _resume_command
+from gradcheck_cli.cli._shell import exit_code as _exit_code
+from gradcheck_cli.cli._shell import exit_on_errors as _exit_on_errors
+from gradcheck_cli.cli.sweep import _resume_command
 from gradcheck_cli.errors import ExitCode, GradclipError, UsageError, UserCodeError
 from gradcheck_cli.results import DIVERGED, ERROR, NON_FINITE, STABLE, Cell, RunResult
 
@@ -172,7 +174,7 @@ def _recipe(tmp_path, text: str):
     ],
 )
 def test_recipe_fail_flags_reach_the_exit_code_independently(tmp_path, text, flags):
-    from gradcheck_cli.cli import _resolve_config
+    from gradcheck_cli.cli._options import resolve_config as _resolve_config
 
     config, fail_on_nan, fail_on_divergence = _resolve_config(None, _recipe(tmp_path, text), {"steps": 3, "lr": None})
     assert (fail_on_nan, fail_on_divergence) == flags
@@ -182,7 +184,7 @@ def test_recipe_fail_flags_reach_the_exit_code_independently(tmp_path, text, fla
 def test_command_line_values_override_the_recipe_and_none_means_not_given(tmp_path):
     from pathlib import Path
 
-    from gradcheck_cli.cli import _resolve_config
+    from gradcheck_cli.cli._options import resolve_config as _resolve_config
 
     recipe = _recipe(tmp_path, "steps = 7\nseed = 3\n")
     config, _, _ = _resolve_config(None, recipe, {"steps": 2, "seed": None})
@@ -206,7 +208,7 @@ def test_command_line_values_override_the_recipe_and_none_means_not_given(tmp_pa
     ],
 )
 def test_seed_options_on_the_command_line_replace_the_recipes_seeds(tmp_path, recipe_text, overrides, seeds):
-    from gradcheck_cli.cli import _resolve_config
+    from gradcheck_cli.cli._options import resolve_config as _resolve_config
 
     config, _, _ = _resolve_config(None, _recipe(tmp_path, recipe_text), {"seed": None, "seeds": None, **overrides})
     assert config.seeds == seeds
