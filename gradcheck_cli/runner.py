@@ -90,7 +90,7 @@ from gradcheck_cli.detect import (
     is_diverged,
     is_non_finite,
 )
-from gradcheck_cli.distributed_norm import any_dtensor
+from gradcheck_cli.engine.distributed import any_dtensor
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision

@@ -1,40 +1,11 @@
-"""The global gradient norm across a process group and DTensor (FSDP2) gradients.
+"""The global gradient norm across a process group and of DTensor (FSDP2) gradients.
 
-:func:`engine.get_total_norm` and :func:`engine.clip_grad_norm_` hand over to :func:`total_norm`
-when they are given ``group=`` or DTensor gradients; every rank gets the same norm, as a plain
-(non-DTensor) 0-dim tensor, and ``clip_grad_norm_`` scales by it (its ``+1e-6`` is added once,
-to the global norm).
-
-What is summed:
-
-- **DTensors**: their local pieces. ``Shard`` placements are summed across ranks (uneven and
-  empty shards included); along a mesh dimension with a ``Replicate`` placement only the ranks
-  at coordinate 0 contribute, so a replicated parameter counts once, not once per rank;
-  ``Partial`` placements are reduced first (``redistribute``). The group is the device mesh's
-  (a 1-D mesh's group, the default group for a mesh over every rank), or ``group=``.
-- **Plain tensors with** ``group=`` **and no DTensor**: each rank's own shard of one vector; the
-  norm is that of every rank's tensors concatenated.
-- **Plain tensors mixed with DTensors** (parameters left out of ``fully_shard``): replicated, the
-  same on every rank; counted once, from rank 0 of the group (torch raises for this mix).
-
-How (each rank computes its local norm with the engine, then all-reduces numbers):
-
-- finite ``p > 0``: the largest local norm ``m`` (all-reduce MAX), then the SUM of
-  ``(local / m) ** p``, and ``m * sum ** (1 / p)`` in float64: no overflow, whatever the ranks
-  hold. ``p < 0``: the same with the smallest local norm (ranks without gradients are left out).
-- ``inf``: MAX; ``-inf``: MIN (ranks without gradients are left out: the identity is ``+inf``;
-  no gradients anywhere gives 0, as the engine's empty norm).
-- ``p = 0``: torch's meaning, the number of tensors with a nonzero gradient: a DTensor counts once
-  if any rank holds a nonzero element of it (MAX over ranks), plain shards add up.
-- NaN and inf never travel through MAX or MIN (gloo drops a NaN held by another rank there):
-  each rank contributes "I hold a NaN" / "I hold an inf" flags, and any rank's NaN makes the
-  result NaN on every rank, so ``error_if_nonfinite`` raises on every rank together.
-
-Every number is reduced in float64 on the group's device (CUDA for NCCL, else CPU), with two
-collectives (one for ``inf``, ``-inf``, and for ``p = 0`` without DTensors); no host sync is
-added beyond the engine's own local norm, unless ``error_if_nonfinite``. The result dtype is
-``promote(dtypes of the tensors passed, float32)`` on each rank (the same on every rank unless
-ranks pass plain tensors of different dtypes).
+:func:`gradcheck_cli.engine.get_total_norm` and :func:`gradcheck_cli.engine.clip_grad_norm_`
+hand over to :func:`total_norm` when they are given ``group=`` or DTensor gradients. Each rank
+measures its local norm with :mod:`.norms` (its public functions only), then the ranks
+all-reduce a few float64 numbers, scaled so that nothing overflows and NaN or inf reach every
+rank; every rank gets the same norm as a plain 0-dim tensor. What is summed, how, and at what
+cost: docs/distributed.md (Distributed norms).
 """
 
 from __future__ import annotations
@@ -46,6 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from gradcheck_cli.engine.norms import check_foreach, local_total_norm, nonfinite_error, result_dtype
+
+__all__ = ["any_dtensor", "total_norm"]
 
 _INF = math.inf
 
@@ -114,33 +89,47 @@ def total_norm(
     foreach: bool | None,
     group: Any,
 ) -> Tensor:
-    """The ``p``-norm of every rank's gradients viewed as one vector (see the module docstring)."""
-    from gradcheck_cli import engine  # engine imports this module lazily; no cycle at import
-
+    """The ``p``-norm of every rank's gradients viewed as one vector (docs/distributed.md)."""
     plain, pieces, group = _local_pieces(tensors, group)
     local = plain + [t for t in pieces if t.numel() > 0]
-    engine._check_foreach(foreach, local)
+    check_foreach(foreach, local)
     device = _comm_device(group)
     out_device = local[0].device if local else (tensors[0].device if tensors else device)
     # the dtypes of every tensor passed (DTensors have the same everywhere), not only those
     # counted here: the ranks agree without a host sync
-    dtype = engine._result_dtype({t.dtype for t in tensors}) if tensors else torch.float32
-    f64 = {"dtype": torch.float64, "device": device}
-
+    dtype = result_dtype({t.dtype for t in tensors}) if tensors else torch.float32
     if p == 0:
-        # torch's p = 0: tensors with a nonzero gradient. DTensors: nonzero on any rank.
-        nonzero = [(torch.count_nonzero(t) > 0) if t.numel() else torch.zeros((), dtype=torch.bool) for t in pieces]
-        count = engine.get_total_norm(plain, 0.0).to(**f64) if plain else torch.zeros((), **f64)
-        dist.all_reduce(count, dist.ReduceOp.SUM, group=group)
-        total = count
-        if nonzero:
-            maxes = torch.stack([x.to(**f64) for x in nonzero])
-            dist.all_reduce(maxes, dist.ReduceOp.MAX, group=group)
-            total = total + maxes.sum()
-        return _finish(total, dtype, out_device, p, error_if_nonfinite)
+        total = _count_nonzero(plain, pieces, group, device)
+    else:
+        total = _global_norm(local, p, group, device)
+    total = total.to(device=out_device, dtype=dtype)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise nonfinite_error(p)
+    return total
 
+
+def _count_nonzero(plain: list[Tensor], pieces: list[Tensor], group: Any, device: torch.device) -> Tensor:
+    """torch's p = 0, the number of tensors with a nonzero gradient, in float64 on ``device``:
+    plain shards add up, a DTensor counts once if any rank holds a nonzero element of it."""
+    f64 = {"dtype": torch.float64, "device": device}
+    nonzero = [(torch.count_nonzero(t) > 0) if t.numel() else torch.zeros((), dtype=torch.bool) for t in pieces]
+    count = local_total_norm(plain, 0.0).to(**f64) if plain else torch.zeros((), **f64)
+    dist.all_reduce(count, dist.ReduceOp.SUM, group=group)
+    total = count
+    if nonzero:
+        maxes = torch.stack([x.to(**f64) for x in nonzero])
+        dist.all_reduce(maxes, dist.ReduceOp.MAX, group=group)
+        total = total + maxes.sum()
+    return total
+
+
+def _global_norm(local: list[Tensor], p: float, group: Any, device: torch.device) -> Tensor:
+    """The ``p``-norm (``p != 0``) of every rank's ``local`` tensors together, in float64 on
+    ``device``: one MAX of the extreme local norm and the NaN / inf / "holds gradients" flags,
+    then (finite ``p``) one SUM of the local norms' scaled powers."""
+    f64 = {"dtype": torch.float64, "device": device}
     has = bool(local) and any(t.numel() > 0 for t in local)
-    n = engine.get_total_norm(local, p).to(**f64) if has else torch.zeros((), **f64)
+    n = local_total_norm(local, p).to(**f64) if has else torch.zeros((), **f64)
     is_nan = torch.isnan(n)
     is_inf = torch.isinf(n)
     counted = torch.tensor(has, device=device) & ~is_nan
@@ -159,8 +148,7 @@ def total_norm(
             total = torch.where(any_inf, torch.tensor(_INF, **f64), maxes[0])
         else:
             total = torch.where(anyone, -maxes[0], torch.zeros((), **f64))
-        total = torch.where(any_nan, torch.tensor(math.nan, **f64), total)
-        return _finish(total, dtype, out_device, p, error_if_nonfinite)
+        return torch.where(any_nan, torch.tensor(math.nan, **f64), total)
 
     # finite p != 0: scale by the extreme local norm, then sum scaled powers
     if p > 0:
@@ -189,14 +177,4 @@ def total_norm(
     else:
         # m == 0: some element is 0, the norm is 0; m == inf: every element is inf
         total = torch.where(anyone, total, torch.zeros((), **f64))
-    total = torch.where(any_nan, torch.tensor(math.nan, **f64), total)
-    return _finish(total, dtype, out_device, p, error_if_nonfinite)
-
-
-def _finish(total: Tensor, dtype: torch.dtype, device: torch.device, p: float, check: bool) -> Tensor:
-    total = total.to(device=device, dtype=dtype)
-    if check and not bool(torch.isfinite(total)):
-        from gradcheck_cli import engine
-
-        raise engine._nonfinite_error(p)
-    return total
+    return torch.where(any_nan, torch.tensor(math.nan, **f64), total)

@@ -1,111 +1,35 @@
-"""Gradient-norm measurement and clipping: the numerical core of gradclip.
+"""Local gradient norms: the numbers every clipping function of the engine starts from.
 
-Drop-in replacements for ``torch.nn.utils`` (same signatures and defaults as torch 2.6+)::
-
-    get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None) -> Tensor
-    clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None) -> None
-    clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
-                    foreach=None) -> Tensor
-    clip_grad_value_(parameters, clip_value, foreach=None) -> None
-
-plus a measuring call for the diagnostics::
-
-    measure_grad_norms(parameters, norm_type=2.0) -> GradNorms
-
-Everything torch does right is kept: every ``norm_type`` that torch accepts (any float ``p``,
-including 0, fractional and negative ``p``, ``inf``, ``-inf`` and the string ``'inf'``); a single
-tensor or any iterable, generators included, with torch's warning for an empty generator;
-parameters whose ``.grad`` is ``None`` are skipped; an empty input has norm 0; the clip coefficient
-is ``min(max_norm / (total_norm + 1e-6), 1)``; ``error_if_nonfinite=True`` raises ``RuntimeError``
-with torch's message (which names the flag that turns it off); with the flag off, NaN and inf
-propagate as in torch; ``foreach=True`` on a device without foreach kernels raises torch's
-``RuntimeError``. As in torch, the ``p = 0`` total counts the tensors that have a nonzero
-gradient (it is the 0-"norm" of the vector of per-tensor norms).
-
-Differences from torch (each one is a case where torch gives a wrong answer):
-
-1. **No spurious overflow or underflow.** Finite gradients whose true norm is representable in
-   the result dtype get that finite norm. torch accumulates ``sum(g**2)`` in float32 and returns
-   ``inf`` for ten float32 values of ``1e20`` (true norm ``3.2e20``), after which clipping zeroes
-   every gradient; it returns 0 for gradients of ``1e-30`` (true norm ``3.2e-30``). Here a fast
-   result that overflowed to inf, that is small enough for underflowed terms to have cost it
-   more than 2**-26 of its value, or (for ``0 < p < 1``) whose partial norms came out subnormal,
-   is recomputed exactly for the tensors concerned (float64, scaled by a power of two near the
-   largest magnitude); per-tensor results are combined in float64 with scaling. For ``p >= 1``
-   the check is free: it looks at the one number already computed.
-2. **Half precision is accumulated in float32.** fp16/bf16 gradients are reduced in float32 and the
-   norm is returned as float32 (torch returns an fp16 norm, ``inf`` as soon as it exceeds 65504,
-   and then zeroes every gradient). The result dtype is ``promote(gradient dtypes, float32)``.
-3. **Accurate long reductions.** Long tensors are reduced in rows of 1024 elements and the row
-   results are summed in float64: on a single 10**8-element float32 tensor the relative error
-   against a float64 reference is about 1e-8 for random data and below 1e-6 even for constant
-   data (the worst case of float32 accumulation); torch's single-tensor ``vector_norm`` is off
-   by 1e-3 to 4e-2 at that size (and by 9e-4 on GPT-2-small's gradients).
-4. **max_norm is validated.** ``max_norm < 0`` (or NaN) raises ``ValueError`` (torch silently
-   flips the sign of every gradient, or turns them all into NaN). ``max_norm = inf`` never
-   modifies the gradients (torch computes ``inf / inf`` and turns every gradient into NaN as soon
-   as one of them is inf).
-5. **Degenerate inputs.** ``clip_grad_value_`` with no gradients is a no-op (torch raises an
-   internal error). A zero-element gradient is accepted for every ``norm_type``: it has norm 0
-   and does not take part in the total (torch raises for ``inf`` and for negative ``p``, whose
-   reductions "have no identity").
-6. **Sparse and complex gradients.** Sparse COO gradients (``nn.Embedding(sparse=True)``, which
-   torch cannot measure) are measured and clipped as their dense equivalent ``g.to_dense()``:
-   the norm is taken over the coalesced values (duplicate entries summed first, in float64 and
-   rounded once; for negative ``p`` and ``-inf`` the unstored zeros count), with every
-   ``norm_type``. Clipping coalesces them in place (the same tensor object, still sparse, so the
-   optimizer sees the clipped gradient) and scales or clamps their values; unstored elements
-   stay 0, also where a dense tensor would become NaN (a NaN total norm) or ``clip_value`` (a
-   negative ``clip_value``, which ``clip_grad_value_`` therefore refuses with ``ValueError``
-   for sparse gradients). Complex gradients are measured through their magnitudes, so
-   difference 1 holds for them too, and scaled as pairs of reals (torch's complex product
-   turns ``inf+0j`` into ``inf+nanj``).
-
-``measure_grad_norms`` returns the same total as ``get_total_norm`` up to float rounding (the two
-group the partial sums differently), with the per-tensor norms from the same pass.
-
-Speed (CPU): the gradients are read once at memory bandwidth (row reductions of long tensors,
-one concatenated buffer for the short ones, ``aminmax`` for the inf norm, which torch computes
-about ten times slower), and the multiply is skipped when the clip coefficient is 1 (there is no
-device sync to avoid on CPU). ``benchmarks/engine.py`` times this against
-``torch.nn.utils.clip_grad_norm_`` and ``benchmarks/README.md`` records the figures. fp16/bf16
-gradients are slower than in torch on CPU (torch's float32-accumulating kernels for half inputs
-are slow there); complex gradients cost one real copy (their magnitudes).
-
-Other devices (CUDA and anything else): a path close to torch's, without host syncs (no
-``.item()``, no Python branching on device values, the gradients always multiplied by the
-clamped coefficient): per-tensor norms with torch's foreach kernels, one kernel per
-(device, dtype) group, fp16/bf16 accumulated in float32, and the per-tensor norms combined in
-float64 with scaling. Differences 2, 4, 5 and 6 hold there; difference 1 holds across tensors but
-not inside one (a float32 tensor whose squares overflow float32 still gives inf); difference 3
-does not hold. This path has not been run on a GPU: the tests run it on CPU tensors through
-the seam ``_CPU_PATHS = False`` (the same code, not a copy), against torch's kernels and float64.
-
-``foreach`` is accepted for compatibility. On CPU the engine picks its own kernels, so the flag
-changes nothing there except torch's check: ``foreach=True`` raises ``RuntimeError`` on devices
-without foreach kernels.
+The total and per-tensor norms of this process's gradients, for every ``norm_type`` torch
+accepts: the exact float64 recomputation that keeps finite norms finite, the CPU fast paths (row
+reductions, one buffer for short tensors, a float64 path for small models and its host form
+:func:`host_grad_norms`), the path for every other device (torch's kernels, no host syncs), and
+sparse and complex gradients as their dense real equivalents. :mod:`.distributed` and
+:mod:`.clipping` build on the public functions below. See docs/engine.md.
 """
 
 from __future__ import annotations
 
 import math
-import types
-import warnings
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "GradNorms",
-    "clip_grad_norm_",
-    "clip_grad_value_",
-    "clip_grads_with_norm_",
-    "get_total_norm",
+    "as_list",
+    "check_foreach",
+    "coalesce_",
+    "cpu_paths",
+    "foreach_devices",
+    "host_grad_norms",
+    "local_total_norm",
     "measure_grad_norms",
+    "nonfinite_error",
+    "result_dtype",
 ]
 
 _INF = math.inf
@@ -135,6 +59,7 @@ _HALF = (torch.float16, torch.bfloat16)
 # Seam for the tests. The CPU fast paths (and reading a CPU clip coefficient on the host) are
 # taken only while this is True. The tests set it to False to run the path that every other
 # device takes (torch's kernels, no host syncs) on CPU tensors: the same code, not a copy of it.
+# Other modules read it at call time, through ``cpu_paths()``.
 _CPU_PATHS = True
 
 
@@ -142,33 +67,26 @@ _CPU_PATHS = True
 # argument handling
 
 
-def _foreach_devices() -> set[str]:
+def foreach_devices() -> set[str]:
+    """The device types with torch's foreach kernels (torch's list, plus CPU)."""
     return {"cpu", "cuda", "xpu", "mtia", torch._C._get_privateuse1_backend_name()}
 
 
-def _check_foreach(foreach: bool | None, tensors: list[Tensor]) -> None:
+def check_foreach(foreach: bool | None, tensors: list[Tensor]) -> None:
+    """torch's check: ``foreach=True`` raises ``RuntimeError`` for tensors on a device without
+    foreach kernels."""
     if not foreach:
         return
-    ok = _foreach_devices()
+    ok = foreach_devices()
     for t in tensors:
         if t.device.type not in ok:
             raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {t.device.type} tensors")
 
 
-def _check_max_norm(max_norm: float) -> float:
-    max_norm = float(max_norm)
-    if not max_norm >= 0:  # also rejects NaN
-        raise ValueError(
-            f"max_norm must be a non-negative number, got {max_norm}: a negative max_norm would "
-            "flip the sign of every gradient (use max_norm=0 to zero them)"
-        )
-    return max_norm
-
-
 _FLOAT32_ONLY = frozenset({torch.float32})
 
 
-def _result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+def result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     """``promote(gradient dtypes, float32)``, with complex dtypes mapped to their real dtype."""
     if dtypes == _FLOAT32_ONLY:  # the usual case, without the promotion loop
         return torch.float32
@@ -182,7 +100,8 @@ def _result_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return dt
 
 
-def _nonfinite_error(norm_type: float) -> RuntimeError:
+def nonfinite_error(norm_type: float) -> RuntimeError:
+    """torch's error for a non-finite total norm under ``error_if_nonfinite=True``."""
     return RuntimeError(
         f"The total norm of order {norm_type} for gradients from "
         "`parameters` is non-finite, so it cannot be clipped. To disable "
@@ -673,7 +592,7 @@ def _device_norms(
         use_foreach = (
             foreach is not False
             and p in (1.0, 2.0, _INF)
-            and device.type in _foreach_devices()
+            and device.type in foreach_devices()
             and all(type(t) is Tensor for t in ts)
             and not dtype.is_complex
         )
@@ -709,7 +628,7 @@ def _norms(grads: list[Tensor], p: float, per_tensor: bool, foreach: bool | None
         grads = [_norm_operand(t, p) for t in grads]
         dtypes = {t.dtype for t in grads}
         layouts = {t.layout for t in grads}
-    out_dtype = _result_dtype(dtypes)
+    out_dtype = result_dtype(dtypes)
     if _CPU_PATHS and _cpu_fast(grads, dtypes, layouts):
         total, norms = _cpu_norms(grads, p, per_tensor, dtypes)
         if isinstance(total, float):
@@ -741,7 +660,7 @@ def _norm_operand(g: Tensor, p: float) -> Tensor:
     return g.abs() if g.is_complex() else g
 
 
-def _coalesce_(g: Tensor) -> Tensor:
+def coalesce_(g: Tensor) -> Tensor:
     """The sparse COO tensor ``g``, coalesced in place (the same object, so that the optimizer
     sees the change): duplicate entries summed in float64 and rounded once, so its values are
     the correctly rounded elements of its dense equivalent."""
@@ -750,299 +669,23 @@ def _coalesce_(g: Tensor) -> Tensor:
     return g
 
 
-def _as_list(tensors: Tensor | Iterable[Tensor]) -> list[Tensor]:
+def as_list(tensors: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """A single tensor or an iterable of tensors as a new list."""
     return [tensors] if isinstance(tensors, Tensor) else list(tensors)
 
 
-# --------------------------------------------------------------------------------------------
-# public API
+def cpu_paths() -> bool:
+    """Whether the CPU fast paths (and reading a CPU clip coefficient on the host) are on: the
+    test seam ``_CPU_PATHS``, read at call time."""
+    return _CPU_PATHS
 
 
-@torch.no_grad()
-def get_total_norm(
-    tensors: Tensor | Iterable[Tensor],
-    norm_type: float | str = 2.0,
-    error_if_nonfinite: bool = False,
-    foreach: bool | None = None,
-    *,
-    group: Any = None,
-) -> Tensor:
-    r"""Norm of ``tensors`` viewed as one vector.
-
-    The total is the ``norm_type``-norm of the vector of per-tensor norms, which for every
-    ``p != 0`` is the norm of all elements concatenated.
-
-    Args:
-        tensors: an iterable of tensors (e.g. the gradients themselves) or a single tensor.
-        norm_type: any float ``p`` (``inf``, ``-inf``, 0, fractional and negative ``p`` included)
-            or the string ``'inf'``. Default: 2.0.
-        error_if_nonfinite: raise ``RuntimeError`` if the total norm is NaN or +-inf.
-            Default: False.
-        foreach: accepted for compatibility with torch; ``True`` raises on devices without
-            foreach kernels. Default: None.
-        group: a ``torch.distributed`` process group: the norm of every rank's ``tensors``
-            together (see :mod:`gradcheck_cli.distributed_norm`). DTensor gradients (FSDP2) need
-            no ``group``: their device mesh gives it. Default: None (this process only).
-
-    Returns:
-        The total norm, a 0-dim tensor of dtype ``promote(gradient dtypes, float32)`` on the
-        first tensor's device (``torch.tensor(0.0)`` for an empty input).
-
-    Differs from torch (see the module docstring): no spurious overflow or underflow, fp16/bf16
-    accumulated and returned in float32, accurate for very long tensors, zero-element tensors
-    accepted for every ``norm_type``, sparse COO tensors measured as their dense equivalent.
-    """
-    return _total_norm(_as_list(tensors), norm_type, error_if_nonfinite, foreach, group)
-
-
-def _total_norm(
-    tensors: list[Tensor],
-    norm_type: float | str,
-    error_if_nonfinite: bool,
-    foreach: bool | None,
-    group: Any = None,
-) -> Tensor:
-    p = float(norm_type)
-    if group is not None or not set(map(type, tensors)) <= {Tensor}:
-        # a process group or tensor subclasses (DTensor?): the global norm, in its own module
-        from gradcheck_cli import distributed_norm
-
-        if group is not None or distributed_norm.any_dtensor(tensors):
-            return distributed_norm.total_norm(tensors, p, error_if_nonfinite, foreach, group)
-    _check_foreach(foreach, tensors)
-    total, _ = _norms(tensors, p, False, foreach)
-    if error_if_nonfinite and not bool(torch.isfinite(total)):
-        raise _nonfinite_error(p)
-    return total
-
-
-@torch.no_grad()
-def clip_grads_with_norm_(
-    parameters: Tensor | Iterable[Tensor],
-    max_norm: float,
-    total_norm: Tensor | float,
-    foreach: bool | None = None,
-) -> None:
-    r"""Scale the gradients in place given a precomputed total norm.
-
-    .. math:: grad \leftarrow grad \cdot \min\left(\frac{max\_norm}{total\_norm + 10^{-6}}, 1\right)
-
-    The coefficient is computed in the dtype of ``total_norm``, as in torch. When ``total_norm``
-    is a CPU tensor (or a float) the multiply is skipped if the coefficient is 1, since reading
-    it is no device sync; otherwise the gradients are always multiplied by the clamped
-    coefficient, without a host sync, as in torch.
-
-    Args:
-        parameters: an iterable of tensors or a single tensor whose ``.grad`` is scaled;
-            parameters without ``.grad`` are skipped.
-        max_norm: the largest allowed total norm, ``>= 0``.
-        total_norm: the total norm of the gradients (e.g. from :func:`get_total_norm`).
-        foreach: accepted for compatibility with torch; ``True`` raises on devices without
-            foreach kernels. Default: None.
-
-    Raises:
-        ValueError: if ``max_norm`` is negative or NaN (torch flips or NaNs every gradient).
-
-    ``max_norm = inf`` leaves the gradients untouched (torch turns them all into NaN when
-    ``total_norm`` is inf). A NaN or inf ``total_norm`` with a finite ``max_norm`` propagates
-    as in torch (every gradient becomes NaN, or is zeroed).
-    """
-    parameters = _as_list(parameters)
-    max_norm = _check_max_norm(max_norm)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    _check_foreach(foreach, grads)
-    _scale_(grads, max_norm, total_norm, foreach)
-
-
-def _scale_target(g: Tensor) -> Tensor:
-    """The dense real tensor to multiply in place to scale the gradient ``g``: a sparse
-    gradient's values, once coalesced (scaled duplicates would each be rounded, and their sum
-    can cancel), a complex gradient's real view (as a complex product, ``(inf+0j) * (c+0j)``
-    is ``inf+nanj``)."""
-    if g.is_sparse:
-        g = _coalesce_(g)._values()
-    return torch.view_as_real(g) if g.is_complex() else g
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32 (to nearest even; inf beyond its range)."""
-    return array("f", (x,))[0]
-
-
-_F32_EPS_TERM = _f32(1e-6)
-
-
-def host_clip_coef(max_norm: float, total: float, dtype: torch.dtype = torch.float32) -> float:
-    """``torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)`` for a 0-dim ``total_norm`` of
-    ``dtype``, in Python floats, bit for bit: torch adds in ``dtype``, takes the reciprocal and
-    multiplies by ``max_norm`` (each a float32 operation for float32, computed here in float64
-    and rounded once, which is exact for these operations). Three tensor ops and a read fewer
-    per clipping step; NaN stays NaN."""
-    if dtype == torch.float64:
-        coef = (1.0 / (total + 1e-6)) * max_norm
-    elif dtype == torch.float32:
-        coef = _f32(_f32(1.0 / _f32(total + _F32_EPS_TERM)) * _f32(max_norm))
-    else:
-        t = torch.tensor(total, dtype=dtype)
-        return torch.clamp(max_norm / (t + 1e-6), max=1.0).item()
-    return 1.0 if coef >= 1.0 else coef
-
-
-def clip_grads_with_host_norm_(
-    grads: list[Tensor], max_norm: float, total: float, dtype: torch.dtype, foreach: bool | None = None
-) -> float:
-    """:func:`clip_grads_with_norm_` for a caller that holds the total norm as a Python float
-    (of ``dtype``, the dtype :func:`get_total_norm` would have returned) and the dense gradient
-    tensors themselves: the same coefficient, the same in-place multiply, without building a
-    tensor for the total. Returns the coefficient applied (1.0 when none; NaN is applied and
-    returned, as torch propagates it).
-
-    Raises:
-        ValueError: if ``max_norm`` is negative or NaN, as :func:`clip_grads_with_norm_`."""
-    max_norm = _check_max_norm(max_norm)
-    _check_foreach(foreach, grads)
-    return _scale_host_(grads, max_norm, total, dtype)
-
-
-def raise_if_nonfinite(total: Tensor | float, norm_type: float) -> None:
-    """The ``error_if_nonfinite`` check of :func:`clip_grad_norm_`, for a caller that measured
-    the total itself (reading a device tensor here is a host sync, as in torch)."""
-    if not math.isfinite(float(total)):
-        raise _nonfinite_error(norm_type)
-
-
-def _scale_host_(grads: list[Tensor], max_norm: float, total: float, dtype: torch.dtype) -> float:
-    """Multiply ``grads`` in place by the clip coefficient computed on the host; the
-    coefficient applied (1.0 when none)."""
-    if not grads or max_norm == _INF:
-        return 1.0
-    coef = host_clip_coef(max_norm, total, dtype)
-    if coef >= 1.0:
-        return 1.0
-    torch._foreach_mul_(grads, coef)
-    return coef
-
-
-def _scale_(grads: list[Tensor], max_norm: float, total_norm: Tensor | float, foreach: bool | None) -> None:
-    if not grads or max_norm == _INF:
-        return
-    if any(g.is_sparse or g.is_complex() for g in grads):
-        grads = [_scale_target(g) for g in grads]
-    if not isinstance(total_norm, Tensor):
-        total_norm = torch.tensor(float(total_norm))
-    if _CPU_PATHS and total_norm.is_cpu:
-        # reading a CPU tensor is not a device sync, whatever device the gradients are on
-        _scale_host_(grads, max_norm, total_norm.item(), total_norm.dtype)
-        return
-    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _), group in groups.items():
-        coef_d = clip_coef.to(device)
-        if foreach is not False and device.type in _foreach_devices():
-            torch._foreach_mul_(group, coef_d)
-        else:
-            for g in group:
-                g.mul_(coef_d)
-
-
-@torch.no_grad()
-def clip_grad_norm_(
-    parameters: Tensor | Iterable[Tensor],
-    max_norm: float,
-    norm_type: float | str = 2.0,
-    error_if_nonfinite: bool = False,
-    foreach: bool | None = None,
-    *,
-    group: Any = None,
-) -> Tensor:
-    r"""Clip the total gradient norm of ``parameters`` in place.
-
-    Equivalent to :func:`get_total_norm` on the gradients followed by
-    :func:`clip_grads_with_norm_` with that norm.
-
-    Args:
-        parameters: an iterable of tensors (a generator is fine) or a single tensor;
-            parameters without ``.grad`` are skipped. An empty generator warns, as in torch.
-        max_norm: the largest allowed total norm, ``>= 0``; ``inf`` measures only.
-        norm_type: any float ``p`` or ``'inf'``. Default: 2.0.
-        error_if_nonfinite: raise ``RuntimeError`` (before touching any gradient) if the total
-            norm is NaN or +-inf. Default: False.
-        foreach: accepted for compatibility with torch. Default: None.
-        group: a process group: clip by the norm of every rank's gradients together, as
-            :func:`get_total_norm` (DTensor gradients need none). Default: None.
-
-    Returns:
-        The total norm of the gradients before clipping (see :func:`get_total_norm`).
-
-    Raises:
-        ValueError: if ``max_norm`` is negative or NaN.
-    """
-    if isinstance(parameters, Tensor):
-        parameters = [parameters]
-    else:
-        is_generator = isinstance(parameters, types.GeneratorType)
-        parameters = list(parameters)
-        if is_generator and not parameters:
-            warnings.warn(
-                "`parameters` is an empty generator, no gradient clipping will occur.",
-                stacklevel=3,
-            )
-    max_norm = _check_max_norm(max_norm)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    total = _total_norm(grads, norm_type, error_if_nonfinite, foreach, group)
-    _scale_(grads, max_norm, total, foreach)
-    return total
-
-
-@torch.no_grad()
-def clip_grad_value_(
-    parameters: Tensor | Iterable[Tensor],
-    clip_value: float,
-    foreach: bool | None = None,
-) -> None:
-    r"""Clamp every gradient element into ``[-clip_value, clip_value]`` in place.
-
-    Args:
-        parameters: an iterable of tensors or a single tensor whose ``.grad`` is clamped;
-            parameters without ``.grad`` are skipped.
-        clip_value: the largest allowed magnitude. As in torch, a negative value sets every
-            element to ``clip_value``, and NaN elements stay NaN.
-        foreach: accepted for compatibility with torch; ``True`` raises on devices without
-            foreach kernels. Default: None.
-
-    Differs from torch in that an input without any gradient is a no-op (torch raises) and
-    in that sparse COO gradients are accepted: coalesced in place (duplicates summed), then
-    their values clamped; a negative or NaN ``clip_value`` raises ``ValueError`` for them.
-    On CPU each gradient is clamped in one pass (torch's foreach path makes two).
-    """
-    parameters = _as_list(parameters)
-    clip_value = float(clip_value)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    _check_foreach(foreach, grads)
-    if any(g.is_sparse for g in grads):
-        if not clip_value >= 0:  # also rejects NaN
-            raise ValueError(
-                f"clip_value must be a non-negative number for sparse gradients, got {clip_value}: "
-                "it would set every element to clip_value, the unstored zeros included, which a "
-                "sparse gradient cannot hold (use clip_value=0 to zero them)"
-            )
-        # duplicate entries are summed before clamping, as in g.to_dense()
-        grads = [_coalesce_(g)._values() if g.is_sparse else g for g in grads]
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for g in grads:
-        if _CPU_PATHS and g.is_cpu:
-            g.clamp_(min=-clip_value, max=clip_value)
-        else:
-            groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _), group in groups.items():
-        if foreach is not False and device.type in _foreach_devices():
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
-        else:
-            for g in group:
-                g.clamp_(min=-clip_value, max=clip_value)
+def local_total_norm(tensors: list[Tensor], p: float, foreach: bool | None = None) -> Tensor:
+    """The ``p``-norm of this process's ``tensors`` viewed as one vector, in the result dtype
+    (as :func:`gradcheck_cli.engine.get_total_norm` computes it without a process group).
+    ``foreach=False`` keeps the device path off torch's foreach kernels; the flag is not checked
+    here (:func:`check_foreach`)."""
+    return _norms(tensors, p, False, foreach)[0]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value to compare with
@@ -1050,7 +693,7 @@ class GradNorms:
     """Gradient norms from one measuring pass.
 
     Attributes:
-        total_norm: the total norm (as :func:`get_total_norm` computes it).
+        total_norm: the total norm (as :func:`gradcheck_cli.engine.get_total_norm` computes it).
         norms: 1-D tensor, one norm per parameter that has a gradient, in input order.
         names: the names of those parameters when ``named_parameters()`` was given, else None.
     """
@@ -1084,7 +727,7 @@ def measure_grad_norms(
         :class:`GradNorms` with the total norm (equal to :func:`get_total_norm` of the same
         gradients up to float rounding), the per-tensor norms in the same dtype, and the names.
     """
-    items = _as_list(parameters)  # type: ignore[arg-type]
+    items = as_list(parameters)  # type: ignore[arg-type]
     names: list[str] | None = None
     grads: list[Tensor] = []
     if items and isinstance(items[0], tuple):
@@ -1099,18 +742,3 @@ def measure_grad_norms(
     if norms is None:  # pragma: no cover - _norms always returns them when asked
         raise AssertionError("per-tensor norms missing")
     return GradNorms(total, norms, tuple(names) if names is not None else None)
-
-
-# --------------------------------------------------------------------------------------------
-# the adaptive clipping rules live in rules.py, which builds on this module; they are re-exported
-# here lazily (PEP 562), so that importing either module first never meets a half-built other
-
-_RULES = frozenset({"AGC", "AutoClip", "ClipStep", "ZClip", "adaptive_clip_grad_"})
-
-
-def __getattr__(name: str):
-    if name in _RULES:
-        from gradcheck_cli import rules
-
-        return getattr(rules, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
