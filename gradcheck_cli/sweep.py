@@ -42,7 +42,8 @@ from gradcheck_cli.detect import step1_warning
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.loader import Experiment
 from gradcheck_cli.results import MODE_AGC, Cell, RunResult
-from gradcheck_cli.runner import UserFailure, error_result, make_optimizer, run_cell, run_lr
+from gradcheck_cli.run_setup import UserFailure, error_result, make_optimizer, run_lr
+from gradcheck_cli.runner import run_cell
 from gradcheck_cli.snapshot import Snapshot, seed_everything
 
 OnRunStart = Callable[[int, int, Cell], None]

@@ -70,7 +70,7 @@ from gradcheck_cli.results import (
     RunResult,
     StepRecord,
 )
-from gradcheck_cli.runner import (
+from gradcheck_cli.run_setup import (
     BatchStream,
     UserFailure,
     apply_clipping,
