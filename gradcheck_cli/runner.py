@@ -228,12 +228,14 @@ def run_cell(
     ``on_step(step)`` is called after each completed step, skipped ones included (progress bars).
 
     Returns a ``RunResult`` with status ``stable``, ``non_finite``, ``diverged`` or ``error``;
-    never raises for the user's errors. ``KeyboardInterrupt`` propagates.
+    never raises for the user's errors. ``KeyboardInterrupt`` propagates. A ``train_step``
+    script is run by ``train_step.run_train_step_cell`` (``sweep.execute`` picks the loop);
+    given one, this raises ``ValueError``.
     """
-    if experiment.train_step_fn is not None:  # the script runs its own update
-        from gradcheck_cli.train_step import run_train_step_cell
-
-        return run_train_step_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
+    if experiment.train_step_fn is not None:
+        raise ValueError(
+            f"{experiment.name} defines train_step: run it with train_step.run_train_step_cell (sweep.execute picks the loop)"
+        )
     start = time.perf_counter()
     records: list[StepRecord] = []
     device = torch.device(config.device)

@@ -45,6 +45,7 @@ from gradcheck_cli.results import MODE_AGC, Cell, RunResult
 from gradcheck_cli.run_setup import UserFailure, error_result, make_optimizer, run_lr
 from gradcheck_cli.runner import run_cell
 from gradcheck_cli.snapshot import Snapshot, seed_everything
+from gradcheck_cli.train_step import run_train_step_cell
 
 OnRunStart = Callable[[int, int, Cell], None]
 OnRunDone = Callable[[int, int, RunResult], None]
@@ -291,9 +292,13 @@ def execute(
     optimizer_failure: UserFailure | None,
     on_step: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """One run from its starting state: what every executor calls, here or in a worker."""
+    """One run from its starting state: what every executor calls, here or in a worker. A
+    ``train_step`` script runs its own update (``train_step.py``), a ``loss_fn`` script the
+    runner's loop (``runner.py``)."""
     if optimizer_failure is not None:
         return error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
+    if experiment.train_step_fn is not None:
+        return run_train_step_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
     return run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
 
 

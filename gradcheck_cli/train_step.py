@@ -197,7 +197,8 @@ def run_train_step_cell(
     snapshot: Snapshot | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """``runner.run_cell`` for a ``train_step`` script: same arguments, same kind of result."""
+    """``runner.run_cell`` for a ``train_step`` script: same arguments, same kind of result
+    (``sweep.execute`` picks the loop)."""
     start = time.perf_counter()
     records: list[StepRecord] = []
     device = torch.device(config.device)
