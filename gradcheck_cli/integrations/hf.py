@@ -91,6 +91,7 @@ class GradclipTrainerCallback(RecordingCallback, TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._open(model)
         self._optimizer = _innermost_optimizer(optimizer)
+        self.recorder.lr_source = lambda: first_param_lr(self._optimizer)
         self._stop = False
         self._handles = [
             self._optimizer.register_step_pre_hook(self._pre_step),

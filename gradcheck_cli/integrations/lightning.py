@@ -68,6 +68,12 @@ def _import_callback_bases() -> dict[str, type]:
     return bases
 
 
+def _scaler(trainer: Any) -> Any:
+    """The AMP gradient scaler of the trainer's precision plugin (``16-mixed``), else None."""
+    plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    return getattr(plugin, "scaler", None)
+
+
 class _GradclipCallbackMixin(RecordingCallback):
     # per-fit state, set again in on_train_start
     _trainer: Any = None
@@ -79,6 +85,7 @@ class _GradclipCallbackMixin(RecordingCallback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._open(pl_module)
         self._trainer, self._stepped, self._lr = trainer, False, None
+        self.recorder.lr_source = lambda: first_param_lr(trainer.optimizers[0])
         # A post-hook: Lightning runs the closure (forward, backward, on_before_optimizer_step,
         # clipping) inside optimizer.step(closure), after any pre-hook.
         self._handles = [opt.register_step_post_hook(self._post_step) for opt in trainer.optimizers]
@@ -110,10 +117,13 @@ class _GradclipCallbackMixin(RecordingCallback):
         if self.recorder.pending:  # the step's last micro-batch
             stepped, self._stepped = self._stepped, False
             lr = self._lr if stepped else first_param_lr(trainer.optimizers[0])
-            self._finish(skipped=not stepped, lr=lr)
+            # Without an AMP scaler nothing but the module itself skips a step (manual
+            # optimization that does not call opt.step() on a non-finite norm): judged as such.
+            abandoned = not stepped and _scaler(trainer) is None
+            self._finish(skipped=not stepped, lr=lr, abandoned=abandoned)
 
-    def _finish(self, *, skipped: bool, lr: Any) -> None:
-        if self._record_step(skipped=skipped, lr=lr) is not None and self.stop_on_non_finite:
+    def _finish(self, *, skipped: bool, lr: Any, abandoned: bool = False) -> None:
+        if self._record_step(skipped=skipped, lr=lr, abandoned=abandoned) is not None and self.stop_on_non_finite:
             self._trainer.should_stop = True
 
 

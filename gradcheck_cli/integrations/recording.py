@@ -79,13 +79,11 @@ class RecordingCallback:
         self._handles = []
         self._session.uninstall()
         self._session = None
-        if exc is not None:
-            self.recorder.fail(exc)
-        self.recorder.write()
+        self.recorder.close(exc)
 
-    def _record_step(self, *, skipped: bool, lr: Any) -> NonFiniteError | None:
+    def _record_step(self, *, skipped: bool, lr: Any, abandoned: bool = False) -> NonFiniteError | None:
         """Close the step; log the first non-finite one on the ``gradclip`` logger."""
-        event = self.recorder.finish_step(skipped=skipped, lr=lr)
+        event = self.recorder.finish_step(skipped=skipped, lr=lr, abandoned=abandoned)
         if event is not None:
             _log.warning("gradclip: %s", event)
         return event

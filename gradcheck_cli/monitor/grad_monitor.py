@@ -16,7 +16,6 @@ from gradcheck_cli.monitor.recorder import (
     CLIP_ENGINE,
     DEFAULT_OUT,
     DEFAULT_RUN,
-    NonFiniteError,
     StepRecorder,
     first_param_lr,
 )
@@ -76,6 +75,7 @@ class GradMonitor(ClipSession):
             )
         )
         self.optimizer = optimizer
+        self.recorder.lr_source = lambda: first_param_lr(optimizer)
         self.stop_on_non_finite = stop_on_non_finite
         self._handles: list[Any] = []
         self._in_scaler_step = False
@@ -116,9 +116,7 @@ class GradMonitor(ClipSession):
             handle.remove()
         self._handles = []
         self.uninstall()
-        if exc is not None and not isinstance(exc, NonFiniteError):
-            self.recorder.fail(exc)
-        self.recorder.write()
+        self.recorder.close(exc)
 
     def __enter__(self) -> GradMonitor:
         return self.start()

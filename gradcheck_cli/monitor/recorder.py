@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,14 @@ class StepRecorder:
         self._start = time.perf_counter()
         self._written = 0
         self._writer: Any = None
+        # Where a step's learning rate comes from when the recorder closes a step by itself (a
+        # step the loop abandoned): the owner sets it (``GradMonitor``: its optimizer).
+        self.lr_source: Callable[[], Any] | None = None
+        # Backward passes seen so far (a post-accumulate hook on the first trainable parameter,
+        # between ``prepare`` and ``close``): a measured step that a new backward follows
+        # before it was closed is a step the loop abandoned (``measure`` closes it as skipped).
+        self._backwards = 0
+        self._watch: Any = None
         self._reset_step()
 
     # ---- per step -------------------------------------------------------------------------
@@ -134,6 +143,8 @@ class StepRecorder:
         # (norm_type, total, per-tensor norms, names): tensors, or Python floats (a float total
         # and a list of norms) when the engine gave them on the host
         self._measured: tuple | None = None
+        self._measured_at = 0  # self._backwards at the measurement
+        self._measured_first: tuple[Tensor, Tensor] | None = None  # (parameter, its gradient) then
         self._coef: Tensor | float | None = None
 
     @property
@@ -155,8 +166,15 @@ class StepRecorder:
     def owns(self, param: Tensor) -> bool:
         return id(param) in self._owned
 
+    def owns_grad(self, grad: Tensor) -> bool:
+        """True when ``grad`` is the gradient of one of the model's parameters (torch's
+        ``get_total_norm`` receives gradients, not parameters)."""
+        return any(prm.grad is grad for prm in self._params)
+
     def add_loss(self, loss: Tensor | float) -> None:
         """Add one (micro-batch) loss to the current step; the step records their mean."""
+        if self._measured is not None and self._abandoned():
+            self._close_abandoned()  # the loss of a new step: the measured one was left
         if not isinstance(loss, Tensor):
             self._losses.append(float(loss))
         elif loss.is_cpu and not self.gather_on_device:
@@ -168,12 +186,19 @@ class StepRecorder:
         """Measure every gradient of the model now (once per step): total, per-tensor norms.
         True when it measured now, False when the step was already measured."""
         if self._measured is not None:
-            return False
+            if not self._abandoned():
+                return False
+            self._close_abandoned()
+        return self._measure_now(norm_type)
+
+    def _measure_now(self, norm_type: float | None) -> bool:
         if norm_type is None:
             norm_type = self.clip_norm_type if self.clip_norm_type is not None else self.norm_type
         p = float(norm_type)
         names, grads = self._grads()
         self._measured_grads = grads
+        self._measured_at = self._backwards
+        self._measured_first = next(((prm, prm.grad) for prm in self._params if prm.grad is not None), None)
         if not self.gather_on_device:
             on_host = engine.host_grad_norms(grads, p)
             if on_host is not None:
@@ -182,6 +207,23 @@ class StepRecorder:
         gn = engine.measure_grad_norms(self.named, p)
         self._measured = (p, gn.total_norm, gn.norms, tuple(gn.names or ()))
         return True
+
+    def _abandoned(self) -> bool:
+        """The measured step was left without an optimizer step and a new one has begun: a
+        backward pass since the measurement, or the gradient measured first was replaced
+        (``zero_grad()`` sets gradients to None; the next backward makes new ones)."""
+        if self._backwards != self._measured_at:
+            return True
+        first = self._measured_first
+        return first is not None and first[0].grad is not first[1]
+
+    def _on_backward(self, _param: Tensor) -> None:
+        self._backwards += 1
+        if self._measured is not None:
+            self._close_abandoned()
+
+    def _close_abandoned(self) -> None:
+        self.finish_step(skipped=True, lr=self.lr_source() if self.lr_source else None, abandoned=True)
 
     def _grads(self) -> tuple[tuple[str, ...], list[Tensor]]:
         """(names, gradients) of the parameters that have a gradient now."""
@@ -233,6 +275,27 @@ class StepRecorder:
         self.note_coef(max_norm, coef)
         return torch.tensor(total, dtype=torch.float32)
 
+    def total_norm(
+        self, tensors: list[Tensor], norm_type: float, error_if_nonfinite: bool, foreach: bool | None, *, reuse: bool
+    ) -> Tensor:
+        """``get_total_norm`` with gradclip's engine: the step's measurement itself when it was
+        taken in this call, of exactly these gradients, in this norm type (one pass); otherwise
+        the engine measures them."""
+        measured = self._measured
+        same = (
+            reuse
+            and measured is not None
+            and measured[0] == norm_type
+            and len(tensors) == len(self._measured_grads)
+            and all(a is b for a, b in zip(tensors, self._measured_grads))
+        )
+        if not same:
+            return engine.get_total_norm(tensors, norm_type, error_if_nonfinite, foreach)
+        total = measured[1]
+        if error_if_nonfinite:
+            engine.raise_if_nonfinite(total, norm_type)
+        return total if isinstance(total, Tensor) else torch.tensor(total, dtype=torch.float32)
+
     def note_clip(self, max_norm: float, total: Tensor | float) -> None:
         """Record the coefficient a ``clip_grad_norm_`` call applied, from the total it returned
         (computed in the total's dtype, as torch computes it). Several calls: the smallest."""
@@ -273,9 +336,17 @@ class StepRecorder:
     def note_norm_type(self, norm_type: float) -> None:
         self.clip_norm_type = float(norm_type)
 
-    def finish_step(self, *, skipped: bool = False, lr: Any = None) -> NonFiniteError | None:
-        """Close the step: one host transfer, the verdict, the record, maybe a write."""
-        self.measure()
+    def finish_step(self, *, skipped: bool = False, lr: Any = None, abandoned: bool = False) -> NonFiniteError | None:
+        """Close the step: one host transfer, the verdict, the record, maybe a write.
+
+        ``skipped``: the optimizer did not run. An AMP scaler's skip (inf/NaN found) is routine
+        and not judged non-finite; an ``abandoned`` step (the loop measured or clipped, then
+        left the step without ``optimizer.step()``, e.g. ``if not torch.isfinite(norm):
+        continue``) is skipped too, and judged like any measured step."""
+        if self._measured is not None and not abandoned and self._abandoned():
+            self._close_abandoned()
+        if self._measured is None:
+            self._measure_now(None)
         p, total, norms, names = self._measured
         has_loss = bool(self._losses)
         if isinstance(total, Tensor) and (self.gather_on_device or not total.is_cpu):
@@ -291,7 +362,7 @@ class StepRecorder:
         self._count = step = self._count + 1
         self._rows.append((step, loss_f, norm_f, coef_f, groups, layer_values, lr_value, bool(skipped)))
         self._reset_step()
-        event = self._judge(step, loss_f if has_loss else None, norm_f, bad_f, names, skipped)
+        event = self._judge(step, loss_f if has_loss else None, norm_f, bad_f, names, skipped and not abandoned)
         if event is not None or self.status == DIVERGED and self.diverged_step == step:
             self.write()
         elif step - self._written >= self.write_every:
@@ -415,7 +486,24 @@ class StepRecorder:
         )
 
     def prepare(self) -> None:
+        """Prepare the output directory and start counting backward passes."""
         prepare_out_dir(self.out)
+        first = self._params[0] if self._params else None
+        if first is not None and self._watch is None and hasattr(first, "register_post_accumulate_grad_hook"):
+            self._watch = first.register_post_accumulate_grad_hook(self._on_backward)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """The training ended: a step measured but never closed (the loop left it, e.g. with
+        ``break`` after a non-finite norm) is recorded as skipped; a failure is noted; the files
+        are written."""
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+        if self._measured is not None:
+            self._close_abandoned()
+        if exc is not None and not isinstance(exc, NonFiniteError):
+            self.fail(exc)
+        self.write()
 
     def write(self, *, refresh_histograms: bool = True) -> None:
         """Bring the report files up to every step recorded so far: the new steps' rows are
