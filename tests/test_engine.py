@@ -33,6 +33,8 @@ from gradcheck_cli.engine import (
     get_total_norm,
     measure_grad_norms,
 )
+from gradcheck_cli.engine import cpu as engine_cpu
+from gradcheck_cli.engine import exact as engine_exact
 from gradcheck_cli.engine import norms as engine_norms
 
 INF = math.inf
@@ -226,12 +228,12 @@ def torch_accepts(tensors: list[torch.Tensor], p: float) -> bool:
 def device_path():
     """Run the engine's path for non-CPU devices (torch's kernels, foreach multiplies, no host
     reads) on CPU tensors, through the engine's own seam: the same code a GPU runs."""
-    assert engine_norms._CPU_PATHS
-    engine_norms._CPU_PATHS = False
+    assert engine_cpu._CPU_PATHS
+    engine_cpu._CPU_PATHS = False
     try:
         yield
     finally:
-        engine_norms._CPU_PATHS = True
+        engine_cpu._CPU_PATHS = True
 
 
 # ------------------------------------------------------------------------------------------
@@ -1439,7 +1441,7 @@ def exact_rtol(t: torch.Tensor) -> float:
     p=st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0, 20.0, -0.5, -1.0, -2.0]),
 )
 def test_exact_norm_matches_the_float64_reference(g, p):
-    got = engine_norms._exact_norm(g, p)
+    got = engine_exact._exact_norm(g, p)
     assert isinstance(got, float)
     assert_close_to_ref(got, ref_tensor_norm(g, p), exact_rtol(g), f"p={p} {g.dtype}")
 
@@ -1447,22 +1449,22 @@ def test_exact_norm_matches_the_float64_reference(g, p):
 @pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0, -1.0, -0.5])
 def test_exact_norm_special_values(p):
     x = torch.tensor
-    assert engine_norms._exact_norm(torch.empty(0), p) == 0.0
-    assert engine_norms._exact_norm(torch.empty(0, 3, dtype=torch.complex64), p) == 0.0
-    assert engine_norms._exact_norm(x([0.0, 0.0]), p) == 0.0
-    assert math.isnan(engine_norms._exact_norm(x([1.0, NAN, 2.0]), p))
-    assert math.isnan(engine_norms._exact_norm(x([NAN, 0.0]), p))
-    assert math.isnan(engine_norms._exact_norm(x([INF, NAN]), p))
+    assert engine_exact._exact_norm(torch.empty(0), p) == 0.0
+    assert engine_exact._exact_norm(torch.empty(0, 3, dtype=torch.complex64), p) == 0.0
+    assert engine_exact._exact_norm(x([0.0, 0.0]), p) == 0.0
+    assert math.isnan(engine_exact._exact_norm(x([1.0, NAN, 2.0]), p))
+    assert math.isnan(engine_exact._exact_norm(x([NAN, 0.0]), p))
+    assert math.isnan(engine_exact._exact_norm(x([INF, NAN]), p))
     # a zero element decides a negative p (harmonic-like means), an inf one a positive p
-    assert_close_to_ref(engine_norms._exact_norm(x([0.0, 3.0]), p), 0.0 if p < 0 else 3.0, 1e-15)
-    assert_close_to_ref(engine_norms._exact_norm(x([-INF, 3.0]), p), 3.0 if p < 0 else INF, 1e-15)
+    assert_close_to_ref(engine_exact._exact_norm(x([0.0, 3.0]), p), 0.0 if p < 0 else 3.0, 1e-15)
+    assert_close_to_ref(engine_exact._exact_norm(x([-INF, 3.0]), p), 3.0 if p < 0 else INF, 1e-15)
     # the largest magnitude is negative; a range wider than float64's squares
     # the extreme magnitude is exactly 1
-    assert_close_to_ref(engine_norms._exact_norm(x([1.0, 2.0]), p), ref_tensor_norm(x([1.0, 2.0]), p), 1e-15)
-    assert_close_to_ref(engine_norms._exact_norm(x([1.0, -0.5]), p), ref_tensor_norm(x([1.0, 0.5]), p), 1e-15)
+    assert_close_to_ref(engine_exact._exact_norm(x([1.0, 2.0]), p), ref_tensor_norm(x([1.0, 2.0]), p), 1e-15)
+    assert_close_to_ref(engine_exact._exact_norm(x([1.0, -0.5]), p), ref_tensor_norm(x([1.0, 0.5]), p), 1e-15)
     big = x([-1e300, 1e-300, 0.5], dtype=torch.float64)
-    assert_close_to_ref(engine_norms._exact_norm(big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
-    assert_close_to_ref(engine_norms._exact_norm(-big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
+    assert_close_to_ref(engine_exact._exact_norm(big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
+    assert_close_to_ref(engine_exact._exact_norm(-big, p), ref_tensor_norm(big, p), 1e-12, f"p={p}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1473,13 +1475,13 @@ def test_exact_norm_special_values(p):
 def exact_calls(monkeypatch):
     """The element counts of the tensors the engine recomputes exactly, in call order."""
     calls: list[int] = []
-    real = engine_norms._exact_norm
+    real = engine_exact._exact_norm
 
     def spy(g, p):
         calls.append(g.numel())
         return real(g, p)
 
-    monkeypatch.setattr(engine_norms, "_exact_norm", spy)
+    monkeypatch.setattr(engine_cpu, "_exact_norm", spy)
     return calls
 
 
@@ -1642,14 +1644,14 @@ def test_a_tensor_of_more_rows_than_one_row_holds(p):
 
 
 def test_per_tensor_plan_is_built_once_per_layout():
-    engine_norms._PLANS.clear()
+    engine_cpu._PLANS.clear()
     grads = [torch.randn(5), torch.randn(3000, dtype=torch.float64), torch.empty(0)]  # not a small model
     measure_grad_norms(make_params(grads))
-    ((key, plan),) = engine_norms._PLANS.items()
+    ((key, plan),) = engine_cpu._PLANS.items()
     owner, thresholds, all_nonempty = plan
     assert not all_nonempty and thresholds[2].item() == -INF
     measure_grad_norms(make_params([g * 3 for g in grads]), 2.0)  # same shapes and dtypes
-    assert len(engine_norms._PLANS) == 1 and engine_norms._PLANS[key] is plan
+    assert len(engine_cpu._PLANS) == 1 and engine_cpu._PLANS[key] is plan
 
 
 # ------------------------------------------------------------------------------------------
@@ -1746,7 +1748,7 @@ def test_device_path_never_reads_a_device_value():
     clip_grad_value_(params, 0.1)
     empty = torch.empty(0, dtype=torch.float64, device="meta")
     for p in (2.0, 0.5, -1.0, INF, 0.0):
-        combined = engine_norms._combine(empty, p)
+        combined = engine_exact._combine(empty, p)
         assert combined.device.type == "meta" and combined.dtype == torch.float64
 
 
@@ -1778,7 +1780,7 @@ def test_combine_scales_by_the_extreme_norm(p):
 
 
 def _check_combine(norms: list[float], p: float) -> None:
-    got = engine_norms._combine(torch.tensor(norms, dtype=torch.float64), p)
+    got = engine_exact._combine(torch.tensor(norms, dtype=torch.float64), p)
     assert got.dtype == torch.float64 and got.shape == ()
     if p == 0:  # a count of the nonzero norms (NaN is nonzero)
         assert got.item() == sum(1 for n in norms if n != 0)
@@ -1800,17 +1802,17 @@ def test_flat_pieces_cover_every_element_once(data):
     if data.draw(st.booleans()):
         g = g[..., ::2]
     view_size, copy_size = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
-    pieces = list(engine_norms._flat_pieces(g, view_size, copy_size))
+    pieces = list(engine_exact._flat_pieces(g, view_size, copy_size))
     assert all(piece.ndim == 1 and 0 < piece.numel() <= view_size for piece in pieces)
     assert sorted(torch.cat(pieces).tolist()) == sorted(g.flatten().tolist())
     dense = any(g.permute(order).is_contiguous() for order in itertools.permutations(range(g.ndim)))
     if g.ndim >= 2:
-        view = engine_norms._dense_view(g)
+        view = engine_exact._dense_view(g)
         assert (view is not None) == dense
         if dense:
             assert view.is_contiguous() and view.data_ptr() == g.data_ptr()
     else:
-        assert engine_norms._dense_view(g) is None
+        assert engine_exact._dense_view(g) is None
     # the pieces of each block (the whole tensor when dense), in order: view_size elements each,
     # the block's remainder last
     if dense:
@@ -1836,7 +1838,7 @@ def test_exact_norm_of_a_tensor_longer_than_its_chunks():
     expected = math.sqrt((n - 2) * 1e40 + 9e40 + 4e40)
     assert_close_to_ref(get_total_norm([g]).item(), expected, 1e-6)
     assert_close_to_ref(
-        engine_norms._exact_norm(g, 2.0),
+        engine_exact._exact_norm(g, 2.0),
         math.sqrt(
             float(n - 2) * float(torch.tensor(1e20)) ** 2
             + float(torch.tensor(3e20)) ** 2
@@ -1845,11 +1847,11 @@ def test_exact_norm_of_a_tensor_longer_than_its_chunks():
         1e-10,
     )
     assert_close_to_ref(
-        engine_norms._exact_norm(g, 1.0),
+        engine_exact._exact_norm(g, 1.0),
         (n - 2) * float(torch.tensor(1e20)) + float(torch.tensor(3e20)) + float(torch.tensor(2e20)),
         1e-10,
     )
-    assert_close_to_ref(engine_norms._exact_norm(g, 3.0), ref_tensor_norm(g, 3.0), 1e-10)
+    assert_close_to_ref(engine_exact._exact_norm(g, 3.0), ref_tensor_norm(g, 3.0), 1e-10)
 
 
 def test_result_dtype_maps_complex_and_integer_dtypes_to_real_floats():
@@ -1878,9 +1880,9 @@ def test_short_batches_close_as_soon_as_they_reach_the_limit(sizes, short, limit
     they fit)."""
     grads = [torch.full((n,), float(i)).view(n, 1) for i, n in enumerate(sizes)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_norms, "_SHORT", short)
-        mp.setattr(engine_norms, "_BATCH_LIMIT", limit)
-        batches = list(engine_norms._short_batches(grads, sizes))
+        mp.setattr(engine_cpu, "_SHORT", short)
+        mp.setattr(engine_cpu, "_BATCH_LIMIT", limit)
+        batches = list(engine_cpu._short_batches(grads, sizes))
     chosen = [i for i, n in enumerate(sizes) if 0 < n < short]
     expected: list[list[int]] = []
     if sum(sizes[i] for i in chosen) <= limit:

@@ -1,4 +1,4 @@
-"""The engine's path for small models on CPU (``engine._cpu_small_norms``): L1 and L2 norms of
+"""The engine's path for small models on CPU (``engine.cpu._cpu_small_norms``): L1 and L2 norms of
 models with at most ``_SMALL_MODEL`` gradient elements, none float64, reduced once per tensor in
 float64. Checked against a float64 reference computed here, against the general CPU path, and
 on the edges of when it applies. Also its host form (``host_grad_norms``, Python floats for the
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcheck_cli import engine
-from gradcheck_cli.engine import norms as engine_norms
+from gradcheck_cli.engine import cpu as engine_cpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,8 +48,8 @@ def small_models(draw):
 @settings(max_examples=150, deadline=None)
 @given(grads=small_models(), p=st.sampled_from([1.0, 2.0]))
 def test_small_model_norms_equal_the_float64_reference(grads, p):
-    assert engine_norms._cpu_small_model(grads, p)
-    total, norms = engine_norms._cpu_small_norms(grads, p)
+    assert engine_cpu._cpu_small_model(grads, p)
+    total, norms = engine_cpu._cpu_small_norms(grads, p)
     want_total, want_norms = reference(grads, p)
     assert norms.dtype == torch.float64 and total.dtype == torch.float64
     assert norms.tolist() == pytest.approx(want_norms, rel=1e-12, abs=0.0)
@@ -61,7 +61,7 @@ def test_small_model_norms_equal_the_float64_reference(grads, p):
 def test_small_model_path_agrees_with_the_general_path(grads, p):
     fast = engine.measure_grad_norms(grads_as_params(grads), p)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_norms, "_SMALL_MODEL", -1)  # the general CPU path
+        mp.setattr(engine_cpu, "_SMALL_MODEL", -1)  # the general CPU path
         general = engine.measure_grad_norms(grads_as_params(grads), p)
     assert fast.total_norm.dtype == general.total_norm.dtype
     # the general path sums short tensors in float32, a few float32 ulps from the exact value
@@ -80,25 +80,25 @@ def grads_as_params(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def test_the_path_applies_up_to_its_size_and_only_to_l1_l2_without_float64():
-    limit = engine_norms._SMALL_MODEL
+    limit = engine_cpu._SMALL_MODEL
     at_limit = [torch.ones(limit - 1), torch.ones(1)]
     over = [torch.ones(limit), torch.ones(1)]
-    assert engine_norms._cpu_small_model(at_limit, 2.0) and engine_norms._cpu_small_model(at_limit, 1.0)
-    assert not engine_norms._cpu_small_model(over, 2.0)
-    assert not engine_norms._cpu_small_model([torch.ones(3)], 3.0)
-    assert not engine_norms._cpu_small_model([torch.ones(3)], math.inf)
-    assert not engine_norms._cpu_small_model([torch.ones(3), torch.ones(2, dtype=torch.float64)], 2.0)
+    assert engine_cpu._cpu_small_model(at_limit, 2.0) and engine_cpu._cpu_small_model(at_limit, 1.0)
+    assert not engine_cpu._cpu_small_model(over, 2.0)
+    assert not engine_cpu._cpu_small_model([torch.ones(3)], 3.0)
+    assert not engine_cpu._cpu_small_model([torch.ones(3)], math.inf)
+    assert not engine_cpu._cpu_small_model([torch.ones(3), torch.ones(2, dtype=torch.float64)], 2.0)
 
 
 def test_get_total_norm_and_clip_take_the_small_path(monkeypatch):
     calls = []
-    original = engine_norms._cpu_small_norms
+    original = engine_cpu._cpu_small_norms
 
     def spy(grads, p):
         calls.append(p)
         return original(grads, p)
 
-    monkeypatch.setattr(engine_norms, "_cpu_small_norms", spy)
+    monkeypatch.setattr(engine_cpu, "_cpu_small_norms", spy)
     g = [torch.tensor([3.0, 4.0]), torch.tensor([12.0])]
     assert float(engine.get_total_norm(g, 2.0)) == 13.0
     prm = torch.zeros(2, requires_grad=True)
@@ -112,16 +112,16 @@ def test_get_total_norm_and_clip_take_the_small_path(monkeypatch):
 @pytest.mark.parametrize("p", [1.0, 2.0])
 def test_inf_and_nan_elements_give_inf_and_nan_norms(p):
     grads = [torch.tensor([1.0, math.inf]), torch.tensor([2.0]), torch.tensor([math.nan, 1.0])]
-    total, norms = engine_norms._cpu_small_norms(grads, p)
+    total, norms = engine_cpu._cpu_small_norms(grads, p)
     assert norms[0] == math.inf and norms[1] == 2.0 and math.isnan(norms[2])
     assert math.isnan(total)
-    total, norms = engine_norms._cpu_small_norms(grads[:2], p)
+    total, norms = engine_cpu._cpu_small_norms(grads[:2], p)
     assert total == math.inf
 
 
 def test_float32_values_whose_squares_overflow_float32_are_exact():
     g = [torch.tensor([3e30, 4e30], dtype=torch.float32), torch.tensor([1e-40, 1e-40], dtype=torch.float32)]
-    total, norms = engine_norms._cpu_small_norms(g, 2.0)
+    total, norms = engine_cpu._cpu_small_norms(g, 2.0)
     want = math.hypot(float(g[0][0]), float(g[0][1]))
     assert float(norms[0]) == pytest.approx(want, rel=1e-15)
     assert float(norms[1]) == pytest.approx(math.sqrt(2) * float(g[1][0]), rel=1e-15)
@@ -155,7 +155,7 @@ def test_host_norms_decline_what_the_small_path_does_not_take():
     assert engine.host_grad_norms(small, 1.0) == (3.0, [3.0])
     assert engine.host_grad_norms(small, math.inf) is None  # p other than 1 and 2
     assert engine.host_grad_norms([torch.ones(3, dtype=torch.float64)], 2.0) is None  # float64
-    assert engine.host_grad_norms([torch.ones(engine_norms._SMALL_MODEL + 1)], 2.0) is None  # too big
+    assert engine.host_grad_norms([torch.ones(engine_cpu._SMALL_MODEL + 1)], 2.0) is None  # too big
     assert engine.host_grad_norms([torch.ones(3).to_sparse()], 2.0) is None  # not dense
     assert engine.host_grad_norms([], 2.0) is None
 
@@ -230,7 +230,7 @@ def test_raise_if_nonfinite_raises_torchs_error(total):
 
 
 def test_host_norms_take_exactly_the_small_path_size():
-    limit = engine_norms._SMALL_MODEL
+    limit = engine_cpu._SMALL_MODEL
     assert engine.host_grad_norms([torch.ones(limit)], 1.0) == (float(limit), [float(limit)])
     assert engine.host_grad_norms([torch.ones(limit // 2), torch.ones(limit // 2)], 1.0) is not None
     # every tensor counts: two that fit alone do not fit together

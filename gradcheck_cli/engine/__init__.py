@@ -3,8 +3,9 @@ for torch's clip family (``torch.nn.utils``, same signatures and defaults as tor
 keep torch's behaviour wherever torch is right and fix it where it is wrong, a measuring call
 for the diagnostics, and the adaptive rules AGC, AutoClip and ZClip. See docs/engine.md.
 
-Layers, each importing only those below it: :mod:`.norms` (local norms) < :mod:`.distributed`
-(process groups, DTensor) < :mod:`.clipping` (the torch-compatible functions) < :mod:`.rules`.
+Layers, each importing only those below it: the local norms (:mod:`.exact` < :mod:`.cpu` <
+:mod:`.norms`) < :mod:`.distributed` (process groups, DTensor) < :mod:`.clipping` (the
+torch-compatible functions) < :mod:`.rules` (AGC, AutoClip, ZClip).
 """
 
 # ``__all__`` is torch's drop-in API and the measuring call; the other names are public too
