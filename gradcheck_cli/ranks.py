@@ -1,25 +1,12 @@
 """A sweep under ``torchrun``: one process per rank, joined in a ``torch.distributed`` group.
 
-``torchrun --nproc-per-node N -m gradcheck_cli sweep SCRIPT ...`` starts N copies of the
-command; each finds ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in its environment
-(``from_environment``) and joins the group: NCCL on ``cuda:LOCAL_RANK`` with ``--device cuda``,
-gloo on CPU otherwise. Two modes (``--distributed``):
-
-* **cells** (default): the ranks share out the runs, round-robin over the cell list (rank r takes
-  runs r, r + N, ...), each on its own device, each run in the rank's own worker process as
-  without torchrun (``--jobs``). After each of its runs every rank takes part in one
-  ``all_gather_object``, so rank 0 receives every result as the runs end, writes the reports
-  after each round and alone prints; the files are the ones a single process writes.
-* **model**: every rank runs every cell together, on a model the script shards
-  (``fully_shard``) or replicates (``DistributedDataParallel``) in ``build_model``, in the rank's
-  own process. The gradient norm is the global one: the engine reduces DTensor gradients over
-  their mesh, and DDP's gradients are already identical on every rank. The loss each step is
-  judged by is the mean over the ranks (``mean_across_ranks``), so every rank reaches the same
-  verdict at the same step. Rank 0 writes.
-
-Every collective is bounded by the group's timeout (``GRADCLIP_DIST_TIMEOUT`` seconds, default
-600): a rank that hangs or dies makes the others fail with a message naming the timeout, rather
-than wait forever; torchrun itself stops the remaining ranks when one exits with an error.
+Each rank finds ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in its environment
+(``from_environment``) and joins the group (NCCL on ``cuda:LOCAL_RANK`` with ``--device cuda``,
+gloo otherwise). ``RankGroup.run_sweep`` shares the sweep out: in ``cells`` mode the ranks take
+the runs round-robin and gather every result after each run; in ``model`` mode every rank runs
+every cell together on a sharded or replicated model, each step's loss averaged over the ranks
+(``run_setup.mean_across_ranks``). Every collective is bounded by ``GRADCLIP_DIST_TIMEOUT``.
+See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -29,15 +16,16 @@ import datetime
 import os
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from gradcheck_cli.errors import ExitCode, GradclipError, UsageError
+from gradcheck_cli.rank_exit import exit_rank as exit_rank  # re-exported: ranks.exit_rank
+from gradcheck_cli.rank_exit import mark_joined
+from gradcheck_cli.run_setup import set_model_group
+from gradcheck_cli.sweep import run_sweep
 
 DEFAULT_TIMEOUT_S = 600.0
-
-# The group of the sweep running in model mode in this process, if any: the runner averages
-# each step's loss over it (``mean_across_ranks``).
-_model_group: Any = None
-# Whether this process joined a process group (it is a torchrun rank): see ``exit_rank``.
-_joined = False
 
 
 def timeout_seconds() -> float:
@@ -72,9 +60,6 @@ class RankGroup:
     """This process's place in the group, and the two ways of sharing a sweep among ranks."""
 
     def __init__(self, mode: str, device: str, world: int) -> None:
-        import torch
-        import torch.distributed as dist
-
         if not dist.is_available():
             raise UsageError(
                 "this torch build has no torch.distributed", "install a torch build with distributed support"
@@ -95,8 +80,7 @@ class RankGroup:
         self.timeout_s = timeout_seconds()
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.timeout_s))
-        global _joined
-        _joined = True
+        mark_joined()
         self._dist = dist
 
     @property
@@ -104,14 +88,12 @@ class RankGroup:
         return self.mode == "cells"
 
     def __enter__(self) -> RankGroup:
-        global _model_group
         if not self.cells:
-            _model_group = self._dist.group.WORLD
+            set_model_group(self._dist.group.WORLD)  # each step's loss: the mean over the ranks
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        global _model_group
-        _model_group = None
+        set_model_group(None)
         if self._dist.is_initialized():
             if exc_type is None:
                 self._dist.destroy_process_group()
@@ -145,8 +127,6 @@ class RankGroup:
 
     def run_sweep(self, config, experiment, *, skip, on_run_start, on_run_done, on_run_step, executor):
         """``sweep.run_sweep`` shared out among the ranks: every rank returns every result."""
-        from gradcheck_cli.sweep import run_sweep
-
         local = dataclasses.replace(config, device=self.device)
         if not self.cells:
             return run_sweep(
@@ -195,42 +175,8 @@ class RankGroup:
         return [gathered[c.run] for c in cells]
 
 
-def exit_rank(code: int) -> None:
-    """End a torchrun rank with ``code`` once its output is flushed, skipping the interpreter's
-    teardown when this process joined a group. torch's distributed C++ side can still own a
-    joinable thread when static objects are destroyed, and the process then aborts ("terminate
-    called without an active exception", SIGABRT) after the sweep has finished and written
-    everything: torchrun would report the rank as failed. Returns (does nothing) otherwise."""
-    if not _joined:
-        return
-    import sys
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken: nothing more can reach it
-            pass
-    os._exit(code)
-
-
 class RankFailure(GradclipError):
     """A collective failed: another rank died, raised or hung past the timeout. Exit 3, as for
     a run that raised or crashed: the usual cause is the script on some rank."""
 
     exit_code = ExitCode.USER_CODE
-
-
-def mean_across_ranks(losses: list) -> list:
-    """The step's micro-batch losses averaged over the ranks in model mode (one all-reduce),
-    so that every rank judges the same numbers; unchanged otherwise."""
-    if _model_group is None or not losses:
-        return losses
-    import torch
-    import torch.distributed as dist
-
-    stacked = torch.stack(
-        [loss.detach().float() if loss.dtype in (torch.float16, torch.bfloat16) else loss.detach() for loss in losses]
-    )
-    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=_model_group)
-    stacked = stacked / dist.get_world_size(_model_group)
-    return list(stacked.unbind(0))

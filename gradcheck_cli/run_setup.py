@@ -1,6 +1,6 @@
 """What the two training loops share: building the run's optimizer(s) and scheduler, its lr, its
-batches, the clip dispatch of every clipping mode, and how the user's failures become a run's
-``error`` result.
+batches, the clip dispatch of every clipping mode, the per-step loss mean over torchrun ranks
+(model mode), and how the user's failures become a run's ``error`` result.
 
 ``runner.run_cell`` (a script with ``loss_fn``) and ``train_step.run_train_step_cell`` (a script
 with ``train_step``) are built from these pieces; see docs/contract.md ("How a run executes").
@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gradcheck_cli import engine
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig
@@ -343,3 +344,27 @@ def apply_clipping(
         return 1.0, nan, nan
     # the norm cells' coefficient, computed the same way (float64), so the columns compare
     return clip_coefficient(norm_f, threshold), threshold, nan
+
+
+# The process group of a sweep running in model mode in this process (``ranks.RankGroup`` sets it
+# for the sweep's duration): each step's loss is averaged over it (``mean_across_ranks``).
+_model_group: Any = None
+
+
+def set_model_group(group: Any) -> None:
+    """Average every step's loss over ``group`` from now on (``None``: no longer)."""
+    global _model_group
+    _model_group = group
+
+
+def mean_across_ranks(losses: list) -> list:
+    """The step's micro-batch losses averaged over the ranks in model mode (one all-reduce),
+    so that every rank judges the same numbers; unchanged otherwise."""
+    if _model_group is None or not losses:
+        return losses
+    stacked = torch.stack(
+        [loss.detach().float() if loss.dtype in (torch.float16, torch.bfloat16) else loss.detach() for loss in losses]
+    )
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=_model_group)
+    stacked = stacked / dist.get_world_size(_model_group)
+    return list(stacked.unbind(0))

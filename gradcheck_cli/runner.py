@@ -20,7 +20,7 @@ Per step (numbered from 1, ``config.steps`` optimizer steps):
 3. **one host sync**: the micro-batch losses, the total, the control's extra totals, the
    scaler's inf flag and the per-layer norms come to the host together (``_to_host``); the
    step's loss is the mean of the micro-batch losses (under torchrun in model mode, also
-   averaged over the ranks first: ``ranks.mean_across_ranks``);
+   averaged over the ranks first: ``run_setup.mean_across_ranks``);
 4. judge, from those numbers only:
 
    * loss non-finite: status ``non_finite``, source ``forward`` (with accumulation,
@@ -93,7 +93,6 @@ from gradcheck_cli.engine.distributed import any_dtensor
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
-from gradcheck_cli.ranks import mean_across_ranks
 from gradcheck_cli.results import (
     DIVERGED,
     ERROR,
@@ -115,6 +114,7 @@ from gradcheck_cli.run_setup import (
     current_lr,
     make_rule,
     make_scheduler,
+    mean_across_ranks,
     run_lr,
     start_run,
     to_device,
