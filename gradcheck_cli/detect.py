@@ -76,16 +76,26 @@ FOREIGN_PARAMETERS = "foreign_parameters"
 NO_MODEL_PARAMETERS = "no_model_parameters"
 STEP1_LOSS_DIFFERS = "step1_loss_differs"  # written as "step1_loss_differs:<reference run>"
 
+CLIP_ON_SCALED_GRADIENTS = "clip_on_scaled_gradients"
 WARNING_TEXT = {
     ZERO_GRADIENTS: "every gradient was zero at every step: the loss does not depend on the trained parameters",
     CONSTANT_LOSS: "the loss never changed: nothing was learned",
     FOREIGN_PARAMETERS: "the optimizer holds parameters the model does not own (built from another model?)",
     NO_MODEL_PARAMETERS: "the optimizer holds none of the model's parameters: the model is never updated",
+    CLIP_ON_SCALED_GRADIENTS: (
+        "at step {ref} the script clipped while a GradScaler was active without unscaling first "
+        "(scaler.unscale_(optimizer) before clipping): the clip acted on gradients multiplied by "
+        "the loss scale, so it clipped far more than its max_norm says"
+    ),
     STEP1_LOSS_DIFFERS: (
         "step 1's loss differs from that of run {ref}, although every run starts identical: "
         "the script carries state from one run into the next (a global, a counter, a cache)"
     ),
 }
+
+
+def clip_on_scaled_gradients_warning(step: int) -> str:
+    return f"{CLIP_ON_SCALED_GRADIENTS}:{step}"
 
 
 def step1_warning(reference_run: str) -> str:

@@ -128,6 +128,9 @@ class StepRecorder:
         # Where a step's learning rate comes from when the recorder closes a step by itself (a
         # step the loop abandoned): the owner sets it (``GradMonitor``: its optimizer).
         self.lr_source: Callable[[], Any] | None = None
+        # A step's loss: the mean of the losses given (``record_loss`` per micro-batch) or their
+        # sum (``"sum"``: the losses a script backpropagates, already divided for accumulation).
+        self.loss_reduction = "mean"
         # Backward passes seen so far (a post-accumulate hook on the first trainable parameter,
         # between ``prepare`` and ``close``): a measured step that a new backward follows
         # before it was closed is a step the loop abandoned (``measure`` closes it as skipped).
@@ -157,6 +160,17 @@ class StepRecorder:
             )
             self._rows.clear()
         return self._records
+
+    @property
+    def measured_total(self) -> Tensor | float:
+        """The pre-clip total of the measurement this step holds (a tensor, or a float when
+        the engine gave it on the host)."""
+        return self._measured[1]
+
+    @property
+    def measured_grads(self) -> list[Tensor]:
+        """The gradients that measurement read."""
+        return self._measured_grads
 
     @property
     def pending(self) -> bool:
@@ -386,7 +400,10 @@ class StepRecorder:
     def _gather_on_host(self, p, total, norms, names, skipped, lr):
         """Everything from Python floats (``total``, the list ``norms``): no tensor ops."""
         losses = self._losses
-        loss_f = float(sum(losses) / len(losses)) if losses else math.nan
+        if not losses:
+            loss_f = math.nan
+        else:
+            loss_f = float(sum(losses)) if self.loss_reduction == "sum" else float(sum(losses) / len(losses))
         coef = self._coef
         coef_f = math.nan if skipped else (1.0 if coef is None else float(coef))
         bad_f = math.nan
@@ -399,7 +416,8 @@ class StepRecorder:
         device, f64 = total.device, torch.float64
         nan = torch.full((1,), math.nan, dtype=f64, device=device)
         if self._losses:
-            loss = torch.stack([torch.as_tensor(x).to(device, f64) for x in self._losses]).mean().reshape(1)
+            stacked = torch.stack([torch.as_tensor(x).to(device, f64) for x in self._losses])
+            loss = (stacked.sum() if self.loss_reduction == "sum" else stacked.mean()).reshape(1)
         else:
             loss = nan
         coef = self._coef_value(skipped)
@@ -488,6 +506,10 @@ class StepRecorder:
     def prepare(self) -> None:
         """Prepare the output directory and start counting backward passes."""
         prepare_out_dir(self.out)
+        self.watch_backwards()
+
+    def watch_backwards(self) -> None:
+        """Count backward passes from now on (a hook on the first trainable parameter)."""
         first = self._params[0] if self._params else None
         if first is not None and self._watch is None and hasattr(first, "register_post_accumulate_grad_hook"):
             self._watch = first.register_post_accumulate_grad_hook(self._on_backward)
