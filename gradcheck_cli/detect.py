@@ -76,7 +76,8 @@ FOREIGN_PARAMETERS = "foreign_parameters"
 NO_MODEL_PARAMETERS = "no_model_parameters"
 STEP1_LOSS_DIFFERS = "step1_loss_differs"  # written as "step1_loss_differs:<reference run>"
 
-CLIP_ON_SCALED_GRADIENTS = "clip_on_scaled_gradients"
+CLIP_ON_SCALED_GRADIENTS = "clip_on_scaled_gradients"  # written as "clip_on_scaled_gradients:<step>"
+COMMAND_START_DIFFERS = "command_start_differs"  # written as "command_start_differs:<reference run>"
 WARNING_TEXT = {
     ZERO_GRADIENTS: "every gradient was zero at every step: the loss does not depend on the trained parameters",
     CONSTANT_LOSS: "the loss never changed: nothing was learned",
@@ -87,6 +88,11 @@ WARNING_TEXT = {
         "(scaler.unscale_(optimizer) before clipping): the clip acted on gradients multiplied by "
         "the loss scale, so it clipped far more than its max_norm says"
     ),
+    COMMAND_START_DIFFERS: (
+        "step 1 differs from run {ref}, although every run starts the command afresh with the same seed: "
+        "the script reads something that changes from run to run (the clock, an unseeded source such as "
+        "os.urandom, files an earlier run wrote), so the runs are not comparable step for step"
+    ),
     STEP1_LOSS_DIFFERS: (
         "step 1's loss differs from that of run {ref}, although every run starts identical: "
         "the script carries state from one run into the next (a global, a counter, a cache)"
@@ -96,6 +102,10 @@ WARNING_TEXT = {
 
 def clip_on_scaled_gradients_warning(step: int) -> str:
     return f"{CLIP_ON_SCALED_GRADIENTS}:{step}"
+
+
+def command_start_warning(reference_run: str) -> str:
+    return f"{COMMAND_START_DIFFERS}:{reference_run}"
 
 
 def step1_warning(reference_run: str) -> str:

@@ -5,6 +5,7 @@ call to the active ``LaunchSession``. See docs/your-command.md."""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +46,12 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         return _TORCH["clip_grad_norm_"](parameters, max_norm, norm_type, error_if_nonfinite, foreach)
     params = _params(parameters)
     session.on_clip(params, max_norm, norm_type)
+    if session.cell is None:  # the script's own clipping: measured first, then torch's
+        session.measure(params, float(norm_type))
+        with sessions.serving():
+            total = _TORCH["clip_grad_norm_"](params, max_norm, norm_type, error_if_nonfinite, foreach)
+        session.recorder.note_clip(max_norm, total)
+        return total
     total = session.measure_and_clip(params, float(norm_type))
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
@@ -59,24 +66,26 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     """The measuring half of torch's split clip: on the trained model's gradients this is the
     step's measurement (and, the scaling half being the script's clip, the run's clip too)."""
     session = _active()
+    grads = _params(tensors)
     if session is None or session.recorder is None:
-        grads = _params(tensors)
         params = _owners(grads) if session is not None else None
         if not params:
             return _TORCH["get_total_norm"](tensors, norm_type, error_if_nonfinite, foreach)
-        return session.measure_and_clip(params, float(norm_type))
-    grads = _params(tensors)
-    if not any(session.recorder.owns_grad(g) for g in grads[:1]):
-        return _TORCH["get_total_norm"](grads, norm_type, error_if_nonfinite, foreach)
-    params = [p for p in session.recorder._params if p.grad is not None]
+    else:
+        grads = _params(tensors)
+        if not any(session.recorder.owns_grad(g) for g in grads[:1]):
+            return _TORCH["get_total_norm"](grads, norm_type, error_if_nonfinite, foreach)
+        params = [p for p in session.recorder._params if p.grad is not None]
+    if session.cell is None:
+        session.measure(params, float(norm_type))
+        with sessions.serving():
+            return _TORCH["get_total_norm"](grads, norm_type, error_if_nonfinite, foreach)
     return session.measure_and_clip(params, float(norm_type))
 
 
 def _owners(grads: list[Tensor]) -> list[Tensor]:
     """The parameters whose gradients these are (found once, at the first measurement)."""
     wanted = {id(g) for g in grads}
-    import gc
-
     return [
         obj
         for obj in gc.get_objects()
@@ -92,7 +101,13 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         return _TORCH["clip_grads_with_norm_"](parameters, max_norm, total_norm, foreach)
     params = _params(parameters)
     session.on_clip(params, max_norm, session.recorder.clip_norm_type or 2.0)
+    if session.cell is None:
+        with sessions.serving():
+            _TORCH["clip_grads_with_norm_"](params, max_norm, total_norm, foreach)
+        session.recorder.note_clip(max_norm, total_norm)
+        return None
     session.measure_and_clip(params, None)  # clips now if the measuring half did not
+    return None
 
 
 def clip_grad_value_(parameters, clip_value, foreach=None):
@@ -101,7 +116,14 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
         return _TORCH["clip_grad_value_"](parameters, clip_value, foreach=foreach)
     params = _params(parameters)
     session.on_clip(params, clip_value, float("inf"), kind="value")
+    if session.cell is None:
+        session.measure(params, None)
+        with sessions.serving():
+            _TORCH["clip_grad_value_"](params, clip_value, foreach=foreach)
+        session.recorder.note_value_clip(clip_value)
+        return None
     session.measure_and_clip(params, None)
+    return None
 
 
 _WRAPPERS = {

@@ -19,6 +19,7 @@ from typing import Any
 
 from gradcheck_cli.launch.command import UserCommand
 from gradcheck_cli.launch.outcome import Outcome
+from gradcheck_cli.launch.session import AS_WRITTEN_RUN
 from gradcheck_cli.results import CRASHED, ERROR, Cell, RunResult
 
 
@@ -32,6 +33,7 @@ class RunOptions:
     zclip_max_norm: float | None = None
     divergence_factor: float | None = 10.0
     stop_on_non_finite: bool = False
+    stop_on_divergence: bool = False
     layer_depth: Any = "auto"
     threads: int | None = None
 
@@ -62,14 +64,15 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def run_cell(command: UserCommand, cell: Cell, options: RunOptions, log: Path) -> CommandRun:
-    """Run the command once under ``cell``; never raises for anything the script does."""
+def run_cell(command: UserCommand, cell: Cell | None, options: RunOptions, log: Path) -> CommandRun:
+    """Run the command once under ``cell`` (None: with the script's own clipping, measured);
+    never raises for anything the script does."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gradclip-run-") as scratch:
         spec_path, result_path = Path(scratch) / "spec.json", Path(scratch) / "result.pickle"
         spec = {
-            "cell": {k: v for k, v in asdict(cell).items()},
+            "cell": asdict(cell) if cell is not None else None,
             "script": str(command.script) if command.script is not None else None,
             "module": command.module,
             "argv0": str(command.script) if command.script is not None else None,
@@ -81,6 +84,7 @@ def run_cell(command: UserCommand, cell: Cell, options: RunOptions, log: Path) -
             "zclip_max_norm": options.zclip_max_norm,
             "divergence_factor": options.divergence_factor,
             "stop_on_non_finite": options.stop_on_non_finite,
+            "stop_on_divergence": options.stop_on_divergence,
             "layer_depth": options.layer_depth,
             "threads": options.threads,
         }
@@ -95,27 +99,32 @@ def run_cell(command: UserCommand, cell: Cell, options: RunOptions, log: Path) -
     )
 
 
-def _result_of(cell: Cell, outcome: Outcome | None, returncode: int, options: RunOptions, seconds: float) -> RunResult:
+def _result_of(
+    cell: Cell | None, outcome: Outcome | None, returncode: int, options: RunOptions, seconds: float
+) -> RunResult:
+    name = None if cell is not None else AS_WRITTEN_RUN
+    cell = cell if cell is not None else Cell(None)
     if outcome is None:
         how = f"killed by {_signal_name(returncode)}" if returncode < 0 else f"exited with code {returncode}"
-        return RunResult(cell=cell, status=CRASHED, error=f"the script's process {how}", seed=options.seed)
+        return RunResult(cell=cell, status=CRASHED, error=f"the script's process {how}", seed=options.seed, name=name)
     result = outcome.result
     if result is None:
         error = outcome.error or "no optimizer step or clip call happened"
-        result = RunResult(cell=cell, status=ERROR, error=error, seed=options.seed)
+        result = RunResult(cell=cell, status=ERROR, error=error, seed=options.seed, name=name)
     return replace(result, seconds=seconds)
 
 
 def run_cells(
     command: UserCommand,
     cells: list[Cell],
-    options: RunOptions,
+    options: Callable[[Cell], RunOptions],
     log_dir: Path,
     *,
     jobs: int = 1,
     on_start: Callable[[Cell], None] | None = None,
 ) -> Iterator[CommandRun]:
-    """Run every cell, ``jobs`` at a time; yields each run as it finishes."""
+    """Run every cell (with ``options(cell)``), ``jobs`` at a time; yields each run as it
+    finishes."""
     jobs = max(1, jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         pending = list(cells)
@@ -125,7 +134,8 @@ def run_cells(
                 cell = pending.pop(0)
                 if on_start is not None:
                     on_start(cell)
-                running[pool.submit(run_cell, command, cell, options, log_dir / f"{cell.run}.log")] = cell
+                log = log_dir / f"{cell.run}.log"
+                running[pool.submit(run_cell, command, cell, options(cell), log)] = cell
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 running.pop(future)

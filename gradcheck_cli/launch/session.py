@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 
 from gradcheck_cli import engine
-from gradcheck_cli.detect import clip_on_scaled_gradients_warning
+from gradcheck_cli.detect import clip_on_scaled_gradients_warning, degenerate_training
 from gradcheck_cli.monitor import StepRecorder
-from gradcheck_cli.results import MODE_NONE, Cell, RunResult
+from gradcheck_cli.results import DIVERGED, MODE_NONE, MODE_NORM, Cell, RunResult
 from gradcheck_cli.run_setup import apply_clipping, make_rule
+
+AS_WRITTEN_RUN = "as_written"  # the run that keeps the script's own clipping (watch, check)
 
 
 class StopRun(BaseException):
@@ -108,13 +110,14 @@ class LaunchSession:
 
     def __init__(
         self,
-        cell: Cell,
+        cell: Cell | None,
         *,
         steps: int | None,
         norm_types: Iterable[float] = (2.0,),
         zclip_max_norm: float | None = None,
         divergence_factor: float | None = 10.0,
         stop_on_non_finite: bool = False,
+        stop_on_divergence: bool = False,
         layer_depth: Any = "auto",
     ) -> None:
         self.cell = cell
@@ -122,8 +125,9 @@ class LaunchSession:
         self.norm_types = tuple(float(p) for p in norm_types)
         self.divergence_factor = divergence_factor
         self.stop_on_non_finite = stop_on_non_finite
+        self.stop_on_divergence = stop_on_divergence
         self.layer_depth = layer_depth
-        self.rule = make_rule(cell, _RuleConfig(zclip_max_norm))
+        self.rule = make_rule(cell, _RuleConfig(zclip_max_norm)) if cell is not None else None
         self.recorder: _Recorder | None = None
         self.optimizer_steps = 0
         self.clip_calls = 0
@@ -148,11 +152,11 @@ class LaunchSession:
             rec = _Recorder(
                 _Params(params),
                 ".",
-                run=self.cell.run,
+                run=self.cell.run if self.cell is not None else AS_WRITTEN_RUN,
                 layer_depth=self.layer_depth,
                 write_every=10**9,
                 divergence_factor=self.divergence_factor,
-                norm_type=self.cell.norm_type,
+                norm_type=self.cell.norm_type if self.cell is not None else 2.0,
             )
             rec.session = self
             rec.loss_reduction = "sum"
@@ -179,34 +183,46 @@ class LaunchSession:
         if self.steps is not None and self.completed >= self.steps:
             raise StopRun()
 
-    def measure_and_clip(self, params: list[Tensor], norm_type: float | None) -> Tensor:
-        """Measure the step's pre-clip gradients, then clip them as the run's cell says (the
-        control: not at all). Returns the pre-clip total in ``norm_type`` (the script's)."""
+    def measure(self, params: list[Tensor], norm_type: float | None) -> Tensor | float:
+        """Measure the step's pre-clip gradients (once per step): in the cell's norm type (L2
+        for the adaptive rules), as written in the script's when the run keeps its clipping."""
         rec = self._ensure_recorder(params)
         cell = self.cell
-        measure_in = cell.norm_type if cell.mode != MODE_NONE or norm_type is None else float(norm_type)
-        measure_in = measure_in if cell.mode in (MODE_NONE, "norm") else 2.0
-        rec.note_norm_type(measure_in)
+        if cell is None:
+            measure_in = float(norm_type) if norm_type is not None else (rec.clip_norm_type or 2.0)
+        else:  # the rules measure L2; the control measures its own, the grid's other types too
+            measure_in = cell.norm_type if cell.mode in (MODE_NONE, MODE_NORM) else 2.0
+        if rec._measured is None:
+            rec.note_norm_type(measure_in)
         fresh = rec.measure(measure_in)
         total = rec.measured_total
-        total_f = float(total)
         if fresh:
+            total_f = float(total)
             self._first_probe(total_f)
             self._control_norms(rec, total_f, measure_in)
         if self._scaled_this_step is not None and not self._unscaled_this_step:
             warning = clip_on_scaled_gradients_warning(self.completed + 1)
             if not any(w.startswith(warning.partition(":")[0]) for w in self.warnings):
                 self.warnings.append(warning)
-        if not self._clipped_this_step and math.isfinite(total_f):
+        return total
+
+    def measure_and_clip(self, params: list[Tensor], norm_type: float | None) -> Tensor:
+        """Measure the step's pre-clip gradients, then clip them as the run's cell says (the
+        control: not at all). Returns the pre-clip total in ``norm_type`` (the script's)."""
+        rec = self.recorder if self.recorder is not None else self._ensure_recorder(params)
+        total = self.measure(params, norm_type)
+        total_f = float(total)
+        measured_in = rec._measured[0]
+        if self.cell is not None and not self._clipped_this_step and math.isfinite(total_f):
             own = [p for p in params if p.grad is not None and rec.owns(p)] or [p for p in params if p.grad is not None]
             # the total as torch's clip would hold it (float32 for float32 gradients)
             norm_t = total if isinstance(total, Tensor) else torch.tensor(total_f, dtype=torch.float32)
             with _Serve():
-                coef, threshold, unit_frac = apply_clipping(cell, self.rule, own, norm_t, total_f)
+                coef, threshold, unit_frac = apply_clipping(self.cell, self.rule, own, norm_t, total_f)
             rec.note_coef(math.inf, coef)
             self._step_extras = dataclasses.replace(self._step_extras, threshold=threshold, unit_frac=unit_frac)
             self._clipped_this_step = True
-        if norm_type is None or float(norm_type) == measure_in:
+        if norm_type is None or float(norm_type) == measured_in:
             return total if isinstance(total, Tensor) else torch.tensor(total_f, dtype=torch.float32)
         with _Serve():
             return engine.get_total_norm([p.grad for p in params if p.grad is not None], float(norm_type))
@@ -218,7 +234,7 @@ class LaunchSession:
     def _control_norms(self, rec: _Recorder, total: float, measured_in: float) -> None:
         """The control run measures every norm type of the grid, so that each cell's threshold
         can be read against the control's norms in its own norm type."""
-        if self.cell.mode != MODE_NONE or len(self.norm_types) < 2:
+        if self.cell is None or self.cell.mode != MODE_NONE or len(self.norm_types) < 2:
             return
         grads = rec.measured_grads
         norms = []
@@ -245,6 +261,8 @@ class LaunchSession:
         event = StepRecorder.finish_step(rec, skipped=skipped, lr=lr, abandoned=not routine_skip)
         self._extras[rec._count] = extras
         if event is not None and self.stop_on_non_finite:
+            raise StopRun()
+        if self.stop_on_divergence and rec.status == DIVERGED:
             raise StopRun()
 
     # ---- hooks the interception calls -------------------------------------------------------
@@ -290,8 +308,12 @@ class LaunchSession:
         return (args[0], measured_closure, *args[2:]), kwargs
 
     def _before_update(self, optimizer: Any) -> None:
-        if not self._clipped_this_step or self.recorder is None or not self.recorder.pending:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.recorder is not None and self.recorder.pending and (self._clipped_this_step or self.cell is None):
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.cell is None:
+            self.measure(params, None)  # the script's own (absent) clipping: only measured
+        else:
             self.measure_and_clip(params, None)
 
     def after_optimizer_step(self, optimizer: Any) -> None:
@@ -334,7 +356,11 @@ class LaunchSession:
                     s, clip_threshold=extras.threshold, clipped_unit_frac=extras.unit_frac, norms=extras.norms
                 )
             )
-        return dataclasses.replace(result, cell=self.cell, steps=steps, name=None, warnings=tuple(self.warnings))
+        cell, name = (self.cell, None) if self.cell is not None else (result.cell, AS_WRITTEN_RUN)
+        warnings = tuple(self.warnings) + tuple(
+            degenerate_training([s.loss for s in steps], [s.grad_norm for s in steps], cell.norm_type)
+        )
+        return dataclasses.replace(result, cell=cell, steps=steps, name=name, warnings=warnings)
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ def _user_traceback(exc: BaseException, script: str | None) -> str:
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    cell = Cell(**spec["cell"])
+    cell = Cell(**spec["cell"]) if spec.get("cell") is not None else None
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     session = LaunchSession(
@@ -46,6 +46,7 @@ def main(spec_path: str) -> None:
         zclip_max_norm=spec.get("zclip_max_norm"),
         divergence_factor=spec.get("divergence_factor"),
         stop_on_non_finite=bool(spec.get("stop_on_non_finite")),
+        stop_on_divergence=bool(spec.get("stop_on_divergence")),
         layer_depth=spec.get("layer_depth", "auto"),
     )
     result_path = Path(spec["result"])

@@ -1,0 +1,158 @@
+"""A sweep of the user's own command: the control run first (alone: it shows whether the
+command trains at all), then every cell of the grid, ``jobs`` at a time, each a fresh run of
+the command; results judged in cell order as a contract script's sweep judges them. See
+docs/your-command.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gradcheck_cli.analysis import annotate_spike
+from gradcheck_cli.config import SweepConfig
+from gradcheck_cli.detect import command_start_warning
+from gradcheck_cli.errors import UsageError, UserCodeError
+from gradcheck_cli.launch.command import UserCommand
+from gradcheck_cli.launch.runs import CommandRun, RunOptions, run_cell, run_cells, threads_for
+from gradcheck_cli.results import MODE_NONE, Cell, RunResult
+
+LOG_DIR = "logs"  # under --out: one log per run with everything the script printed
+
+
+@dataclass
+class CommandSweep:
+    """The sweep's results in cell order, and what the runs said about the script itself."""
+
+    results: list[RunResult]
+    runs: dict[str, CommandRun] = field(default_factory=dict)
+
+    @property
+    def as_written(self) -> tuple[str, float, float] | None:
+        """The script's own clipping (its first clip call): (kind, threshold, norm type)."""
+        for run in self.runs.values():
+            if run.outcome is not None and run.outcome.as_written is not None:
+                return run.outcome.as_written
+        return None
+
+
+def options_for(config: SweepConfig, jobs: int) -> Callable[[Cell], RunOptions]:
+    threads = threads_for(jobs)
+
+    def options(cell: Cell) -> RunOptions:
+        return RunOptions(
+            steps=config.steps,
+            seed=config.seed_of(cell),
+            norm_types=tuple(config.norm_types),
+            zclip_max_norm=config.zclip_max_norm,
+            divergence_factor=config.divergence_factor,
+            stop_on_non_finite=True,  # a run ends at its onset, as a contract script's does
+            stop_on_divergence=True,
+            layer_depth=config.layer_depth,
+            threads=threads,
+        )
+
+    return options
+
+
+def check_trains(run: CommandRun, command: UserCommand) -> None:
+    """The first run must reach a training step; otherwise the command is not a training
+    entry point, or it failed: a ``UserCodeError`` (exit 3) with the script's own words."""
+    outcome, result = run.outcome, run.result
+    if result.steps:
+        return
+    tail = run.log_tail()
+    shown = f"\n--- last lines of its output ({run.log}) ---\n{tail}" if tail else ""
+    if outcome is not None and outcome.ended in ("finished", "exit") and not outcome.error:
+        raise UserCodeError(
+            f"no optimizer step or clip call happened in {command.name}: is this the training entry point?{shown}",
+            "give the command that trains; gradclip counts a step at each optimizer.step() (or clip call)",
+        )
+    error = result.error or "the script failed"
+    raise UserCodeError(
+        f"{command.shown()} failed before its first training step: {error}{shown}",
+        "run the command by itself to see the problem; gradclip runs it exactly as python does",
+        user_traceback=outcome.user_traceback if outcome is not None else "",
+    )
+
+
+def run_command_sweep(
+    config: SweepConfig,
+    command: UserCommand,
+    out: Path,
+    *,
+    jobs: int = 1,
+    cells: list[Cell] | None = None,
+    skip: Mapping[str, RunResult] | None = None,
+    on_run_start: Callable[[int, int, Cell], None] | None = None,
+    on_run_done: Callable[[int, int, RunResult], None] | None = None,
+) -> CommandSweep:
+    cells = config.cells() if cells is None else list(cells)
+    if any(cell.lr is not None for cell in cells):
+        raise UsageError(
+            "--lrs cannot vary the learning rate of a command run as it is: the script sets its own",
+            "sweep one learning rate per command (change it in the command's arguments)",
+        )
+    skip = dict(skip or {})
+    options = options_for(config, jobs)
+    log_dir = out / LOG_DIR
+    index_of = {cell.run: i for i, cell in enumerate(cells, start=1)}
+    total = len(cells)
+    done: dict[int, RunResult] = {i: skip[c.run] for i, c in enumerate(cells, start=1) if c.run in skip}
+    runs: dict[str, CommandRun] = {}
+    judged: list[RunResult] = []
+
+    def finish(run: CommandRun) -> None:
+        runs[run.cell.run] = run
+        done[index_of[run.cell.run]] = run.result
+        while len(judged) < total and len(judged) + 1 in done:
+            i = len(judged) + 1
+            result = done[i]
+            fresh = cells[i - 1].run not in skip
+            if fresh:
+                result = annotate_spike(_with_fairness(result, runs, judged), config.spike_factor)
+            judged.append(result)
+            if fresh and on_run_done is not None:
+                on_run_done(i, total, result)
+
+    todo = [c for c in cells if c.run not in skip]
+    first = next((c for c in todo if c.mode == MODE_NONE), todo[0] if todo else None)
+    if first is not None:
+        if on_run_start is not None:
+            on_run_start(index_of[first.run], total, first)
+        run = run_cell(command, first, options(first), log_dir / f"{first.run}.log")
+        check_trains(run, command)
+        finish(run)
+        todo.remove(first)
+
+    def started(cell: Cell) -> None:
+        if on_run_start is not None:
+            on_run_start(index_of[cell.run], total, cell)
+
+    for run in run_cells(command, todo, options, log_dir, jobs=jobs, on_start=started):
+        finish(run)
+    return CommandSweep(judged, runs)
+
+
+def _with_fairness(result: RunResult, runs: Mapping[str, CommandRun], judged: list[RunResult]) -> RunResult:
+    """Every run starts the command afresh with the same seed, so step 1 (its loss and its
+    first pre-clip norm, both before any update) is the same in every run of a seed. When it
+    is not, the command does not start identically: say so, naming the run it differs from."""
+    reference = next((r for r in judged if r.seed == result.seed and r.steps), None)
+    if reference is None or not result.steps:
+        return result
+    mine, theirs = runs.get(result.run), runs.get(reference.run)
+    probe = (result.steps[0].loss, mine.outcome.first_clip_norm if mine and mine.outcome else None)
+    ref = (reference.steps[0].loss, theirs.outcome.first_clip_norm if theirs and theirs.outcome else None)
+    same = all(a == b or (a != a and b != b) for a, b in zip(probe, ref))
+    if same:
+        return result
+    return replace(result, warnings=result.warnings + (command_start_warning(reference.run),))
+
+
+def single_run(command: UserCommand, cell: Cell | None, options: RunOptions, out: Path) -> CommandRun:
+    """One run (``watch``, ``check``): the command with ``cell`` (None: its own clipping)."""
+    name = cell.run if cell is not None else "as_written"
+    run = run_cell(command, cell, options, out / LOG_DIR / f"{name}.log")
+    check_trains(run, command)
+    return run
