@@ -36,6 +36,7 @@ import io
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import signal
 import sys
 import threading
@@ -43,7 +44,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradcheck_cli.errors import GradclipError
+from gradcheck_cli.guard import guarded
+from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.results import CRASHED, ERROR, Cell, RunResult
+from gradcheck_cli.run_setup import UserFailure, run_lr
+from gradcheck_cli.snapshot import seed_everything
+from gradcheck_cli.sweep import execute
 
 # How long a worker may take to stop after being asked before it is killed.
 _STOP_TIMEOUT_S = 5.0
@@ -129,13 +136,63 @@ class _Forward(io.TextIOBase):
         return False
 
 
+def _stop_group(pgid: int) -> None:
+    """Kill every process left in a worker's process group: the DataLoader workers (and any
+    other processes) its script started, which outlive a worker that was killed."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (AttributeError, OSError):  # none left (ESRCH), or no process groups here
+        pass
+
+
+def _may_start_processes() -> bool:
+    """Let the script start processes of its own in this worker, as in its own process.
+
+    The supervisor starts workers as daemons, so that its exit stops them; ``multiprocessing``
+    forbids a daemon to have children (a ``DataLoader`` with workers): its abrupt end
+    would orphan them. Here the worker is not a daemon to itself, and leads a process group
+    that its children join: the supervisor stops the group with the worker, and the worker
+    stops it when the supervisor goes away (``_watch_supervisor``). True when it leads one."""
+    multiprocessing.current_process().daemon = False
+    try:
+        os.setpgid(0, 0)
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def _watch_supervisor(conn, own_group: bool) -> None:
+    """Kill this worker, with the processes it started, once the supervisor's end of the pipe
+    closes (the supervisor died) even in the middle of a run: a thread polls for the hang-up
+    without reading. Where ``poll`` is missing, an idle worker still stops at EOF."""
+    if not hasattr(select, "poll"):
+        return
+    hangup = select.POLLHUP | getattr(select, "POLLRDHUP", 0)
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), hangup)
+        while True:
+            for _fd, event in poller.poll():
+                if event & select.POLLNVAL:  # this worker closed its end: it is exiting
+                    return
+                if event & hangup:
+                    if own_group:
+                        _stop_group(os.getpid())
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="gradclip-watch-supervisor", daemon=True).start()
+
+
 def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: str) -> None:
-    """A worker's life: import the script, then run every task it is sent until told to stop.
+    """A worker's life: import the script, then run every task it is sent until told to stop
+    (or until the pipe closes: the supervisor is gone).
 
     Messages to the supervisor: ``("step", step)``, ``("out", stream, text)``, ``("done",
     result)``. From it: ``("run", cell, seed, snapshot bytes or None, optimizer failure or
     None)`` and ``None`` (stop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_supervisor(conn, _may_start_processes())
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
@@ -146,12 +203,6 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
     import torch
 
     torch.set_num_threads(threads)
-    from gradcheck_cli.errors import GradclipError
-    from gradcheck_cli.guard import guarded
-    from gradcheck_cli.loader import load_experiment
-    from gradcheck_cli.runner import UserFailure
-    from gradcheck_cli.snapshot import seed_everything
-    from gradcheck_cli.sweep import execute
 
     def send(message) -> None:
         with lock:
@@ -169,7 +220,10 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
     device = torch.device(config.device)
     with guarded():  # os._exit in the script's main thread: an error, as in one process
         while True:
-            message = conn.recv()
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the supervisor is gone: nobody to report to
+                return
             if message is None:
                 return
             _, cell, seed, snapshot_bytes, failure = message
@@ -304,6 +358,7 @@ class WorkerPool:
             if slot.process.is_alive():
                 slot.process.kill()
             slot.process.join()
+            _stop_group(slot.process.pid)  # the script's DataLoader workers, say
         if slot.conn is not None:
             slot.conn.close()
         slot.process = slot.conn = slot.task = None
@@ -332,8 +387,6 @@ class WorkerPool:
         on_start: Callable,
         on_step: Callable,
     ) -> Iterator[tuple[Any, RunResult]]:
-        from gradcheck_cli.runner import run_lr
-
         script = str(experiment.path)
         pending = iter(tasks)
         exhausted = False

@@ -87,7 +87,9 @@ def test_a_run_killed_with_its_loader_workers_alive_is_crashed_and_leaves_none_b
     pids.mkdir()
     marker.touch()
     env = {"LOADER_CONTEXT": "fork", "LOADER_PIDS": str(pids), "LOADER_CRASH": str(marker)}
-    proc = gradclip(SCRIPT, *GRID, "--out", tmp_path / "out", env=env)
+    # the stalled loader workers of the killed run hold the output pipes: if they outlived it,
+    # this would wait for them (ten minutes)
+    proc = gradclip(SCRIPT, *GRID, "--out", tmp_path / "out", env=env, timeout=150)
     assert proc.returncode == 3, proc.stderr
     assert not marker.exists()
     got = {r["run"]: r for r in rows(tmp_path / "out" / "summary.csv")}
@@ -114,7 +116,7 @@ def test_a_killed_supervisor_leaves_no_worker_and_no_loader_worker_behind(tmp_pa
         LOADER_CONTEXT="fork",
         LOADER_PIDS=str(pids),
         LOADER_CRASH=str(marker),
-        LOADER_CRASH_HOW="sleep",  # the first run sleeps for a minute at its second step
+        LOADER_CRASH_HOW="sleep",  # the first run sleeps for ten minutes at its second step
     )
     command = [sys.executable, "-m", "gradcheck_cli", "sweep", str(SCRIPT), *GRID, "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

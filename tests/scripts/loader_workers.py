@@ -8,8 +8,10 @@ loader from the global RNG), so a run's numbers depend on the workers being seed
 ``LOADER_CONTEXT``: the workers' start method (``fork`` by default, or ``spawn``).
 ``LOADER_PIDS``: a folder; each loader worker and each process that computes a loss writes an
 empty file named after its pid there. ``LOADER_CRASH``: a file; the first run that reaches its
-second step while the file exists deletes it and kills its own process with SIGKILL, its loader
-workers alive (``LOADER_CRASH_HOW=sleep`` sleeps for a minute there instead).
+second step while the file exists deletes it and kills its own process with SIGKILL
+(``LOADER_CRASH_HOW=sleep``: sleeps for ten minutes there instead). Its loader workers are alive
+then, and stay so: while the file exists, each sleeps for ten minutes before its second batch,
+where it would not notice that its parent died.
 """
 
 import os
@@ -23,6 +25,7 @@ _g = torch.Generator().manual_seed(7)
 X = torch.randn(24, 3, generator=_g)
 Y = X @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1
 _calls = 0
+_items = 0  # served by this loader worker
 
 
 def _note_pid() -> None:
@@ -36,8 +39,13 @@ class NoisyPoints(Dataset):
         return len(X)
 
     def __getitem__(self, i):
+        global _items
         if get_worker_info() is not None:
             _note_pid()
+            _items += 1
+            marker = os.environ.get("LOADER_CRASH")
+            if marker and _items == 5 and os.path.exists(marker):
+                time.sleep(600)
         return X[i] + 0.01 * torch.randn(3), Y[i]
 
 
@@ -64,7 +72,7 @@ def loss_fn(model, batch):
     if marker and _calls == 2 and os.path.exists(marker):
         os.unlink(marker)
         if os.environ.get("LOADER_CRASH_HOW") == "sleep":
-            time.sleep(60)
+            time.sleep(600)
         else:
             os.kill(os.getpid(), signal.SIGKILL)
     x, y = batch
