@@ -1,7 +1,8 @@
-"""A sweep's validated configuration, and the parsers shared by the command line and recipes.
+"""A sweep's validated configuration, and the checks shared by the command line and recipes.
 
 Every check that can fail on user input lives here and raises ``UsageError`` naming the value
-and the fix, so the CLI and the recipe loader reject bad input with the same words.
+and the fix, so the CLI and the recipe loader reject bad input with the same words. The options
+themselves (names, defaults, help) are listed once, in ``options.py`` (docs/options.md).
 """
 
 from __future__ import annotations
@@ -14,54 +15,61 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from gradcheck_cli.errors import UsageError
-from gradcheck_cli.results import MODE_AGC, MODE_AUTOCLIP, MODE_VALUE, MODE_ZCLIP, Cell
+from gradcheck_cli.options import CONFIG_OPTIONS, default
+from gradcheck_cli.results import MODE_AGC, MODE_AUTOCLIP, MODE_VALUE, MODE_ZCLIP, Cell, format_float
 
-DEFAULT_MAX_NORMS = (0.1, 1.0, 10.0)
-DEFAULT_NORM_TYPES = (2.0, math.inf)
+DEFAULT_MAX_NORMS = default("max_norm")
+DEFAULT_NORM_TYPES = default("norm_type")
 DEFAULT_LR = 0.01  # the default SGD's learning rate when no lr is given
 # Kept in step with gradcheck_cli.precision (not imported: it imports torch).
 AMP_MODES = ("off", "fp16", "bf16")
-DEFAULT_AMP_INIT_SCALE = 2.0**16
+DEFAULT_AMP_INIT_SCALE = default("amp_init_scale")
 # ZClip's cap on the applied threshold: the reference implementation's max_grad_norm.
-DEFAULT_ZCLIP_MAX_NORM = 1.0
+DEFAULT_ZCLIP_MAX_NORM = default("zclip_max_norm")
 # The grid options: when none of them is given, the default max_norm grid runs.
 GRID_KEYS = ("max_norms", "clip_values", "agc_clip_factors", "autoclip_percentiles", "zclip_z_thresholds")
+LAYER_DEPTH_AUTO = "auto"  # layers.AUTO (not imported: layers imports torch)
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     """Everything that decides a sweep's numbers. Two sweeps with equal configs give equal
-    numbers on CPU, which is what ``--resume`` relies on (see ``fingerprint``)."""
+    numbers on CPU, which is what ``--resume`` relies on (see ``fingerprint``). The defaults
+    are the options table's."""
 
     script: Path
     max_norms: tuple[float, ...] = DEFAULT_MAX_NORMS
     norm_types: tuple[float, ...] = DEFAULT_NORM_TYPES
-    clip_values: tuple[float, ...] = ()
-    agc_clip_factors: tuple[float, ...] = ()
-    autoclip_percentiles: tuple[float, ...] = ()
-    zclip_z_thresholds: tuple[float, ...] = ()
-    agc_exclude: tuple[str, ...] = ()  # parameter-name patterns AGC leaves alone (agc_excluded)
+    clip_values: tuple[float, ...] = default("clip_value")
+    agc_clip_factors: tuple[float, ...] = default("agc")
+    autoclip_percentiles: tuple[float, ...] = default("autoclip")
+    zclip_z_thresholds: tuple[float, ...] = default("zclip")
+    # parameter-name patterns AGC leaves alone (agc_excluded)
+    agc_exclude: tuple[str, ...] = default("agc_exclude")
     zclip_max_norm: float | None = DEFAULT_ZCLIP_MAX_NORM  # None: no cap
-    steps: int = 100
-    seeds: tuple[int, ...] = (0,)
+    steps: int = default("steps")
+    seeds: tuple[int, ...] = (default("seed"),)
     # None: no lr given; the default SGD uses DEFAULT_LR and a script's own build_optimizer
     # keeps its lr. Given (even one value), it is an axis: every run at each lr, overriding
     # the lr of every param group of the script's optimizer too.
-    lrs: tuple[float, ...] | None = None
-    divergence_factor: float = 10.0  # inf turns the divergence check off
-    device: str = "cpu"
-    amp: str = "off"
-    accumulate: int = 1
+    lrs: tuple[float, ...] | None = default("lr")
+    divergence_factor: float = default("divergence_factor")  # inf turns the divergence check off
+    device: str = default("device")
+    amp: str = default("amp")
+    accumulate: int = default("accumulate")
     amp_init_scale: float = DEFAULT_AMP_INIT_SCALE
-    layer_depth: int | str | None = "auto"  # layers.py: "auto", None (per parameter) or a depth
-    spike_factor: float = 10.0  # analysis.find_spike: a jump above this x the running median
-    refine: int = 0  # extra bisection runs per norm type (refine.py)
+    # "auto", None (per parameter) or a module depth (layers.py)
+    layer_depth: int | str | None = default("layer_depth")
+    # a layer's norm spikes above this x its running median (analysis.find_spike)
+    spike_factor: float = default("spike_factor")
+    refine: int = default("refine")  # extra bisection runs per norm type (refine.py)
 
     @classmethod
     def from_values(cls, values: dict, notes: list | None = None) -> SweepConfig:
-        """A validated config from raw values (a recipe's, overridden by the command line's);
-        missing keys take the defaults above. Raises ``UsageError`` naming the bad value.
-        Duplicates merged in the grid are described in ``notes`` (see ``parse_max_norms``).
+        """A validated config from raw values (a recipe's, overridden by the command line's),
+        under the options' keys (``Option.config_key``); missing keys, and keys given as
+        ``None``, take the defaults. Raises ``UsageError`` naming the bad value. Duplicates
+        merged in the grid are described in ``notes`` (see ``parse_max_norms``).
         The default max_norm grid runs only when no grid option (``GRID_KEYS``) is given at
         all: ``--agc 0.01`` alone sweeps the control run and AGC, not the max_norm grid too."""
         if "script" not in values:
@@ -69,39 +77,15 @@ class SweepConfig:
                 "no script given",
                 "pass the path of your model script, e.g. gradclip sweep my_model.py, or --recipe FILE",
             )
-        d = cls.__dataclass_fields__
-        lrs = values.get("lr")
-        any_grid = any(values.get(key) is not None for key in GRID_KEYS)
-        config = cls(
-            script=check_script(values["script"]),
-            max_norms=parse_max_norms(values["max_norms"], notes=notes)
-            if values.get("max_norms") is not None
-            else (() if any_grid else DEFAULT_MAX_NORMS),
-            norm_types=parse_norm_types(values.get("norm_types", d["norm_types"].default), notes=notes),
-            steps=check_steps(values.get("steps", d["steps"].default)),
-            seeds=resolve_seeds(values.get("seed"), values.get("seeds")),
-            lrs=parse_lrs(lrs) if lrs is not None else None,
-            divergence_factor=check_positive(
-                values.get("divergence_factor", d["divergence_factor"].default), "--divergence-factor", allow_inf=True
-            ),
-            device=check_device(values.get("device", d["device"].default)),
-            amp=check_amp(values.get("amp", d["amp"].default)),
-            accumulate=check_steps(values.get("accumulate", d["accumulate"].default), "--accumulate"),
-            amp_init_scale=check_positive(
-                values.get("amp_init_scale", d["amp_init_scale"].default), "--amp-init-scale"
-            ),
-            layer_depth=check_layer_depth(values.get("layer_depth", d["layer_depth"].default)),
-            spike_factor=check_spike_factor(values.get("spike_factor", d["spike_factor"].default)),
-            refine=check_refine(values.get("refine", d["refine"].default)),
-            clip_values=_optional(values, "clip_values", parse_max_norms, "--clip-value", notes),
-            agc_clip_factors=_optional(values, "agc_clip_factors", parse_max_norms, "--agc", notes),
-            autoclip_percentiles=_optional(values, "autoclip_percentiles", parse_percentiles, "--autoclip", notes),
-            zclip_z_thresholds=_optional(values, "zclip_z_thresholds", parse_max_norms, "--zclip", notes),
-            agc_exclude=parse_names(values.get("agc_exclude") or ()),
-            zclip_max_norm=parse_optional_positive(
-                values.get("zclip_max_norm", d["zclip_max_norm"].default), "--zclip-max-norm"
-            ),
-        )
+        script = check_script(values["script"])
+        fields = {}
+        for option in CONFIG_OPTIONS:
+            key = option.config_key
+            if key not in ("seed", "seeds") and _given(values, key):
+                fields[option.config_field] = PARSERS[key](values[key], option.flag, notes)
+        if "max_norms" not in fields and any(values.get(key) is not None for key in GRID_KEYS):
+            fields["max_norms"] = ()
+        config = cls(script=script, seeds=resolve_seeds(values.get("seed"), values.get("seeds")), **fields)
         config.check_run_names()
         if config.agc_exclude and not config.agc_clip_factors:
             raise UsageError(
@@ -179,13 +163,6 @@ class SweepConfig:
             d[key] = [float(x) for x in d[key]]
         d["agc_exclude"] = list(self.agc_exclude)
         return d
-
-
-def format_float(x: float) -> str:
-    """Shortest exact spelling (``results.format_float``): 2 and 2.0000001 stay apart."""
-    from gradcheck_cli.results import format_float as shortest
-
-    return shortest(x)
 
 
 def script_sha256(script: str | Path) -> str | None:
@@ -407,10 +384,24 @@ def check_positive(value: float, option: str, allow_inf: bool = False) -> float:
     return x
 
 
+def parse_depth(value: str | int | None) -> int | str | None:
+    """``"auto"``, ``"param"``/``"all"`` (one group per parameter, ``None``) or a depth >= 1.
+    Raises ``ValueError`` with the accepted forms."""
+    if value is None or value == LAYER_DEPTH_AUTO:
+        return LAYER_DEPTH_AUTO
+    if value in ("param", "all"):
+        return None
+    try:
+        depth = int(value)
+    except (TypeError, ValueError):
+        depth = 0
+    if isinstance(value, bool) or depth < 1 or str(depth) != str(value).strip():
+        raise ValueError(f"{value!r} is not a layer depth: use auto, param or a whole number from 1")
+    return depth
+
+
 def check_layer_depth(value, option: str = "--layer-depth") -> int | str | None:
     """``auto``, ``param`` (one group per parameter) or a module depth >= 1 (see layers.py)."""
-    from gradcheck_cli.layers import parse_depth
-
     try:
         return parse_depth(value)
     except ValueError:
@@ -466,3 +457,41 @@ def check_script(script: str | Path) -> Path:
             "give the .py file it was compiled from",
         )
     return path
+
+
+def _given(values: dict, key: str) -> bool:
+    """Whether ``values`` sets ``key``: ``None`` is "not given" (an option left out on the
+    command line), except for zclip_max_norm, where it is a recipe's "none" (no cap)."""
+    return key in values and (values[key] is not None or key == "zclip_max_norm")
+
+
+def _plain(check):
+    """A check without notes, called as a parser: ``(value, option, notes)``."""
+    return lambda value, option, notes: check(value, option)
+
+
+# Each SweepConfig input's parser, under its option's key: the value as given (command-line
+# text, or a recipe's TOML value), the spelling to name in errors (--max-norm, or max_norm in a
+# recipe) and the list that collects notes on merged duplicates -> the value SweepConfig holds.
+PARSERS = {
+    "max_norms": parse_max_norms,
+    "norm_types": parse_norm_types,
+    "clip_values": parse_max_norms,
+    "agc_clip_factors": parse_max_norms,
+    "agc_exclude": _plain(parse_names),
+    "autoclip_percentiles": parse_percentiles,
+    "zclip_z_thresholds": parse_max_norms,
+    "zclip_max_norm": _plain(parse_optional_positive),
+    "steps": _plain(check_steps),
+    "seed": _plain(check_seed),
+    "seeds": _plain(parse_seeds),
+    "lr": _plain(parse_lrs),
+    "divergence_factor": lambda value, option, notes: check_positive(value, option, allow_inf=True),
+    "device": _plain(check_device),
+    "amp": _plain(check_amp),
+    "accumulate": _plain(check_steps),
+    "amp_init_scale": _plain(check_positive),
+    "layer_depth": _plain(check_layer_depth),
+    "spike_factor": _plain(check_spike_factor),
+    "refine": _plain(check_refine),
+}

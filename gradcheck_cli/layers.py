@@ -62,22 +62,6 @@ def choose_depth(names: Sequence[str], max_groups: int = DEFAULT_MAX_GROUPS) -> 
     return 1
 
 
-def parse_depth(value: str | int | None) -> int | str | None:
-    """``"auto"``, ``"param"``/``"all"`` (one group per parameter, ``None``) or a depth >= 1.
-    Raises ``ValueError`` with the accepted forms."""
-    if value is None or value == AUTO:
-        return AUTO
-    if value in ("param", "all"):
-        return None
-    try:
-        depth = int(value)
-    except (TypeError, ValueError):
-        depth = 0
-    if isinstance(value, bool) or depth < 1 or str(depth) != str(value).strip():
-        raise ValueError(f"{value!r} is not a layer depth: use auto, param or a whole number from 1")
-    return depth
-
-
 class LayerGrouping:
     """Maps parameter names to groups; cached per distinct name list, so the per-step cost is
     one index lookup and a few scatter kernels."""

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcheck_cli import engine
+from gradcheck_cli.config import parse_depth
 from gradcheck_cli.layers import (
     AUTO,
     LayerGrouping,
     choose_depth,
     combine_grouped,
     group_name,
-    parse_depth,
 )
 
 GPT_NAME = "transformer.h.3.attn.c_attn.weight"

@@ -1,17 +1,22 @@
-"""The ``gradclip`` command line: parse, validate, wire the modules together, print, exit.
+"""The ``gradclip`` command line: the app, its four commands and ``main``.
 
-Nothing here measures or decides: one module per command, ``_shell`` for exit codes and
-signals, ``output`` for what is printed and written. torch and the training core are imported
-inside the commands, so ``gradclip --help`` and ``--version`` answer without loading torch.
-Every option is described in docs/options.md.
+Nothing here measures or decides. Each command is declared here (its help, its arguments, its
+options from the table in ``gradcheck_cli/options.py``) and runs in a module of its own, with
+``_shell`` for exit codes and signals and ``output`` for what is printed and written. Every
+option is described in docs/options.md.
 """
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import typer
 
 from gradcheck_cli import __version__
-from gradcheck_cli.cli import check, recipes, report, sweep
+from gradcheck_cli.cli._options import with_options
+from gradcheck_cli.cli._shell import exit_on_errors
+from gradcheck_cli.rank_exit import exit_rank
 
 app = typer.Typer(
     name="gradclip",
@@ -43,21 +48,82 @@ def _root(
     """gradclip: a training-stability diagnostic for PyTorch."""
 
 
-app.command(short_help="Sweep max_norm x norm_type against an unclipped run; report what is stable.")(sweep.sweep)
-app.command(short_help="Re-render table, verdict and report.html from an --out dir.")(report.report)
-app.command(short_help="CI gate: one run; exit 1 on NaN/inf or divergence.")(check.check)
-app.command("recipes", short_help="List the bundled sweep recipes.")(recipes.recipes_command)
+def _run(command: str, *arguments) -> None:
+    """Run ``command`` from its module, which is imported only now: it loads torch and the
+    training core, and ``gradclip --help`` and ``--version`` answer without them (tested). A
+    code the command returns is the exit code; ``None`` is a plain finish."""
+    code = importlib.import_module(f"gradcheck_cli.cli.{command}").run(*arguments)
+    if code is not None:
+        raise typer.Exit(code)
+
+
+# The commands' functions are named *_command: ``gradcheck_cli.cli.sweep`` is the module that
+# runs the sweep.
+
+
+@app.command("sweep", short_help="Sweep max_norm x norm_type against an unclipped run; report what is stable.")
+@exit_on_errors
+@with_options("sweep")
+def sweep_command(
+    script: Path | None = typer.Argument(
+        None,
+        help="Your model script (defines build_model, batches, loss_fn; optionally build_optimizer, build_scheduler).",
+        show_default=False,
+    ),
+    **given,
+) -> None:
+    """Run short training bursts unclipped and per max_norm x norm_type cell; report which clipping setting is stable.
+
+    --clip-value, --agc, --autoclip and --zclip add cells for those rules. The default max_norm grid
+    runs only when none of --max-norm, --clip-value, --agc, --autoclip, --zclip is given.
+
+    Every run starts from identical weights, optimizer state, RNG state and batch order (per seed with
+    --seeds; every cell and the control run again at each --lr). Results go to the terminal and to
+    CSV files in --out, written after every finished run.
+    """
+    _run("sweep", script, given)
+
+
+@app.command("report", short_help="Re-render table, verdict and report.html from an --out dir.")
+@exit_on_errors
+@with_options("report")
+def report_command(
+    directory: Path = typer.Argument(
+        ..., help="An --out directory written by gradclip sweep (or a monitor).", show_default=False
+    ),
+    **given,
+) -> None:
+    """Read the CSV files in DIRECTORY (after a resume, or from a CI artifact) and re-render the summary table, the
+    verdict, recommendation.json and report.html there; spikes are found again from layers.csv (give the sweep's
+    --spike-factor if it was not the default). Exit 2 when DIRECTORY is not a gradclip output."""
+    _run("report", directory, given)
+
+
+@app.command("check", short_help="CI gate: one run; exit 1 on NaN/inf or divergence.")
+@exit_on_errors
+@with_options("check")
+def check_command(
+    script: Path = typer.Argument(..., help="Your model script.", show_default=False),
+    **given,
+) -> None:
+    """CI gate: one training run; exit 0 when stable, 1 on NaN/inf or divergence (naming step and parameter)."""
+    _run("check", script, given)
+
+
+@app.command("recipes", short_help="List the bundled sweep recipes.")
+@exit_on_errors
+def recipes_command() -> None:
+    """List the bundled sweep recipes (use one with: gradclip sweep --recipe NAME)."""
+    _run("recipes")
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A torchrun rank ends in ``exit_rank`` (see there)."""
     try:
         app()
     except SystemExit as done:
-        from gradcheck_cli import rank_exit as ranks  # not ranks itself: it imports torch and the sweep
-
         code = done.code
-        ranks.exit_rank(code if isinstance(code, int) else (0 if code is None else 1))
+        exit_rank(code if isinstance(code, int) else (0 if code is None else 1))
         raise
 
 

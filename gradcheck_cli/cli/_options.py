@@ -1,45 +1,55 @@
-"""The options sweep, check and report share, and how they meet a recipe (docs/options.md)."""
+"""The options table on the command line: each command's typer parameters, and the values given
+merged with a recipe into a ``SweepConfig`` (docs/options.md).
+
+typer reads a command's options from its function's signature; ``with_options`` writes that
+signature from the table, so an option is declared once, in ``gradcheck_cli/options.py``.
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import typer
 
 from gradcheck_cli.cli._shell import stderr_console
+from gradcheck_cli.config import SweepConfig
+from gradcheck_cli.options import CONFIG_OPTIONS, Option, for_command
+from gradcheck_cli.recipes import load_recipe
 
-# --- option declarations shared by sweep and check -------------------------------------------
-# Defaults are None so that a recipe's value applies unless the option is given explicitly.
 
-STEPS = typer.Option(None, "--steps", help="Optimizer steps per run (default 100).")
-SEED = typer.Option(None, "--seed", help="Seed for weights, data order and RNG (default 0).")
-AMP = typer.Option(
-    None, "--amp", help="Mixed precision: off (default), fp16 (autocast + gradient scaler) or bf16 (autocast)."
-)
-ACCUMULATE = typer.Option(
-    None, "--accumulate", help="Micro-batches per optimizer step (gradient accumulation, default 1)."
-)
-AMP_INIT_SCALE = typer.Option(
-    None, "--amp-init-scale", help="Initial scale of the fp16 gradient scaler (default 65536, torch's)."
-)
-DIVERGENCE = typer.Option(
-    None,
-    "--divergence-factor",
-    help="A run diverged when a finite loss exceeds this x the first step's loss (default 10; inf turns the check off).",
-)
-LAYER_DEPTH = typer.Option(
-    None,
-    "--layer-depth",
-    help="Per-layer norms grouped by module depth: auto (default: per parameter up to 64 tensors, else the deepest depth with at most 64 groups), param, or N.",
-)
-SPIKE_FACTOR = typer.Option(
-    None,
-    "--spike-factor",
-    help="A layer's gradient spikes when its norm exceeds this x its running median (default 10).",
-)
-DEVICE = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N.")
-JUNIT = typer.Option(None, "--junit", help="Also write a JUnit XML report to this file (one test case per run).")
-JSON = typer.Option(False, "--json", help="Print the summary as JSON on stdout instead of the table.")
+def with_options(command: str):
+    """Decorator: a command takes its own parameters (its arguments) plus, as keyword
+    arguments named after the rows, the table's options for ``command``."""
+
+    def attach(function):
+        own = [
+            parameter
+            for parameter in inspect.signature(function, eval_str=True).parameters.values()
+            if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
+        added = [_parameter(option, command) for option in for_command(command)]
+        function.__signature__ = inspect.Signature(own + added, return_annotation=None)
+        return function
+
+    return attach
+
+
+def _parameter(option: Option, command: str) -> inspect.Parameter:
+    default = option.command_line_default()
+    kind = option.type_for(command)
+    return inspect.Parameter(
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(default, option.flag, help=option.help_for(command)),
+        annotation=kind if default is not None else kind | None,
+    )
+
+
+def config_values(given: dict) -> dict:
+    """The options given to a command that go into its ``SweepConfig``, under the keys
+    ``SweepConfig.from_values`` reads; ``None`` where the option was left out."""
+    return {option.config_key: given[option.name] for option in CONFIG_OPTIONS if option.name in given}
 
 
 def resolve_config(
@@ -48,9 +58,6 @@ def resolve_config(
     overrides: dict,
 ):
     """Merge defaults < recipe < command line into a validated ``SweepConfig`` plus fail flags."""
-    from gradcheck_cli.config import SweepConfig
-    from gradcheck_cli.recipes import load_recipe
-
     notes: list[str] = []
     values: dict = load_recipe(recipe, notes=notes) if recipe else {}
     if overrides.get("seed") is not None or overrides.get("seeds") is not None:

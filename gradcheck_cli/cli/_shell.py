@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
 import typer
+from rich.console import Console
 
 from gradcheck_cli.errors import ExitCode, GradclipError, Stopped, UserCodeError
+from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE
 
 
 def stderr_console():
     """Progress, hints and errors. When stderr is not a terminal (a CI log, a file) nothing is
     wrapped at 80 columns: every message stays on its one line, so it can be copied."""
-    from rich.console import Console
-
     return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
@@ -69,8 +71,6 @@ def _final_code(code: int) -> int:
 
 
 def _stop_signals() -> dict:
-    import signal
-
     wanted = {"SIGTERM": ExitCode.TERMINATED, "SIGHUP": ExitCode.HANGUP}
     return {getattr(signal, name): code for name, code in wanted.items() if hasattr(signal, name)}
 
@@ -79,9 +79,6 @@ def _install_stop_handlers() -> dict:
     """SIGTERM (CI cancellation, ``kill``) and SIGHUP (terminal closed) raise ``Stopped``, a
     ``KeyboardInterrupt``: finished runs are kept and the resume command printed, as for
     Ctrl-C. Returns the previous handlers."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
@@ -100,8 +97,6 @@ def _install_stop_handlers() -> dict:
 
 
 def _restore_handlers(previous: dict) -> None:
-    import signal
-
     for signum, handler in previous.items():
         try:
             signal.signal(signum, handler)
@@ -115,8 +110,6 @@ def stop_code(exc: KeyboardInterrupt) -> int:
 
 def stop_word(exc: KeyboardInterrupt) -> str:
     if isinstance(exc, Stopped):
-        import signal
-
         return f"stopped by {signal.Signals(exc.signum).name}"
     return "interrupted"
 
@@ -124,8 +117,6 @@ def stop_word(exc: KeyboardInterrupt) -> str:
 def stdout_console():
     """Tables and verdicts. Piped into a file or a CI log there is no terminal width to fit, so
     the table gets 120 columns (all of them) unless COLUMNS says otherwise."""
-    from rich.console import Console
-
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
 
     class StdoutConsole(Console):
@@ -191,8 +182,7 @@ def exit_on_errors(command: Callable) -> Callable:
 
 
 def exit_code(results, fail_on_nan: bool, fail_on_divergence: bool) -> int:
-    from gradcheck_cli.results import CRASHED, DIVERGED, ERROR, NON_FINITE
-
+    """The exit code a finished sweep or check earns from its runs' statuses."""
     statuses = {r.status for r in results}
     if ERROR in statuses or CRASHED in statuses:  # a run that killed its worker: the script's doing
         return int(ExitCode.USER_CODE)

@@ -3,12 +3,30 @@ and the JUnit file (docs/outputs.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from gradcheck_cli.cli._shell import stderr_console, stdout_console, to_stdout
-from gradcheck_cli.errors import ExitCode, GradclipError
+from gradcheck_cli.errors import ExitCode, GradclipError, UsageError
+from gradcheck_cli.recommend import recommend
+from gradcheck_cli.report import files
+from gradcheck_cli.report.html import write_html
+from gradcheck_cli.report.jsonout import summary_json
+from gradcheck_cli.report.junit import write_junit
+from gradcheck_cli.report.terminal import (
+    check_line,
+    error_blocks,
+    error_panels,
+    stability_map,
+    summary_table,
+    verdict_line,
+    warning_lines,
+)
+from gradcheck_cli.results import log_bins_by_norm_type
 
 
 def absolute(path: Path | None) -> Path | None:
@@ -22,8 +40,6 @@ def prepare_junit(path: Path | None) -> Path | None:
     is created and a probe file created and removed there."""
     if path is None:
         return None
-    from gradcheck_cli.errors import UsageError
-
     path = absolute(path)
     fix = "choose a --junit path you can write to"
     if path.is_dir():
@@ -43,8 +59,6 @@ def write_junit_report(junit: Path | None, results: list, suite_name: str, code:
     hides the verdict: its exit code stays, and only a clean exit becomes 5."""
     if junit is None:
         return code
-    from gradcheck_cli.report.junit import write_junit
-
     try:
         write_junit(junit, results, suite_name=suite_name)
     except GradclipError as err:
@@ -59,8 +73,6 @@ def write_junit_report(junit: Path | None, results: list, suite_name: str, code:
 def run_progress(enabled: bool = True):
     """Rich progress bars on stderr: one for the runs, one for the steps of each run in progress
     (``enabled=False``: drawn nowhere, for ranks other than 0 under torchrun)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -74,16 +86,12 @@ def run_progress(enabled: bool = True):
 
 def user_output_to_stderr(active: bool):
     """With --json, stdout carries only the JSON: whatever the user's script prints goes to stderr."""
-    import contextlib
-
     return contextlib.redirect_stdout(sys.stderr) if active else contextlib.nullcontext()
 
 
 def print_errors(results: list) -> None:
     """The errored runs' tracebacks on stderr: in panels on a terminal, as plain unwrapped text
     otherwise (CI logs)."""
-    from gradcheck_cli.report.terminal import error_blocks, error_panels
-
     err = stderr_console()
     if err.is_terminal:
         for panel in error_panels(results):
@@ -95,10 +103,6 @@ def print_errors(results: list) -> None:
 
 def write_derived(out_dir: Path, results: list, title: str):
     """``recommendation.json`` and ``report.html``, both derived from the results alone."""
-    from gradcheck_cli.recommend import recommend
-    from gradcheck_cli.report import files
-    from gradcheck_cli.report.html import write_html
-
     recommendation = recommend(results)
     files.write_recommendation(out_dir, recommendation.as_json())
     write_html(Path(out_dir) / files.HTML_FILE, results, recommendation, title=title)
@@ -106,15 +110,12 @@ def write_derived(out_dir: Path, results: list, title: str):
 
 
 def print_results(results: list, json_out: bool, recommendation=None) -> None:
-    from gradcheck_cli.report.terminal import stability_map, summary_table, verdict_line, warning_lines
-    from gradcheck_cli.results import log_bins_by_norm_type
-
+    """A sweep's (or a report's) errors, summary table, stability map and verdict: the table on
+    stdout, or with ``json_out`` the JSON there and the verdict on stderr."""
     err = stderr_console()
     print_errors(results)
     lines = [verdict_line(results)] + ([recommendation.line()] if recommendation is not None else [])
     if json_out:
-        from gradcheck_cli.report.jsonout import summary_json
-
         to_stdout(lambda: sys.stdout.write(summary_json(results) + "\n"))
         for line in warning_lines(results) + lines:
             err.print(line, markup=False, soft_wrap=True)
@@ -127,6 +128,25 @@ def print_results(results: list, json_out: bool, recommendation=None) -> None:
         if grid is not None:
             out.print(grid)
         for line in warning_lines(results) + lines:  # the note under the table, then the verdict
+            out.print(line, markup=False, soft_wrap=True)
+
+    to_stdout(write)
+
+
+def print_check(results: list, json_out: bool) -> None:
+    """A check's errors, then its verdict line and warnings on stdout; with ``json_out`` the
+    JSON on stdout and the warnings on stderr."""
+    print_errors(results)
+    if json_out:
+        to_stdout(lambda: sys.stdout.write(summary_json(results) + "\n"))
+        for line in warning_lines(results):
+            stderr_console().print(line, markup=False, soft_wrap=True)
+        return
+    out = stdout_console()
+
+    def write() -> None:
+        out.print(check_line(results[0]), markup=False, soft_wrap=True)
+        for line in warning_lines(results):
             out.print(line, markup=False, soft_wrap=True)
 
     to_stdout(write)

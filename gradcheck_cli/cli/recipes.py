@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from gradcheck_cli.cli._shell import exit_on_errors, stdout_console
+from rich.table import Table
+
+from gradcheck_cli.cli._shell import stdout_console
+from gradcheck_cli.recipes import list_bundled_recipes
 
 
-@exit_on_errors
-def recipes_command() -> None:
-    """List the bundled sweep recipes (use one with: gradclip sweep --recipe NAME)."""
-    from rich.table import Table
-
-    from gradcheck_cli.recipes import list_bundled_recipes
-
+def run() -> None:
+    """The bundled recipes as a table on stdout."""
     table = Table(title="bundled recipes")
     table.add_column("name")
     table.add_column("description")

@@ -5,27 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
-from gradcheck_cli.cli._options import JSON, SPIKE_FACTOR
-from gradcheck_cli.cli._shell import exit_on_errors, stderr_console
+from gradcheck_cli.analysis import DEFAULT_SPIKE_FACTOR, annotate_spike
+from gradcheck_cli.cli._shell import stderr_console
 from gradcheck_cli.cli.output import print_results, write_derived
+from gradcheck_cli.config import check_spike_factor
+from gradcheck_cli.errors import UsageError
+from gradcheck_cli.report import files
 
 
-@exit_on_errors
-def report(
-    directory: Path = typer.Argument(
-        ..., help="An --out directory written by gradclip sweep (or a monitor).", show_default=False
-    ),
-    json_out: bool = JSON,
-    spike_factor: float | None = SPIKE_FACTOR,
-) -> None:
-    """Read the CSV files in DIRECTORY (after a resume, or from a CI artifact) and re-render the summary table, the
-    verdict, recommendation.json and report.html there; spikes are found again from layers.csv (give the sweep's
-    --spike-factor if it was not the default). Exit 2 when DIRECTORY is not a gradclip output."""
-    from gradcheck_cli.errors import UsageError
-    from gradcheck_cli.report import files
-
+def run(directory: Path, given: dict) -> None:
+    """Read DIRECTORY's CSV files back and write recommendation.json and report.html there."""
     if not directory.is_dir():
         raise UsageError(
             f"{str(directory)!r} is not a directory",
@@ -36,9 +25,7 @@ def report(
             f"{str(directory)!r} is not a gradclip output: it has no {files.SUMMARY_FILE}",
             "give the --out directory of a gradclip sweep, e.g. gradclip report gradclip-report",
         )
-    from gradcheck_cli.analysis import DEFAULT_SPIKE_FACTOR, annotate_spike
-    from gradcheck_cli.config import check_spike_factor
-
+    spike_factor = given["spike_factor"]
     factor = check_spike_factor(spike_factor) if spike_factor is not None else DEFAULT_SPIKE_FACTOR
     results = files.read_results(directory)
     if not results:
@@ -53,5 +40,5 @@ def report(
             f"cannot write the report into {str(directory)!r}: {exc.strerror or exc}",
             "copy the directory somewhere writable first",
         ) from None
-    print_results(results, json_out, recommendation)
+    print_results(results, given["json"], recommendation)
     stderr_console().print(f"report written to {directory / files.HTML_FILE}", markup=False)
