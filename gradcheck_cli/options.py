@@ -9,6 +9,7 @@ the name), type, default, help and how a recipe writes it. The commands' typer p
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,3 +326,93 @@ def for_command(command: str) -> tuple[Option, ...]:
 def recipe_options() -> tuple[Option, ...]:
     """The options a recipe may set, in the order its error messages list them (flags last)."""
     return tuple(sorted((o for o in OPTIONS if o.recipe is not None), key=lambda o: o.type is bool))
+
+
+# --- docs/options.md ---------------------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    """A default as a user writes it: ``0.1,1,10``, ``inf``, ``off``; blank when the option has
+    none (its help says what happens without it)."""
+    if value is None:
+        return ""
+    if value == ():
+        return "`none`"
+    if isinstance(value, bool):
+        return "`on`" if value else "`off`"
+    if isinstance(value, tuple):
+        return "`" + ",".join(_shown(v).strip("`") for v in value) + "`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    return f"`{value}`"
+
+
+def _table(command: str) -> list[str]:
+    recipe = command == SWEEP  # only a sweep reads a recipe
+    head = "| option | type | default |" + (" recipe key |" if recipe else "") + " what it does |"
+    rows = [head, "|---" * head.count(" |") + "|"]
+    for o in for_command(command):
+        kind = o.type_for(command)
+        cells = [f"`{o.flag}`", "flag" if kind is bool else kind.__name__.lower(), _shown(o.default_for(command))]
+        if recipe:
+            cells.append(f"`{o.name}`" if o.recipe is not None else "")
+        cells.append(o.help_for(command).replace("|", "\\|"))
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def markdown() -> str:
+    """docs/options.md: every option of every command, and the recipe keys, from ``OPTIONS``."""
+    return "\n".join(
+        [
+            "<!-- Generated from gradcheck_cli/options.py: python -m gradcheck_cli.options > docs/options.md -->",
+            "",
+            "# Options",
+            "",
+            "Every option of every `gradclip` command, as `gradclip COMMAND --help` lists it, and the key",
+            "that sets it in a recipe. A value given on the command line wins over the recipe's, which",
+            "wins over the default; `--seed` or `--seeds` on the command line replace both of the",
+            "recipe's seed keys. A value out of range is refused with exit code 2 and one line naming the",
+            "option and the fix, in the same words for the command line and a recipe.",
+            "",
+            "## `gradclip sweep [SCRIPT]`",
+            "",
+            "SCRIPT is your model script ([contract.md](contract.md)); a recipe may name it instead. The",
+            "default `max_norm` grid runs only when none of `--max-norm`, `--clip-value`, `--agc`,",
+            "`--autoclip`, `--zclip` is given.",
+            "",
+            *_table(SWEEP),
+            "",
+            "## `gradclip check SCRIPT`",
+            "",
+            "One run, for CI: unclipped, or clipped with `--max-norm M [--norm-type P]`; exit 1 on NaN/inf",
+            "or divergence.",
+            "",
+            *_table(CHECK),
+            "",
+            "## `gradclip report DIR`",
+            "",
+            "The table, the verdict, `recommendation.json` and `report.html` again from an `--out`",
+            "directory ([outputs.md](outputs.md)).",
+            "",
+            *_table(REPORT),
+            "",
+            "## Recipes",
+            "",
+            "A recipe is a TOML file given to `--recipe` as a path, or the name of a bundled recipe",
+            "(`gradclip recipes` lists them). Reading it never runs code. Every key is optional; unknown",
+            "keys and values of the wrong type are refused, naming the key and what it takes; an example",
+            "is in [contract.md](contract.md#recipes).",
+            "",
+            "| key | TOML value | option |",
+            "|---|---|---|",
+            "| `description` | a string | shown by `gradclip recipes` |",
+            "| `script` | a string: a path relative to the recipe file | the SCRIPT argument |",
+            *(f"| `{o.name}` | {o.recipe.words} | `{o.flag}` |" for o in recipe_options()),
+            "",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())

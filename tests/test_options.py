@@ -111,3 +111,18 @@ def test_the_help_states_each_default():
             continue
         words = _words(option.default)
         assert f"default {words}" in option.help or f"{words} (default" in option.help, option.name
+
+
+def test_docs_options_md_is_the_tables():
+    """docs/options.md is generated: after editing the table, run
+    ``python -m gradcheck_cli.options > docs/options.md``."""
+    page = Path(__file__).resolve().parent.parent / "docs" / "options.md"
+    assert page.read_text(encoding="utf-8") == options.markdown(), "docs/options.md is stale: regenerate it"
+
+
+def test_the_docs_page_lists_every_option_and_recipe_key():
+    page = options.markdown()
+    for option in options.OPTIONS:
+        assert f"| `{option.flag}` |" in page
+        if option.recipe is not None:
+            assert f"| `{option.name}` | {option.recipe.words} | `{option.flag}` |" in page
