@@ -1,72 +1,11 @@
-"""One training burst for one cell: the training loop, top to bottom.
+"""One run of a ``loss_fn`` script: the training loop, top to bottom.
 
-Before the first step: the snapshot's weights, RNG state and optimizer state are restored, the
-run's lr (the ``--lr`` axis, when given) is set on every param group, a fresh learning-rate
-scheduler is built when the script defines ``build_scheduler``, and a fresh fp16 gradient
-scaler when ``--amp fp16`` (``precision.Precision``).
-
-Per step (numbered from 1, ``config.steps`` optimizer steps):
-
-1. zero the gradients; then for each of the ``config.accumulate`` micro-batches: take the
-   next batch (``batches()`` is called afresh for every run and again whenever it runs out;
-   tensors, also inside tuples, lists and dicts, move to ``config.device``),
-   ``loss = loss_fn(model, batch)`` under autocast (``--amp``), check it is a scalar tensor,
-   and backward ``loss / accumulate`` (times the scale with fp16);
-2. with fp16, unscale the gradients; then the pre-clip gradient norms in the cell's norm type
-   from one pass (``engine.measure_grad_norms``): the total and each tensor's norm; the
-   tensors' norms are combined into per-layer norms on the device (``layers.LayerGrouping``,
-   ``--layer-depth``). The control run measures L2 and, besides, the total in every other norm
-   type of the grid;
-3. **one host sync**: the micro-batch losses, the total, the control's extra totals, the
-   scaler's inf flag and the per-layer norms come to the host together (``_to_host``); the
-   step's loss is the mean of the micro-batch losses (under torchrun in model mode, also
-   averaged over the ranks first: ``run_setup.mean_across_ranks``);
-4. judge, from those numbers only:
-
-   * loss non-finite: status ``non_finite``, source ``forward`` (with accumulation,
-     ``nan_micro_batch`` says which micro-batch, from 1); stop;
-   * loss above ``divergence_factor`` x the first step's loss: status ``diverged``; stop
-     (judged only when the first loss is finite and positive, see
-     ``detect.can_judge_divergence``);
-   * fp16 and the scaler found inf/NaN in the unscaled gradients: the step is *skipped* (no
-     clipping, no optimizer step, no scheduler step; the scale backs off) and recorded with
-     ``skipped``; ``precision.MAX_CONSECUTIVE_SKIPS`` skips in a row are status
-     ``non_finite``, source ``amp`` (the scale collapsed), with the first non-finite
-     parameter; stop;
-   * norm non-finite: status ``non_finite``, source ``backward``; the first parameter (in
-     ``named_parameters()`` order) whose gradient holds a non-finite element is located now,
-     at the onset step only, because that elementwise scan is expensive; stop *before*
-     clipping (a NaN norm would make the clip coefficient NaN and spread NaN everywhere);
-
-5. the cell's clipping mode acts on the finite gradients (``apply_clipping``): norm cells
-   scale them by ``min(max_norm / (norm + 1e-6), 1)`` (``engine.clip_grads_with_norm_``),
-   value cells clamp every element (``engine.clip_grad_value_``), AGC, AutoClip and ZClip
-   cells apply their rule (``rules.py``) to the measured L2 norm; the control run never clips
-   (its coefficient is 1.0);
-6. ``optimizer.step()``, the scaler's update (fp16), ``scheduler.step()``, and record
-   ``StepRecord(step, loss, grad_norm, clip_coef, clip_threshold, clipped_unit_frac, layers=...,
-   lr=..., skipped=..., norms=...)``; ``lr`` is the first param group's learning rate used by
-   this step.
-
-Stateful rules (AutoClip's history, ZClip's statistics) are built afresh for every run, so
-each run's rule starts empty, as every run starts from the same weights. They see finite
-norms of steps that were taken only: a run stops at its first non-finite norm, before anything
-is clipped, and a step the fp16 scaler skips is not clipped at all.
-
-After the last step of a stable run, the script's optional ``evaluate(model)`` is called once
-(``model.eval()``, ``torch.no_grad()``) and its number kept as ``eval_metric``.
-
-A step that stops the run is recorded too, with its loss; its ``grad_norm`` is NaN when the loss
-stopped it, and the non-finite norm when the gradients did; ``clip_coef`` is NaN in both cases.
-
-Backward runs before the loss is judged so that a step needs only one host sync; when the loss
-is non-finite or diverged the gradients are simply discarded (no clipping, no step).
-
-Anything the user's code raises (``build_optimizer``, ``build_scheduler``, ``batches``,
-``loss_fn``, backward through the user's graph, ``optimizer.step``, ``scheduler.step``) ends the
-run with status ``error`` and the traceback trimmed to the user's file; ``KeyboardInterrupt``
-always propagates. Failures inside gradclip itself (the engine) are not caught: they are bugs,
-not verdicts.
+``run_cell`` restores the seed's starting state, builds the run's optimizer, scheduler and
+scaler, then per step: zero the gradients, forward and backward every micro-batch, measure the
+pre-clip norms in one pass, bring the step's numbers to the host in one sync, judge them (loss,
+fp16 skip, non-finite norm) and only then clip, step and record. The order, the verdicts and
+what a failure in the user's code becomes are described in docs/contract.md ("How a run
+executes"); a ``train_step`` script runs in ``train_step.py`` instead.
 """
 
 from __future__ import annotations
@@ -74,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,6 +60,297 @@ from gradcheck_cli.run_setup import (
     to_device,
 )
 from gradcheck_cli.snapshot import Snapshot
+
+
+def run_cell(
+    experiment: Experiment,
+    model: torch.nn.Module,
+    cell: Cell,
+    config: SweepConfig,
+    *,
+    snapshot: Snapshot | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Train ``model`` for ``config.steps`` steps under ``cell``'s clipping and judge the run.
+
+    With ``snapshot``, the model weights and the RNG state are restored first, and the freshly
+    built optimizer is loaded with the snapshot's optimizer state, so the run starts exactly
+    where every other run of the sweep with the same seed starts. ``model`` must already be on
+    ``config.device``.
+
+    The optimizer (and the scheduler, if any) is built per run (``make_optimizer``): a fresh
+    object carries no hidden attributes over from an earlier run, and loading the snapshot's
+    state makes its starting state identical even if ``build_optimizer`` is itself stateful.
+
+    ``on_step(step)`` is called after each completed step, skipped ones included (progress bars).
+
+    Returns a ``RunResult`` with status ``stable``, ``non_finite``, ``diverged`` or ``error``;
+    never raises for the user's errors. ``KeyboardInterrupt`` propagates. A ``train_step``
+    script is run by ``train_step.run_train_step_cell`` (``sweep.execute`` picks the loop);
+    given one, this raises ``ValueError``.
+    """
+    if experiment.train_step_fn is not None:
+        raise ValueError(
+            f"{experiment.name} defines train_step: run it with train_step.run_train_step_cell (sweep.execute picks the loop)"
+        )
+    run = _Run(experiment, model, cell, config)
+    try:
+        run.prepare(snapshot)
+        for step in range(1, config.steps + 1):
+            stopped = run.step(step)
+            if stopped is not None:
+                return stopped
+            if on_step is not None:
+                on_step(step)
+        return run.finish_stable()
+    except UserFailure as failure:
+        return run.finish(ERROR, error=failure.error, error_traceback=failure.user_traceback)
+
+
+@dataclass
+class _Measured:
+    """A step's numbers on the host: the micro-batches' losses, the pre-clip total (``norm`` on
+    the device, ``norm_f`` on the host), the control run's totals in the grid's other norm types,
+    the per-layer norms, and whether the fp16 scaler skips the step."""
+
+    losses: list[float]
+    norm_f: float = math.nan
+    norm: torch.Tensor | None = None
+    extra: tuple = ()
+    layers: tuple = ()
+    skipped: bool = False
+
+
+class _Run:
+    """The state of one run of ``run_cell`` between its steps, and the steps themselves."""
+
+    def __init__(self, experiment: Experiment, model: torch.nn.Module, cell: Cell, config: SweepConfig) -> None:
+        self.start = time.perf_counter()
+        self.experiment, self.model, self.cell, self.config = experiment, model, cell, config
+        self.records: list[StepRecord] = []
+        self.device = torch.device(config.device)
+        self.on_cpu = self.device.type == "cpu"
+        self.lr = config.lr_of(cell)
+        self.reported = dict(lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
+        self.optimizer_warnings: list[str] = []
+        self.first_loss: float | None = None
+        self.skips_in_a_row = 0
+
+    def prepare(self, snapshot: Snapshot | None) -> None:
+        """Restore the starting state and build what every step uses: the optimizer, scheduler
+        and scaler, the parameters measured and clipped, the cell's rule, the batches."""
+        experiment, model, cell, config = self.experiment, self.model, self.cell, self.config
+        self.optimizer = start_run(experiment, model, self.lr, snapshot)
+        self.scheduler = make_scheduler(experiment, self.optimizer)
+        self.precision = Precision(config.amp, self.device, config.amp_init_scale)
+        self.params = list(model.parameters())
+        self.named = list(model.named_parameters())
+        self.grouping = LayerGrouping(config.layer_depth)
+        self.sharded = any_dtensor(self.params)
+        # The control run also measures the total in every norm type of the grid, so that each
+        # clipped cell can be compared with it on its own norm.
+        self.extra_types = [] if cell.clipped else list(dict.fromkeys(config.norm_types))
+        self.rule = make_rule(cell, config)
+        self.clip_params = self.params
+        if cell.mode == MODE_AGC and config.agc_exclude:
+            self.clip_params = [p for n, p in model.named_parameters() if not agc_excluded(n, config.agc_exclude)]
+        # Gradients of parameters the optimizer does not hold must not pile up across steps
+        # (they would inflate the measured norm); zero them too, but only when there are any.
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        self.zero_model_too = any(id(p) not in held for p in self.params)
+        owned = {id(p) for p in self.params}
+        if held - owned:
+            self.optimizer_warnings.append(FOREIGN_PARAMETERS)
+        if not held & owned:
+            self.optimizer_warnings.append(NO_MODEL_PARAMETERS)
+        self.stream = BatchStream(experiment)
+
+    def step(self, step: int) -> RunResult | None:
+        """One optimizer step; the run's result when this step ends the run, else ``None``."""
+        losses, backward_error = self._forward_backward()
+        step_lr = current_lr(self.optimizer)
+        if backward_error is None:
+            measured = self._measure(losses)
+        else:
+            measured = _Measured([float(x) for x in losses])
+        loss_values = measured.losses
+        loss_f = loss_values[0] if len(loss_values) == 1 else sum(loss_values) / len(loss_values)
+
+        # The loss is judged first: a NaN or exploding loss explains everything after it.
+        stopped = self._judge_loss(step, loss_f, loss_values, step_lr)
+        if stopped is not None:
+            return stopped
+        if backward_error is not None:
+            raise backward_error
+        if measured.skipped:
+            return self._skip(step, loss_f, measured.norm_f, step_lr)
+        self.skips_in_a_row = 0
+        if is_non_finite(measured.norm_f):
+            self.records.append(
+                StepRecord(step, loss_f, measured.norm_f, layers=measured.layers, lr=step_lr, norms=measured.extra)
+            )
+            return self.finish(
+                NON_FINITE,
+                nan_step=step,
+                nan_source=SOURCE_BACKWARD,
+                nan_param=_first_non_finite_param(self.model),
+            )
+        self._update(step, loss_f, measured, step_lr)
+        return None
+
+    def _forward_backward(self) -> tuple[list[torch.Tensor], UserFailure | None]:
+        """Zero the gradients, then forward and backward each micro-batch. Returns the
+        micro-batches' losses (detached) and the failure of a backward, if one raised: the
+        loss is judged before that failure ends the run."""
+        experiment, model, accumulate = self.experiment, self.model, self.config.accumulate
+        call_user(experiment, self.optimizer.zero_grad)
+        if self.zero_model_too:
+            model.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
+        for _ in range(accumulate):
+            batch = self.stream.next()
+            if not self.on_cpu:
+                batch = to_device(batch, self.device)
+            with self.precision.autocast():
+                loss = _check_loss(experiment, call_user(experiment, experiment.loss_fn, model, batch))
+            losses.append(loss.detach())
+            share = loss / accumulate if accumulate > 1 else loss
+            try:
+                call_user(experiment, self.precision.backward_input(share).backward)
+            except UserFailure as failure:
+                return losses, failure
+        return losses, None
+
+    def _measure(self, losses: list[torch.Tensor]) -> _Measured:
+        """Unscale (fp16), measure the pre-clip norms in one pass, and bring the losses, the
+        totals, the scaler's inf flag and the per-layer norms to the host together: the one
+        host sync of the step."""
+        cell, params = self.cell, self.params
+        try:
+            self.precision.unscale_(self.optimizer)
+        except (RuntimeError, ValueError) as exc:  # e.g. a model in half precision
+            raise UserFailure(
+                f"--amp fp16 cannot unscale this model's gradients ({describe_exception(exc)}); "
+                "keep the model's parameters in float32: autocast lowers the precision of the forward itself"
+            ) from exc
+        if self.sharded:
+            # DTensor (FSDP2) gradients: the engine's global norm; per-layer norms of
+            # sharded parameters would need a collective per layer, so none are recorded.
+            norm = engine.get_total_norm([p.grad for p in params if p.grad is not None], cell.norm_type)
+            groups, group_norms = (), torch.zeros(0, dtype=torch.float64, device=norm.device)
+        else:
+            measured = engine.measure_grad_norms(self.named, cell.norm_type)
+            norm = measured.total_norm
+            groups, group_norms = self.grouping.combine(measured.names, measured.norms, cell.norm_type)
+        found_inf = self.precision.found_inf(self.optimizer)
+        losses = mean_across_ranks(losses)  # under torchrun in model mode: every rank's mean
+        scalars = [*losses, norm]
+        extra_types = self.extra_types
+        if extra_types:
+            grads = [p.grad for p in params if p.grad is not None]
+            scalars += [norm if q == cell.norm_type else engine.get_total_norm(grads, q) for q in extra_types]
+        if found_inf is not None:
+            scalars.append(found_inf)
+        values = _to_host(scalars, group_norms, self.on_cpu)
+        n = len(losses)
+        return _Measured(
+            losses=values[:n],
+            norm_f=values[n],
+            norm=norm,
+            extra=tuple(zip(extra_types, values[n + 1 : n + 1 + len(extra_types)])),
+            layers=tuple(zip(groups, values[len(scalars) :])),
+            skipped=found_inf is not None and values[len(scalars) - 1] > 0,
+        )
+
+    def _judge_loss(self, step: int, loss_f: float, loss_values: list[float], step_lr: float) -> RunResult | None:
+        """The run's result when the step's loss is non-finite or diverged, else ``None``."""
+        if is_non_finite(loss_f):
+            self.records.append(StepRecord(step, loss_f, lr=step_lr))
+            micro = first_index(loss_values, is_non_finite)
+            return self.finish(
+                NON_FINITE,
+                nan_step=step,
+                nan_source=SOURCE_FORWARD,
+                nan_micro_batch=micro + 1 if self.config.accumulate > 1 and micro is not None else None,
+            )
+        if step == 1:
+            self.first_loss = loss_f
+        elif is_diverged(loss_f, self.first_loss, self.config.divergence_factor):
+            self.records.append(StepRecord(step, loss_f, lr=step_lr))
+            return self.finish(DIVERGED, diverged_step=step)
+        return None
+
+    def _skip(self, step: int, loss_f: float, norm_f: float, step_lr: float) -> RunResult | None:
+        """A step the fp16 scaler skips: recorded, no clipping, no optimizer or scheduler step.
+        Too many in a row end the run: the scale has collapsed."""
+        self.records.append(StepRecord(step, loss_f, norm_f, lr=step_lr, skipped=True))
+        self.precision.update()
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+            return self.finish(
+                NON_FINITE,
+                nan_step=step,
+                nan_source=SOURCE_AMP,
+                nan_param=_first_non_finite_param(self.model),
+            )
+        return None
+
+    def _update(self, step: int, loss_f: float, measured: _Measured, step_lr: float) -> None:
+        """Clip the finite gradients as the cell says, step the optimizer, the scaler and the
+        scheduler, and record the step."""
+        coef, threshold, unit_frac = apply_clipping(
+            self.cell, self.rule, self.clip_params, measured.norm, measured.norm_f
+        )
+        _step(self.experiment, self.optimizer, self.lr if self.lr is not None else DEFAULT_LR)
+        self.precision.update()
+        if self.scheduler is not None:
+            call_user(self.experiment, self.scheduler.step)
+        self.records.append(
+            StepRecord(
+                step,
+                loss_f,
+                measured.norm_f,
+                coef,
+                threshold,
+                unit_frac,
+                layers=measured.layers,
+                lr=step_lr,
+                norms=measured.extra,
+            )
+        )
+
+    def finish_stable(self) -> RunResult:
+        """The result of a run that took every step: stable, with the script's ``evaluate``."""
+        if self.experiment.evaluate_fn is not None:
+            return self.finish(
+                STABLE,
+                eval_metric=evaluate_model(self.experiment, self.model),
+                eval_higher_is_better=self.experiment.evaluate_higher_is_better,
+            )
+        return self.finish(STABLE)
+
+    def finish(self, status: str, **kw: Any) -> RunResult:
+        """The run's result with ``status``: its steps so far, time, warnings and ``kw``."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        records = self.records
+        warnings = self.optimizer_warnings + degenerate_training(
+            [r.loss for r in records], [r.grad_norm for r in records], self.cell.norm_type
+        )
+        if records:
+            kw.setdefault(
+                "divergence_checked",
+                can_judge_divergence(records[0].loss) and math.isfinite(self.config.divergence_factor),
+            )
+        return RunResult(
+            cell=self.cell,
+            status=status,
+            steps=records,
+            seconds=time.perf_counter() - self.start,
+            warnings=tuple(warnings),
+            **self.reported,
+            **kw,
+        )
 
 
 def _check_loss(experiment: Experiment, loss: Any) -> torch.Tensor:
@@ -203,223 +434,3 @@ def _to_host(scalars: list[torch.Tensor], vector: torch.Tensor, on_cpu: bool) ->
     device = scalars[0].device
     parts = [t.to(device, torch.float64).reshape(1) for t in scalars] + [vector.to(device, torch.float64)]
     return torch.cat(parts).tolist()
-
-
-def run_cell(
-    experiment: Experiment,
-    model: torch.nn.Module,
-    cell: Cell,
-    config: SweepConfig,
-    *,
-    snapshot: Snapshot | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> RunResult:
-    """Train ``model`` for ``config.steps`` steps under ``cell``'s clipping and judge the run.
-
-    With ``snapshot``, the model weights and the RNG state are restored first, and the freshly
-    built optimizer is loaded with the snapshot's optimizer state, so the run starts exactly
-    where every other run of the sweep with the same seed starts. ``model`` must already be on
-    ``config.device``.
-
-    The optimizer (and the scheduler, if any) is built per run (``make_optimizer``): a fresh
-    object carries no hidden attributes over from an earlier run, and loading the snapshot's
-    state makes its starting state identical even if ``build_optimizer`` is itself stateful.
-
-    ``on_step(step)`` is called after each completed step, skipped ones included (progress bars).
-
-    Returns a ``RunResult`` with status ``stable``, ``non_finite``, ``diverged`` or ``error``;
-    never raises for the user's errors. ``KeyboardInterrupt`` propagates. A ``train_step``
-    script is run by ``train_step.run_train_step_cell`` (``sweep.execute`` picks the loop);
-    given one, this raises ``ValueError``.
-    """
-    if experiment.train_step_fn is not None:
-        raise ValueError(
-            f"{experiment.name} defines train_step: run it with train_step.run_train_step_cell (sweep.execute picks the loop)"
-        )
-    start = time.perf_counter()
-    records: list[StepRecord] = []
-    device = torch.device(config.device)
-    on_cpu = device.type == "cpu"
-    lr = config.lr_of(cell)
-    reported = dict(lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
-
-    optimizer_warnings: list[str] = []
-
-    def finish(status: str, **kw: Any) -> RunResult:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        warnings = optimizer_warnings + degenerate_training(
-            [r.loss for r in records], [r.grad_norm for r in records], cell.norm_type
-        )
-        if records:
-            kw.setdefault(
-                "divergence_checked",
-                can_judge_divergence(records[0].loss) and math.isfinite(config.divergence_factor),
-            )
-        return RunResult(
-            cell=cell,
-            status=status,
-            steps=records,
-            seconds=time.perf_counter() - start,
-            warnings=tuple(warnings),
-            **reported,
-            **kw,
-        )
-
-    try:
-        optimizer = start_run(experiment, model, lr, snapshot)
-        scheduler = make_scheduler(experiment, optimizer)
-        precision = Precision(config.amp, device, config.amp_init_scale)
-        accumulate = config.accumulate
-
-        params = list(model.parameters())
-        named = list(model.named_parameters())
-        grouping = LayerGrouping(config.layer_depth)
-        sharded = any_dtensor(params)
-        # The control run also measures the total in every norm type of the grid, so that each
-        # clipped cell can be compared with it on its own norm.
-        extra_types = [] if cell.clipped else list(dict.fromkeys(config.norm_types))
-        rule = make_rule(cell, config)
-        clip_params = params
-        if cell.mode == MODE_AGC and config.agc_exclude:
-            clip_params = [p for n, p in model.named_parameters() if not agc_excluded(n, config.agc_exclude)]
-        # Gradients of parameters the optimizer does not hold must not pile up across steps
-        # (they would inflate the measured norm); zero them too, but only when there are any.
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        zero_model_too = any(id(p) not in held for p in params)
-        owned = {id(p) for p in params}
-        if held - owned:
-            optimizer_warnings.append(FOREIGN_PARAMETERS)
-        if not held & owned:
-            optimizer_warnings.append(NO_MODEL_PARAMETERS)
-        stream = BatchStream(experiment)
-        first_loss: float | None = None
-        skips_in_a_row = 0
-
-        for step in range(1, config.steps + 1):
-            call_user(experiment, optimizer.zero_grad)
-            if zero_model_too:
-                model.zero_grad(set_to_none=True)
-
-            losses: list[torch.Tensor] = []
-            backward_error: UserFailure | None = None
-            for _ in range(accumulate):
-                batch = stream.next()
-                if not on_cpu:
-                    batch = to_device(batch, device)
-                with precision.autocast():
-                    loss = _check_loss(experiment, call_user(experiment, experiment.loss_fn, model, batch))
-                losses.append(loss.detach())
-                share = loss / accumulate if accumulate > 1 else loss
-                try:
-                    call_user(experiment, precision.backward_input(share).backward)
-                except UserFailure as failure:
-                    backward_error = failure
-                    break
-            step_lr = current_lr(optimizer)
-
-            found_inf = None
-            inf_flag = 0.0
-            layers: tuple = ()
-            extra: tuple = ()
-            if backward_error is None:
-                try:
-                    precision.unscale_(optimizer)
-                except (RuntimeError, ValueError) as exc:  # e.g. a model in half precision
-                    raise UserFailure(
-                        f"--amp fp16 cannot unscale this model's gradients ({describe_exception(exc)}); "
-                        "keep the model's parameters in float32: autocast lowers the precision of the forward itself"
-                    ) from exc
-                if sharded:
-                    # DTensor (FSDP2) gradients: the engine's global norm; per-layer norms of
-                    # sharded parameters would need a collective per layer, so none are recorded.
-                    norm = engine.get_total_norm([p.grad for p in params if p.grad is not None], cell.norm_type)
-                    groups, group_norms = (), torch.zeros(0, dtype=torch.float64, device=norm.device)
-                else:
-                    measured = engine.measure_grad_norms(named, cell.norm_type)
-                    norm = measured.total_norm
-                    groups, group_norms = grouping.combine(measured.names, measured.norms, cell.norm_type)
-                found_inf = precision.found_inf(optimizer)
-                losses = mean_across_ranks(losses)  # under torchrun in model mode: every rank's mean
-                scalars = [*losses, norm]
-                if extra_types:
-                    grads = [p.grad for p in params if p.grad is not None]
-                    scalars += [norm if q == cell.norm_type else engine.get_total_norm(grads, q) for q in extra_types]
-                if found_inf is not None:
-                    scalars.append(found_inf)
-                # The one host sync of the step: losses, totals, inf flag and per-layer norms together.
-                values = _to_host(scalars, group_norms, on_cpu)
-                n = len(losses)
-                loss_values, norm_f = values[:n], values[n]
-                extra = tuple(zip(extra_types, values[n + 1 : n + 1 + len(extra_types)]))
-                if found_inf is not None:
-                    inf_flag = values[len(scalars) - 1]
-                layers = tuple(zip(groups, values[len(scalars) :]))
-            else:
-                loss_values, norm_f = [float(x) for x in losses], math.nan
-            loss_f = loss_values[0] if len(loss_values) == 1 else sum(loss_values) / len(loss_values)
-
-            # The loss is judged first: a NaN or exploding loss explains everything after it.
-            if is_non_finite(loss_f):
-                records.append(StepRecord(step, loss_f, lr=step_lr))
-                micro = first_index(loss_values, is_non_finite)
-                return finish(
-                    NON_FINITE,
-                    nan_step=step,
-                    nan_source=SOURCE_FORWARD,
-                    nan_micro_batch=micro + 1 if accumulate > 1 and micro is not None else None,
-                )
-            if step == 1:
-                first_loss = loss_f
-            elif is_diverged(loss_f, first_loss, config.divergence_factor):
-                records.append(StepRecord(step, loss_f, lr=step_lr))
-                return finish(DIVERGED, diverged_step=step)
-            if backward_error is not None:
-                raise backward_error
-
-            if found_inf is not None and inf_flag > 0:
-                # The scaler skips this step: no clipping, no optimizer or scheduler step.
-                records.append(StepRecord(step, loss_f, norm_f, lr=step_lr, skipped=True))
-                precision.update()
-                skips_in_a_row += 1
-                if skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
-                    return finish(
-                        NON_FINITE,
-                        nan_step=step,
-                        nan_source=SOURCE_AMP,
-                        nan_param=_first_non_finite_param(model),
-                    )
-                if on_step is not None:
-                    on_step(step)
-                continue
-            skips_in_a_row = 0
-
-            if is_non_finite(norm_f):
-                records.append(StepRecord(step, loss_f, norm_f, layers=layers, lr=step_lr, norms=extra))
-                return finish(
-                    NON_FINITE,
-                    nan_step=step,
-                    nan_source=SOURCE_BACKWARD,
-                    nan_param=_first_non_finite_param(model),
-                )
-
-            coef, threshold, unit_frac = apply_clipping(cell, rule, clip_params, norm, norm_f)
-            _step(experiment, optimizer, lr if lr is not None else DEFAULT_LR)
-            precision.update()
-            if scheduler is not None:
-                call_user(experiment, scheduler.step)
-            records.append(
-                StepRecord(step, loss_f, norm_f, coef, threshold, unit_frac, layers=layers, lr=step_lr, norms=extra)
-            )
-            if on_step is not None:
-                on_step(step)
-
-        if experiment.evaluate_fn is not None:
-            return finish(
-                STABLE,
-                eval_metric=evaluate_model(experiment, model),
-                eval_higher_is_better=experiment.evaluate_higher_is_better,
-            )
-        return finish(STABLE)
-    except UserFailure as failure:
-        return finish(ERROR, error=failure.error, error_traceback=failure.user_traceback)

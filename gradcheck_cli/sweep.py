@@ -1,31 +1,12 @@
 """A sweep: the control run and every clipping cell, at every lr and seed, each run from the
 starting state of its seed.
 
-``run_sweep`` builds the model and snapshots the starting state once per seed; every run of that
-seed restores it, so every run with the same (lr, seed) starts from the same weights, optimizer
-state, RNG state and batch order. Step 1's loss is therefore identical across the runs that share
-an (lr, seed), and a repeated sweep gives bit-identical numbers on CPU (what ``--resume`` relies
-on).
-
-Order of events, per seed (cells come seed-major, so one snapshot is held at a time)::
-
-    seed(s) -> build_model() -> model.to(device) -> build the optimizer once
-    seed(s) -> snapshot(model, optimizer state, RNG, global torch state)
-    for each cell of seed s: restore global torch state + model + RNG -> build the optimizer
-                   afresh -> load its snapshot state -> set the run's lr -> build the
-                   scheduler -> train (runner.run_cell) -> warn when step 1's loss differs
-                   from the first run's of that seed
-
-The optimizer is built once up front to capture its starting state (and to find out early
-whether ``build_optimizer`` works at all), then built afresh for every run from the restored
-model and loaded with that captured state: a new object carries nothing over from an earlier
-run, and loading the state makes its start identical even if ``build_optimizer`` is stateful.
-The lr is not part of the snapshot: each run sets its own after loading the state.
-
-Where the runs execute is the executor's business (``Executor``): ``InProcess`` runs them here
-on the model the snapshot came from; ``parallel.WorkerPool`` sends the snapshot to supervised
-worker processes; ``ranks.RankGroup`` shares the cells out among torchrun ranks. The sweep only
-builds the starting states, hands out tasks and puts the results back in cell order.
+``run_sweep`` builds the model and snapshots the starting state once per seed, hands every run
+of that seed to an executor (``InProcess`` here; ``parallel.WorkerPool``; ``ranks.RankGroup``)
+and judges the results in cell order. ``execute`` is one run from its starting state, with the
+loop the script asks for (``runner.run_cell`` or ``train_step.run_train_step_cell``). The order
+of events and why every run with the same (lr, seed) starts identical: docs/contract.md
+("How a sweep starts every run").
 """
 
 from __future__ import annotations
@@ -187,24 +168,7 @@ def run_sweep(
     executor = executor if executor is not None else InProcess()
 
     last: list[StartingState] = []  # the latest seed's state, for the global state at the end
-
-    def tasks() -> Iterator[Task]:
-        state: StartingState | None = None
-        first_global = None  # global torch state as the first seed's runs start from it
-        for index, cell in enumerate(cells, start=1):
-            if cell.run in skip:
-                continue
-            seed = config.seed_of(cell)
-            if state is None or state.seed != seed:
-                state = None  # free the previous seed's model before building the next
-                last.clear()
-                if first_global is not None:  # the next seed starts from the first seed's global state
-                    first_global.restore()
-                state = starting_state(config, experiment, device, seed)
-                first_global = first_global or state.snapshot.global_state
-                _check_agc_exclude(config, cells, state.model)
-                last.append(state)
-            yield Task(index, cell, state)
+    in_order = _InOrder(config, cells, skip, on_run_done)
 
     def started(task: Task) -> None:
         if on_run_start is not None:
@@ -216,31 +180,77 @@ def run_sweep(
         if on_step is not None:
             on_step(step)
 
-    # Results arrive as runs end (in any order with several workers). The step-1 check compares
-    # each run with the first earlier run of its seed, so results are judged and handed to
-    # ``on_run_done`` in cell order, as soon as every earlier run has ended: the same warnings,
-    # and the same files at every moment, as a sweep in one process.
-    by_index: dict[int, RunResult] = {i: skip[c.run] for i, c in enumerate(cells, start=1) if c.run in skip}
-    judged: list[RunResult] = []
-
-    def judge_in_order() -> None:
-        while len(judged) < total and len(judged) + 1 in by_index:
-            index = len(judged) + 1
-            result = by_index[index]
-            fresh = cells[index - 1].run not in skip
-            if fresh:
-                result = _with_step1_warning(result, _step1_reference(judged + [result], result.seed))
-                result = annotate_spike(result, config.spike_factor)
-            judged.append(result)
-            if fresh and on_run_done is not None:
-                on_run_done(index, total, result)
-
-    for task, result in executor.run(experiment, config, tasks(), started, stepped):
-        by_index[task.index] = result
-        judge_in_order()
+    tasks = _tasks(config, experiment, device, cells, skip, last)
+    for task, result in executor.run(experiment, config, tasks, started, stepped):
+        in_order.add(task.index, result)
     if last:
         last[0].snapshot.restore_global_state()  # what the last run changed does not leak into the reports
-    return judged
+    return in_order.judged
+
+
+def _tasks(
+    config: SweepConfig,
+    experiment: Experiment,
+    device: torch.device,
+    cells: list[Cell],
+    skip: Mapping[str, RunResult],
+    last: list[StartingState],
+) -> Iterator[Task]:
+    """The runs to execute, in cell order, each with its seed's starting state, built when the
+    seed's first run is due (cells come seed-major, so one state is held at a time; the previous
+    one is freed first). Every later seed starts from the first seed's global torch state.
+    ``last`` holds the latest state."""
+    state: StartingState | None = None
+    first_global = None  # global torch state as the first seed's runs start from it
+    for index, cell in enumerate(cells, start=1):
+        if cell.run in skip:
+            continue
+        seed = config.seed_of(cell)
+        if state is None or state.seed != seed:
+            state = None  # free the previous seed's model before building the next
+            last.clear()
+            if first_global is not None:  # the next seed starts from the first seed's global state
+                first_global.restore()
+            state = starting_state(config, experiment, device, seed)
+            first_global = first_global or state.snapshot.global_state
+            _check_agc_exclude(config, cells, state.model)
+            last.append(state)
+        yield Task(index, cell, state)
+
+
+class _InOrder:
+    """The sweep's results, judged and handed to ``on_run_done`` in cell order.
+
+    Results arrive as runs end (in any order with several workers). The step-1 check compares
+    each run with the first earlier run of its seed, so a result is judged as soon as every
+    earlier run has ended: the same warnings, and the same files at every moment, as a sweep in
+    one process. Skipped (finished) runs are passed on unjudged and without ``on_run_done``."""
+
+    def __init__(
+        self,
+        config: SweepConfig,
+        cells: list[Cell],
+        skip: Mapping[str, RunResult],
+        on_run_done: OnRunDone | None,
+    ) -> None:
+        self.config, self.cells, self.skip, self.on_run_done = config, cells, skip, on_run_done
+        self.by_index: dict[int, RunResult] = {i: skip[c.run] for i, c in enumerate(cells, start=1) if c.run in skip}
+        self.judged: list[RunResult] = []
+
+    def add(self, index: int, result: RunResult) -> None:
+        """The result of the run at ``index`` (from 1); judge every result now in order."""
+        self.by_index[index] = result
+        judged, total = self.judged, len(self.cells)
+        while len(judged) < total and len(judged) + 1 in self.by_index:
+            index = len(judged) + 1
+            result = self.by_index[index]
+            fresh = self.cells[index - 1].run not in self.skip
+            if fresh:
+                result = _with_step1_warning(result, _step1_reference(judged + [result], result.seed))
+                result = annotate_spike(result, self.config.spike_factor)
+            judged.append(result)
+            if fresh and self.on_run_done is not None:
+                self.on_run_done(index, total, result)
 
 
 @dataclass

@@ -1,46 +1,12 @@
-"""One training burst for one cell of a script that defines ``train_step`` instead of ``loss_fn``.
+"""One run of a script that defines ``train_step`` instead of ``loss_fn``.
 
-The contract: ``train_step(model, batch, optimizers, clip)`` runs one update the script's own way
-(several optimizers, alternating updates, rollouts, truncated BPTT, its own accumulation) and
-returns the step's loss (a one-element tensor or a number; ``None`` when it has none). Where it
-would call ``torch.nn.utils.clip_grad_norm_`` it calls ``clip(parameters)``, optionally with
-``name="..."``. ``optimizers`` is exactly what ``build_optimizer(model)`` returned (one optimizer,
-or a list, tuple or dict of them), or gradclip's default ``SGD(model.parameters(), lr=--lr)``.
-
-What ``clip(parameters, name=None)`` does is the cell's business:
-
-* it measures the pre-clip norm of the given parameters' gradients with gradclip's engine, in
-  the cell's norm type (L2 for the control run), with their per-tensor norms;
-* a non-finite norm stops the run right there, before anything is clipped: status
-  ``non_finite``, source ``backward``, and ``nan_param`` the first parameter, in the order given
-  to that call, whose gradient is NaN/inf (the rest of ``train_step`` does not run);
-* a clipped cell scales those gradients by ``min(max_norm / (norm + 1e-6), 1)``; the control run
-  leaves them alone; the rule cells (value, AGC, AutoClip, ZClip) apply their rule to those
-  gradients, with one rule object per call site (AutoClip's history and ZClip's statistics are
-  kept per site, built afresh for every run);
-* it returns the pre-clip norm (a 0-dim tensor), as ``clip_grad_norm_`` does.
-
-Call sites are named by ``name=`` when given, else by call order within the step: ``call_1``,
-``call_2``, ... Each call is one row of ``clip_sites.csv`` (site, pre-clip norm, coefficient).
-Each clip call clips its own parameters on its own (a GAN clips each network separately). The
-step's row in ``steps.csv`` combines them: ``grad_norm`` is the norm (cell's type) of the vector of
-the sites' norms, which is the norm of all the clipped gradients together when the sites cover
-different parameters, ``clip_coef`` is the smallest coefficient applied, ``clip_threshold`` the
-smallest threshold and ``clipped_unit_frac`` the largest share of elements or units clipped
-(``clip_sites.csv`` has each call's norm and coefficient). ``layers.csv`` gets
-each call's parameters grouped as in any run (``layers.LayerGrouping``), measured at that call.
-
-A ``train_step`` that never calls ``clip`` in a step ends the run with status ``error`` (there is
-nothing to measure or clip). The loss is judged after ``train_step`` returns, as for ``loss_fn``
-scripts: non-finite (source ``forward``) or diverged against the first step's loss.
-
-Fair starts as for ``loss_fn`` scripts: every run restores the model, RNG state and the state of
-every optimizer (``snapshot``), and calls ``batches()`` afresh; the lr axis sets the lr of every
-optimizer; the seed axis works unchanged. The runner zeroes nothing and steps no scheduler
-(``build_scheduler`` is not used): the script's own update owns its gradients and schedules.
-``--amp`` and ``--accumulate`` do not apply (the run is an ``error`` saying so): mixed precision
-and accumulation belong inside ``train_step``. Host syncs: one per ``clip`` call (the norm decides
-whether the run stops) and one for the loss.
+``train_step(model, batch, optimizers, clip)`` runs one update the script's own way and calls
+``clip(parameters, name=None)`` where it would call ``torch.nn.utils.clip_grad_norm_``. ``Clip``
+measures those gradients with gradclip's engine, stops the run at a non-finite norm before
+anything is clipped, applies the cell's clipping per call site and returns the pre-clip norm;
+``run_train_step_cell`` runs the steps and judges the loss as ``runner.run_cell`` does. The
+contract, how the sites combine into a step's row, and what does not apply (``--amp``,
+``--accumulate``, ``build_scheduler``) are in docs/contract.md ("Your own update: train_step").
 """
 
 from __future__ import annotations
@@ -155,6 +121,21 @@ class Clip:
         self.sites.append((site, norm, coef))
         return measured.total_norm
 
+    def step_record(self, step: int, loss: float, lr: float) -> StepRecord:
+        """The step's row of ``steps.csv``: the norm of the sites' norms, the smallest coefficient
+        and threshold, the largest share of units clipped, every site's layers."""
+        return StepRecord(
+            step,
+            loss,
+            combine_site_norms([n for _, n, _ in self.sites], self.norm_type),
+            _smallest([c for _, _, c in self.sites]),
+            _smallest(self.thresholds),
+            _largest(self.unit_fracs),
+            layers=tuple(self.layers),
+            lr=lr,
+            sites=tuple(self.sites),
+        )
+
 
 def _smallest(values: list[float]) -> float:
     """The smallest of the values that are not NaN; NaN when none is (value and AGC cells have
@@ -242,20 +223,7 @@ def run_train_step_cell(
                     definition_site(experiment.train_step_fn, "train_step"),
                 )
             loss = _loss_value(experiment, out)
-            loss_f = math.nan if loss is None else loss
-            norm_f = combine_site_norms([n for _, n, _ in clip.sites], clip.norm_type)
-            coef = _smallest([c for _, _, c in clip.sites])
-            record = StepRecord(
-                step,
-                loss_f,
-                norm_f,
-                coef,
-                _smallest(clip.thresholds),
-                _largest(clip.unit_fracs),
-                layers=tuple(clip.layers),
-                lr=step_lr,
-                sites=tuple(clip.sites),
-            )
+            record = clip.step_record(step, math.nan if loss is None else loss, step_lr)
             if is_non_finite(loss):
                 records.append(record)
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_FORWARD)
