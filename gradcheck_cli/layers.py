@@ -1,23 +1,10 @@
 """Per-layer gradient norms: parameters grouped by module-name prefix, their norms combined exactly.
 
-A model with thousands of parameter tensors would make a per-parameter table unreadable and
-``layers.csv`` huge, so parameters are grouped by the leading components of their names.
-
-Depth counts module levels, and a numeric component (the index of a ``ModuleList`` or
-``Sequential`` child) belongs to the level before it, so ``transformer.h.3.attn.c_attn.weight``
-is ``transformer`` at depth 1, ``transformer.h.3`` at depth 2 and ``transformer.h.3.attn`` at
-depth 3. A depth at or beyond a name's own length leaves the name whole (the parameter itself).
-
-The default, ``"auto"``, keeps one group per parameter when the model has at most
-``DEFAULT_MAX_GROUPS`` parameter tensors, and otherwise the deepest depth that gives at most that
-many groups (never shallower than depth 1), so ``layers.csv`` stays bounded.
-
-Groups are combined from the per-tensor norms of the same measuring pass that gives the total
-(``engine.measure_grad_norms``), on the gradients' device and without a host sync: the p-norm of
-a group is the p-norm of its members' norms (the max for ``inf``, the min for ``-inf``, the count
-of nonzero members for ``p = 0``), scaled by the group's largest member so it cannot overflow. The
-p-norm of the groups' norms is therefore the total again, up to float rounding (for ``p = 0``,
-torch's count of tensors with a nonzero gradient, the groups' counts add up to the total).
+Depth counts module levels (a ``ModuleList`` or ``Sequential`` index belongs to the level before
+it); ``"auto"`` keeps one group per parameter up to ``DEFAULT_MAX_GROUPS`` tensors, else the
+deepest depth with at most that many groups. Groups are combined from the per-tensor norms of the
+measuring pass that gives the total, on the gradients' device without a host sync, so the groups'
+norms combine to the total again. See docs/diagnosis.md ("Where and why it blows up").
 """
 
 from __future__ import annotations

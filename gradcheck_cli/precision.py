@@ -1,23 +1,10 @@
-"""Mixed precision for one run: the autocast context and, for fp16, the gradient scaler.
+"""Mixed precision for one run (``--amp off|bf16|fp16``): the autocast context and, for fp16,
+the gradient scaler, in the order torch documents (scale, backward, ``unscale_``, measure and clip
+the unscaled gradients, step, update).
 
-Modes (``--amp``):
-
-* ``off``: full precision, no autocast, no scaler;
-* ``bf16``: the forward (``loss_fn``) runs under ``torch.autocast(device_type, torch.bfloat16)``;
-  bfloat16 has float32's range, so there is no scaler and a non-finite value is a real onset;
-* ``fp16``: the forward runs under ``torch.autocast(device_type, torch.float16)`` and a fresh
-  ``torch.amp.GradScaler`` (per run, starting at ``init_scale``) scales the loss before backward.
-
-The fp16 order is the one torch documents: scale, backward, ``unscale_``, measure and clip the
-unscaled gradients, step, update. A step whose unscaled gradients hold inf/NaN is *skipped* (the
-optimizer does not step and the scale backs off): that is the scaler doing its job, not a NaN
-onset. Only a collapsing scale, ``MAX_CONSECUTIVE_SKIPS`` skipped steps in a row, is an
-instability (``nan_source`` ``amp``): the scale has been halved that many times and the
-gradients still overflow, so training has stopped.
-
-Whether the step was skipped is read from the scaler's own inf check (recorded by ``unscale_``)
-as a tensor, so the runner brings it to the host together with the loss and the norm in its one
-sync per step instead of asking ``GradScaler.step`` to sync again.
+A step the scaler skips is not an onset; ``MAX_CONSECUTIVE_SKIPS`` skips in a row are (the scale
+collapsed). The scaler's inf check is read as a tensor so that it reaches the host in the run's one
+sync per step. See docs/contract.md ("Training as you train").
 """
 
 from __future__ import annotations

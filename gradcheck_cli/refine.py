@@ -1,11 +1,10 @@
 """``--refine K``: up to K extra ``max_norm``s per norm type (and lr), bisecting the stability boundary.
 
 Each refined run is an ordinary run (``sweep.run_sweep``, from the same starting state as every
-other run of its seed), flagged ``refined``. Its ``max_norm`` is chosen from the results so far
-by ``analysis.next_refine_max_norm``, so on CPU the sequence is deterministic and a resumed
-sweep asks for the same refined runs, finds them finished and skips them. With several seeds a
-bracket is one lr's, over every seed (a ``max_norm`` is stable only when stable in every seed,
-unstable when unstable in any), and each refined ``max_norm`` is run in every seed.
+other run of its seed), flagged ``refined``, its ``max_norm`` chosen from the results so far
+(``analysis.next_refine_max_norm``): on CPU the sequence is deterministic, so a resumed sweep
+asks for the same refined runs and skips the finished ones. See docs/diagnosis.md ("The
+stability boundary and --refine K").
 """
 
 from __future__ import annotations

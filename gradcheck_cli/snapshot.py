@@ -1,13 +1,11 @@
 """Capture and restore everything that decides a run's numbers, so every run starts identical.
 
-A sweep trains the same model many times. Each run must start from the same weights, the same
-optimizer state and the same random-number state (which also fixes the batch order when
-``batches()`` shuffles), so that the first step's loss is identical across the sweep and a
-repeated sweep gives bit-identical numbers on CPU.
-
-Everything captured is a deep copy: ``state_dict()`` returns references to the live tensors,
-and ``Optimizer.load_state_dict`` may keep the tensors it is given (when dtype and device already
-match), so both capturing and restoring copy; otherwise a run would train the snapshot itself.
+Every run of a seed restores the same weights, optimizer state, random-number state (which also
+fixes the batch order) and global torch state, so step 1's loss is identical across the sweep and
+a repeated sweep is bit-identical on CPU. Capturing and restoring both deep-copy: ``state_dict()``
+returns the live tensors, and ``Optimizer.load_state_dict`` may keep the tensors it is given, so
+without a copy a run would train the snapshot itself. See docs/contract.md ("How a sweep starts
+every run").
 """
 
 from __future__ import annotations
