@@ -135,3 +135,58 @@ def test_a_killed_supervisor_leaves_no_worker_and_no_loader_worker_behind(tmp_pa
         proc.stderr.close()
     assert len(list(pids.iterdir())) >= 3  # the worker and its two loader workers
     assert survivors(pids, within_s=10.0) == []
+
+
+SPAWNED = """
+import torch
+from torch.utils.data import DataLoader
+
+{dataset}
+
+def build_model():
+    return torch.nn.Linear(1, 1)
+
+def batches():
+    {local}return DataLoader(Squares(), batch_size=4, num_workers=2, multiprocessing_context="spawn")
+
+def loss_fn(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+"""
+SQUARES = """
+import torch
+from torch.utils.data import Dataset
+
+class Squares(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x = torch.tensor([float(i)])
+        return x, 2 * x
+"""
+
+
+def test_a_spawned_loader_imports_a_dataset_from_a_module_beside_the_script(tmp_path):
+    # as under `python script.py`, whose folder is on sys.path in the loader's workers too
+    (tmp_path / "squares.py").write_text(SQUARES)
+    script = tmp_path / "beside.py"
+    script.write_text(SPAWNED.format(dataset="from squares import Squares", local=""))
+    grid = ("--steps", "2", "--max-norm", "1", "--norm-type", "2")
+    ref = gradclip(script, *grid, "--out", tmp_path / "ref", "--jobs", "0")
+    assert ref.returncode == 0, ref.stderr
+    proc = gradclip(script, *grid, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert files_without_seconds(tmp_path / "out") == files_without_seconds(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("jobs", [(), ("--jobs", "0")])
+def test_a_spawned_loader_with_a_dataset_class_inside_a_function_is_the_scripts_error(tmp_path, jobs):
+    local = "".join("    " + line + "\n" for line in SQUARES.splitlines()).lstrip() + "    "
+    script = tmp_path / "local_class.py"
+    script.write_text(SPAWNED.format(dataset="", local=local))
+    proc = gradclip(script, "--steps", "2", "--max-norm", "1", "--norm-type", "2", "--out", tmp_path / "out", *jobs)
+    assert proc.returncode == 3, proc.stderr
+    [error] = {r["error"] for r in rows(tmp_path / "out" / "summary.csv")}
+    assert "batches.<locals>.Squares" in error and "defined inside a function" in error, error
+    assert "multiprocessing_context='fork'" in error and "top level of local_class.py" in error, error
