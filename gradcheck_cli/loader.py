@@ -42,6 +42,7 @@ Failures are typed so the CLI maps them to exit codes in one place:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -54,6 +55,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from gradcheck_cli import user_scripts
 from gradcheck_cli.errors import UsageError, UserCodeError
 
 REQUIRED = ("build_model", "batches", "loss_fn")
@@ -220,8 +222,9 @@ class Experiment:
 
     ``build_model_fn``, ``batches_fn``, ``loss_fn``, ``build_optimizer_fn`` and
     ``build_scheduler_fn`` are the script's own callables, unwrapped (the runner calls them
-    and records what they raise). The methods below wrap them with the checks and error types
-    that gradclip reports.
+    and records what they raise), except that ``batches_fn`` readies a ``DataLoader`` it returns
+    for workers started by ``spawn`` (``user_scripts.prepare_loader``). The methods below wrap
+    them with the checks and error types that gradclip reports.
     """
 
     path: Path
@@ -341,6 +344,19 @@ def _check_contract(module: ModuleType, path: Path) -> None:
         )
 
 
+def _batches_for_workers(fn: Callable, script: Path) -> Callable:
+    """The script's ``batches``, whose ``DataLoader`` is readied for spawned workers: the
+    script's folder importable there, and a clear error for what pickle cannot send."""
+
+    @functools.wraps(fn)
+    def batches(*args, **kwargs):
+        iterable = fn(*args, **kwargs)
+        user_scripts.prepare_loader(iterable, str(script))
+        return iterable
+
+    return batches
+
+
 def load_experiment(path: str | os.PathLike) -> Experiment:
     """Import the script at ``path`` and return its checked ``Experiment``.
 
@@ -370,8 +386,6 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         raise _syntax_usage_error(exc, script) from None
     except ValueError as exc:  # e.g. null bytes in the source
         raise UsageError(f"cannot compile {script}: {exc}", "is this a Python source file?") from None
-
-    from gradcheck_cli import user_scripts
 
     stem = "".join(c if c.isalnum() else "_" for c in script.stem)
     mod_name = f"{user_scripts.__name__}.{stem}_{next(_module_counter)}"
@@ -413,7 +427,7 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     return Experiment(
         path=script,
         build_model_fn=module.build_model,
-        batches_fn=module.batches,
+        batches_fn=_batches_for_workers(module.batches, script),
         loss_fn=getattr(module, "loss_fn", None),
         build_optimizer_fn=getattr(module, "build_optimizer", None),
         module=module,
