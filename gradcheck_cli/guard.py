@@ -14,8 +14,8 @@ command runs the user's script (``guarded()``):
   which is a non-zero exit status (139 for SIGSEGV in a shell). The OOM killer's SIGKILL
   likewise exits 137; neither can exit 0.
 
-Worker processes that survive such crashes are a later step; until then the abrupt exit is at
-least visible and never a pass.
+In a sweep's worker process such a crash ends only its run (``crashed``, see ``parallel``). See
+docs/reliability.md.
 """
 
 from __future__ import annotations

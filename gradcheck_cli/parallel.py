@@ -1,33 +1,10 @@
-"""Runs in supervised worker processes: ``--jobs N`` workers, each reused across runs.
+"""Runs in supervised worker processes (``--jobs N``), each reused across runs.
 
-The sweep builds each seed's starting state once, in this process; a worker receives that
-snapshot (weights, optimizer state, RNG state: ``Snapshot`` serialised with ``torch.save``) the
-first time it runs a cell of that seed, keeps it, and starts every such run from it. Workers
-never rebuild the starting state: they import the script by path themselves and call
-``build_model()`` only for the module's structure, whose state the snapshot then replaces. So a
-run gives the same numbers in a worker as in the sweep's own process, bit for bit on CPU (with
-the same number of torch threads; see ``threads_per_job``).
-
-A worker that dies mid-run (a segfault in an extension, the OOM killer's SIGKILL, ``os._exit``
-from a thread of the script; in the main thread ``guard.guarded`` turns ``os._exit`` into an
-``error``, as in gradclip's own process) gives that run the status ``crashed``, with the signal or exit code and the step it
-was on in ``error``; the next run goes to a fresh worker and the sweep goes on. Runs that
-finished are already reported; nothing is lost.
-
-Workers are started by ``multiprocessing``'s ``forkserver`` (``spawn`` where there is none,
-e.g. Windows). Plain ``fork`` would copy this process, in which torch has already run ops and
-so started its OpenMP/intra-op thread pool: a forked child can deadlock on a lock held by a
-thread that does not exist in it, and cannot use CUDA at all once the parent initialised it.
-The fork server is a fresh interpreter that imports torch and gradclip once (``preload``) and
-never runs a torch op, so forking workers from it is safe and fast: the torch import (a second
-or two) is paid once per process, not per worker, nor again after a crash. Each worker takes
-the current environment variables and working directory of this process when it starts (the
-server's own are those of its start).
-
-Everything a worker's Python code prints (the script's own ``print`` calls) is sent back and
-written to this process's ``sys.stdout``/``sys.stderr``, so ``--json`` keeps stdout clean and
-output captured here sees it. Output written straight to the file descriptors by C code is not
-forwarded. Workers ignore SIGINT: Ctrl-C reaches this process, which stops them.
+A worker receives its seed's starting state from the sweep as a snapshot and runs from it, so a
+run's numbers equal those of the sweep's own process, bit for bit on CPU. A worker that dies
+mid-run gives that run the status ``crashed``, and the sweep goes on in a fresh worker. Workers
+come from a fork server and may start processes of their own (a ``DataLoader``'s workers), which
+end with them. See docs/reliability.md (Worker processes; DataLoader workers in a run).
 """
 
 from __future__ import annotations
