@@ -224,7 +224,7 @@ def test_engine_rules_example_is_what_it_prints(tmp_path):
     """docs/engine.md's sweep of the rules (8 runs of 100 steps): table and verdict as printed."""
     text = doc("engine.md")
     command = re.search(r"```bash\n(gradclip sweep sample_models/exploding_rnn\.py.*?)\n```", text, flags=re.S)
-    args = command.group(1).replace("\\\n", " ").split()[2:]
+    args = command.group(1).replace("\\\n", " ").split()[1:]
     args = [str(ROOT / a) if a.endswith(".py") else a for a in args]
     table, verdict = sample_blocks(text[command.end() :])
     stdout = gradclip_stdout([*args, "--out", str(tmp_path / "out")], tmp_path)
