@@ -1,4 +1,5 @@
-"""Exception classes and exit codes: the one place where failures map to what the shell sees."""
+"""Exception classes and exit codes: the one place where failures map to what the shell sees
+(docs/reliability.md)."""
 
 from __future__ import annotations
 

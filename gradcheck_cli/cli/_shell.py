@@ -2,7 +2,7 @@
 
 Every known failure is a ``GradclipError`` mapped to its exit code in ``exit_on_errors``;
 SIGTERM and SIGHUP stop like Ctrl-C; stdout closed early (``| head``) exits 141. The codes are
-listed in docs/contract.md.
+listed in docs/reliability.md.
 """
 
 from __future__ import annotations
