@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SWEEP, CHECK, REPORT = "sweep", "check", "report"
+SWEEP, CHECK, REPORT, WATCH = "sweep", "check", "report", "watch"
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Option:
     field: str | None = None  # the SweepConfig field it sets, when not `key`
     recipe: Recipe | None = None  # None: command line only
     check: Variant | None = None
+    watch: Variant | None = None  # in ``gradclip watch`` (one run of the user's command as written)
 
     @property
     def flag(self) -> str:
@@ -62,14 +63,20 @@ class Option:
     def config_field(self) -> str:
         return self.field or self.config_key
 
+    def variant(self, command: str) -> Variant | None:
+        return {CHECK: self.check, WATCH: self.watch}.get(command)
+
     def type_for(self, command: str) -> type:
-        return self.check.type if command == CHECK and self.check else self.type
+        variant = self.variant(command)
+        return variant.type if variant else self.type
 
     def help_for(self, command: str) -> str:
-        return self.check.help if command == CHECK and self.check else self.help
+        variant = self.variant(command)
+        return variant.help if variant else self.help
 
     def default_for(self, command: str) -> Any:
-        return self.check.default if command == CHECK and self.check else self.default
+        variant = self.variant(command)
+        return variant.default if variant else self.default
 
     def command_line_default(self) -> Any:
         return None if self.config else self.default
@@ -162,16 +169,17 @@ OPTIONS: tuple[Option, ...] = (
         int,
         100,
         "Optimizer steps per run (default 100).",
-        _RUN,
+        (*_RUN, WATCH),
         config=True,
         recipe=Recipe("int", "an integer", "100"),
+        watch=Variant(int, "Stop after this many optimizer steps (default: run the command to its end).", None),
     ),
     Option(
         "seed",
         int,
         0,
         "Seed for weights, data order and RNG (default 0).",
-        _RUN,
+        (*_RUN, WATCH),
         config=True,
         field="seeds",
         recipe=Recipe("int", "an integer", "0"),
@@ -205,8 +213,10 @@ OPTIONS: tuple[Option, ...] = (
         "divergence_factor",
         float,
         10.0,
-        "A run diverged when a finite loss exceeds this x the first step's loss (default 10; inf turns the check off).",
-        _RUN,
+        "Margin k of the divergence test (default 10): a run diverged when a loss rises k early spreads (or k times "
+        "its level) above its early steps, or the gradient norm it applies exceeds k^2 times its running median "
+        "(docs/diagnosis.md); inf turns the check off.",
+        (*_RUN, WATCH),
         config=True,
         recipe=Recipe("number", "a number", "10.0"),
     ),
@@ -246,7 +256,16 @@ OPTIONS: tuple[Option, ...] = (
         config=True,
         recipe=Recipe("number", "a number", "65536.0"),
     ),
-    Option("out", Path, Path("gradclip-report"), "Directory for summary.csv, steps.csv, histograms.csv."),
+    Option(
+        "out",
+        Path,
+        Path("gradclip-report"),
+        "Directory for summary.csv, steps.csv, histograms.csv.",
+        (SWEEP, WATCH),
+        watch=Variant(
+            Path, "Directory for the run's files and report.html (default gradclip-watch).", Path("gradclip-watch")
+        ),
+    ),
     Option("recipe", str, None, "A recipe TOML file or bundled recipe name; options given here override it."),
     Option(
         "fail_on_nan",
@@ -264,13 +283,23 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("resume", bool, False, "Skip runs already finished in --out by a sweep with the same options."),
     Option("junit", Path, None, "Also write a JUnit XML report to this file (one test case per run).", _RUN),
-    Option("json", bool, False, "Print the summary as JSON on stdout instead of the table.", (SWEEP, CHECK, REPORT)),
+    Option(
+        "json", bool, False, "Print the summary as JSON on stdout instead of the table.", (SWEEP, CHECK, REPORT, WATCH)
+    ),
+    Option(
+        "stop_on_non_finite",
+        bool,
+        False,
+        "Stop the command at its first step with a NaN/inf loss or gradient.",
+        (WATCH,),
+    ),
     Option(
         "layer_depth",
         str,
         "auto",
         "Per-layer norms grouped by module depth: auto (default: per parameter up to 64 tensors, else the deepest "
         "depth with at most 64 groups), param, or N.",
+        (SWEEP, WATCH),
         config=True,
         recipe=Recipe("depth", 'a string ("auto" or "param") or an integer', '"auto"'),
     ),
@@ -375,20 +404,28 @@ def markdown() -> str:
             "recipe's seed keys. A value out of range is refused with exit code 2 and one line naming the",
             "option and the fix, in the same words for the command line and a recipe.",
             "",
-            "## `gradclip sweep [SCRIPT]`",
+            "## `gradclip sweep [SCRIPT]` or `gradclip sweep -- python SCRIPT [ARGS]`",
             "",
-            "SCRIPT is your model script ([contract.md](contract.md)); a recipe may name it instead. The",
+            "SCRIPT is your model script ([contract.md](contract.md)); a recipe may name it instead. Or,",
+            "after `--`, your own training command as it is ([your-command.md](your-command.md)). The",
             "default `max_norm` grid runs only when none of `--max-norm`, `--clip-value`, `--agc`,",
             "`--autoclip`, `--zclip` is given.",
             "",
             *_table(SWEEP),
             "",
-            "## `gradclip check SCRIPT`",
+            "## `gradclip check SCRIPT` or `gradclip check -- python SCRIPT [ARGS]`",
             "",
             "One run, for CI: unclipped, or clipped with `--max-norm M [--norm-type P]`; exit 1 on NaN/inf",
-            "or divergence.",
+            "or divergence. A command after `--` runs with its own clipping unless `--max-norm` is given.",
             "",
             *_table(CHECK),
+            "",
+            "## `gradclip watch -- python SCRIPT [ARGS]`",
+            "",
+            "One run of your command as written, recorded like `GradMonitor`: the files of a sweep and",
+            "`report.html` in `--out` ([your-command.md](your-command.md)).",
+            "",
+            *_table(WATCH),
             "",
             "## `gradclip report DIR`",
             "",

@@ -48,11 +48,11 @@ def _root(
     """gradclip: a training-stability diagnostic for PyTorch."""
 
 
-def _run(command: str, *arguments) -> None:
+def _run(command: str, *arguments, function: str = "run") -> None:
     """Run ``command`` from its module, which is imported only now: it loads torch and the
     training core, and ``gradclip --help`` and ``--version`` answer without them (tested). A
     code the command returns is the exit code; ``None`` is a plain finish."""
-    code = importlib.import_module(f"gradcheck_cli.cli.{command}").run(*arguments)
+    code = getattr(importlib.import_module(f"gradcheck_cli.cli.{command}"), function)(*arguments)
     if code is not None:
         raise typer.Exit(code)
 
@@ -65,10 +65,14 @@ def _run(command: str, *arguments) -> None:
 @exit_on_errors
 @with_options("sweep")
 def sweep_command(
-    script: Path | None = typer.Argument(
+    script: list[str] | None = typer.Argument(
         None,
-        help="Your model script (defines build_model, batches, loss_fn; optionally build_optimizer, build_scheduler).",
+        help=(
+            "Your model script (defines build_model, batches, loss_fn; optionally build_optimizer, build_scheduler), "
+            "or after -- your own training command as it is: -- python train.py ARGS."
+        ),
         show_default=False,
+        metavar="[SCRIPT | -- python SCRIPT ARGS...]",
     ),
     **given,
 ) -> None:
@@ -80,8 +84,14 @@ def sweep_command(
     Every run starts from identical weights, optimizer state, RNG state and batch order (per seed with
     --seeds; every cell and the control run again at each --lr). Results go to the terminal and to
     CSV files in --out, written after every finished run.
+
+    After --, your own command runs as it is, once per run, each with the run's clipping in place of
+    its own (docs/your-command.md).
     """
-    _run("sweep", script, given)
+    if _is_command(script):
+        _run("as_is", list(script), given, function="sweep")
+    else:
+        _run("sweep", Path(script[0]) if script else None, given)
 
 
 @app.command("report", short_help="Re-render table, verdict and report.html from an --out dir.")
@@ -103,11 +113,41 @@ def report_command(
 @exit_on_errors
 @with_options("check")
 def check_command(
-    script: Path = typer.Argument(..., help="Your model script.", show_default=False),
+    script: list[str] = typer.Argument(
+        ...,
+        help="Your model script, or after -- your own training command: -- python train.py ARGS.",
+        show_default=False,
+        metavar="SCRIPT | -- python SCRIPT ARGS...",
+    ),
     **given,
 ) -> None:
-    """CI gate: one training run; exit 0 when stable, 1 on NaN/inf or divergence (naming step and parameter)."""
-    _run("check", script, given)
+    """CI gate: one training run; exit 0 when stable, 1 on NaN/inf or divergence (naming step and parameter).
+
+    A command after -- runs as written (its own clipping) unless --max-norm is given."""
+    if _is_command(script):
+        _run("as_is", list(script), given, function="check")
+    else:
+        _run("check", Path(script[0]), given)
+
+
+@app.command("watch", short_help="One run of your own command as written, recorded: gradclip watch -- python train.py")
+@exit_on_errors
+@with_options("watch")
+def watch_command(
+    command: list[str] = typer.Argument(
+        ..., help="Your training command, after --: -- python train.py ARGS.", show_default=False
+    ),
+    **given,
+) -> None:
+    """Run your command once as it is (its own clipping) and record what GradMonitor records: pre-clip and
+    per-layer norms, spikes, the NaN onset and first non-finite parameter, the loss, skipped AMP steps; the
+    files and report.html go to --out (docs/your-command.md)."""
+    _run("as_is", list(command), given, function="watch")
+
+
+def _is_command(words: list[str] | None) -> bool:
+    """A training command (``python ...``) rather than one model script path."""
+    return bool(words) and (len(words) > 1 or not words[0].endswith(".py"))
 
 
 @app.command("recipes", short_help="List the bundled sweep recipes.")

@@ -46,6 +46,18 @@ class UserCommand:
         return [first, *self.args]
 
     @property
+    def file(self) -> Path:
+        """The file that runs: the script, or the module's source file."""
+        if self.script is not None:
+            return self.script
+        spec = _find_module(self.module, self.cwd)
+        origin = getattr(spec, "origin", None)
+        if spec is not None and spec.submodule_search_locations and origin and origin.endswith("__init__.py"):
+            main = Path(origin).with_name("__main__.py")
+            return main if main.exists() else Path(origin)
+        return Path(origin) if origin else self.cwd
+
+    @property
     def name(self) -> str:
         return self.script.name if self.script is not None else self.module
 

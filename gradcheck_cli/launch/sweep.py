@@ -15,7 +15,7 @@ from gradcheck_cli.detect import command_start_warning
 from gradcheck_cli.errors import UsageError, UserCodeError
 from gradcheck_cli.launch.command import UserCommand
 from gradcheck_cli.launch.runs import CommandRun, RunOptions, run_cell, run_cells, threads_for
-from gradcheck_cli.results import MODE_NONE, Cell, RunResult
+from gradcheck_cli.results import MODE_NONE, MODE_NORM, STABLE, Cell, RunResult
 
 LOG_DIR = "logs"  # under --out: one log per run with everything the script printed
 
@@ -135,19 +135,47 @@ def run_command_sweep(
 
 
 def _with_fairness(result: RunResult, runs: Mapping[str, CommandRun], judged: list[RunResult]) -> RunResult:
-    """Every run starts the command afresh with the same seed, so step 1 (its loss and its
-    first pre-clip norm, both before any update) is the same in every run of a seed. When it
-    is not, the command does not start identically: say so, naming the run it differs from."""
+    """Every run starts the command afresh with the same seed, so step 1 (its loss, and its
+    pre-clip norm, both before any update) is the same in every run of a seed. When it is not,
+    the command does not start identically: say so, naming the run it differs from. The norm
+    is compared in the run's own norm type: the control measures every norm type of the grid."""
     reference = next((r for r in judged if r.seed == result.seed and r.steps), None)
     if reference is None or not result.steps:
         return result
-    mine, theirs = runs.get(result.run), runs.get(reference.run)
-    probe = (result.steps[0].loss, mine.outcome.first_clip_norm if mine and mine.outcome else None)
-    ref = (reference.steps[0].loss, theirs.outcome.first_clip_norm if theirs and theirs.outcome else None)
-    same = all(a == b or (a != a and b != b) for a, b in zip(probe, ref))
-    if same:
+    mine, theirs = result.steps[0], reference.steps[0]
+    ref_norm = dict(theirs.norms).get(result.cell.norm_type)
+    if ref_norm is None and reference.cell.norm_type == result.cell.norm_type:
+        ref_norm = theirs.grad_norm
+    probe, ref = [mine.loss], [theirs.loss]
+    if ref_norm is not None and result.cell.mode in (MODE_NONE, MODE_NORM):
+        probe.append(mine.grad_norm)
+        ref.append(ref_norm)
+    if all(a == b or (a != a and b != b) for a, b in zip(probe, ref)):
         return result
     return replace(result, warnings=result.warnings + (command_start_warning(reference.run),))
+
+
+def as_written_line(as_written: tuple[str, float, float] | None, results: list[RunResult]) -> str:
+    """The script's own clipping, and where it stands among the sweep's runs of that norm type."""
+    if as_written is None:
+        return "as written: the script does not clip"
+    kind, threshold, norm_type = as_written
+    if kind == "value":
+        return f"as written: clip_value={threshold:g}"
+    shown = "inf" if norm_type == float("inf") else f"L{norm_type:g}"
+    line = f"as written: max_norm={threshold:g}, {shown}"
+    same = [r for r in results if r.cell.mode == MODE_NORM and r.cell.norm_type == norm_type]
+    if not same:
+        return line + " (no run of the grid clips in that norm type)"
+    unstable = sorted(r.cell.max_norm for r in same if r.status != STABLE)
+    stable = sorted(r.cell.max_norm for r in same if r.status == STABLE)
+    if unstable and threshold >= unstable[0]:
+        return line + f": at or above the smallest unstable max_norm ({unstable[0]:g}) of the grid; clip lower"
+    if unstable and stable and threshold * 2 >= unstable[0]:
+        return line + f": stable side, but within 2x of the smallest unstable max_norm ({unstable[0]:g})"
+    if stable and threshold <= stable[-1]:
+        return line + f": within the stable range of the grid (stable up to {stable[-1]:g})"
+    return line
 
 
 def single_run(command: UserCommand, cell: Cell | None, options: RunOptions, out: Path) -> CommandRun:
