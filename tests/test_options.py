@@ -16,7 +16,7 @@ from gradcheck_cli.config import PARSERS, SweepConfig
 from gradcheck_cli.recipes import ACCEPTS, RECIPE_KEYS, load_recipe
 from gradcheck_cli.report import resume
 
-COMMANDS = (options.SWEEP, options.CHECK, options.REPORT)
+COMMANDS = (options.SWEEP, options.CHECK, options.REPORT, options.WATCH)
 
 
 def command_options(command: str) -> list:
@@ -58,6 +58,7 @@ def test_every_option_belongs_to_a_command_and_names_are_unique():
     assert len({o.name for o in options.OPTIONS}) == len(options.OPTIONS)
     assert all(o.commands and set(o.commands) <= set(COMMANDS) for o in options.OPTIONS)
     assert all(o.check is None or options.CHECK in o.commands for o in options.OPTIONS)
+    assert all(o.watch is None or options.WATCH in o.commands for o in options.OPTIONS)
 
 
 def test_sweep_config_fields_and_defaults_are_the_tables():
