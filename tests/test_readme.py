@@ -48,15 +48,21 @@ def test_quick_start_has_exactly_two_single_line_commands():
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run has the README's test command as a line of its own (indented or not), after it
+    made the fresh virtual environment that the line installs into."""
     _, test_command = quick_start_commands()
-    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
+    assert ci_lines.index('fresh_venv "$work/venv-latest"') < ci_lines.index(test_command)
 
 
 def test_ci_runs_the_readme_main_job_verbatim():
+    """.ci/run has the README's main job as a line of its own (indented or not), after it made
+    the fresh virtual environment that the line installs into."""
     main_job, _ = quick_start_commands()
-    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert main_job in ci_lines
+    assert ci_lines.index('fresh_venv "$work/venv-latest"') < ci_lines.index(main_job)
 
 
 def test_bundled_recipe_named_in_quick_start_exists():
@@ -274,6 +280,8 @@ def test_readme_commands_use_existing_options():
     assert len(lines) >= 5
     for line in lines:
         words = line.split("#", 1)[0].split()[1:]
+        if "--" in words:  # the user's own command follows: its options are its own
+            words = words[: words.index("--")]
         options = {name for param in commands[words[0]].params for name in param.opts}
         for word in words[1:]:
             if word.startswith("--"):
