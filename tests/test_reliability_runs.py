@@ -192,9 +192,10 @@ def loss_fn(model, batch):
     assert result.exit_code == 3
     assert f'File "{lib / "helpers.py"}", line 2, in compute' in result.stderr
     assert f'File "{script}", line 10, in loss_fn' in result.stderr
-    assert "runner.py" not in result.stderr
+    assert "run_setup.py" not in result.stderr
     debug = invoke("check", script, "--steps", 1, env={"GRADCLIP_DEBUG": "1"})
-    assert "gradcheck_cli" in debug.stderr and "runner.py" in debug.stderr  # the full traceback
+    # the full traceback, from gradclip's call into the user's code (run_setup.call_user)
+    assert "gradcheck_cli" in debug.stderr and "run_setup.py" in debug.stderr
 
 
 # --- contract violations show their explanation in the error panel ------------------------------
