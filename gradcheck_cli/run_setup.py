@@ -255,13 +255,15 @@ class BatchStream:
     def _fresh(self) -> None:
         fn = self._experiment.batches_fn
         iterable = call_user(self._experiment, fn)
-        try:
-            self._it = iter(iterable)
-        except TypeError:
+        if not hasattr(iterable, "__iter__") and not hasattr(iterable, "__getitem__"):
             raise UserFailure(
                 f"batches() must return an iterable of batches, got {type_name(iterable)}",
                 definition_site(fn, "batches"),
-            ) from None
+            )
+        try:
+            self._it = iter(iterable)
+        except (Exception, SystemExit) as exc:  # e.g. a DataLoader whose workers cannot start
+            raise UserFailure(describe_exception(exc), self._experiment.format_traceback(exc)) from exc
         self._passes += 1
         self._in_pass = 0
 
