@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 from gradcheck_cli import engine
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig
-from gradcheck_cli.detect import clip_coefficient
+from gradcheck_cli.detect import applied_norm, clip_coefficient
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.results import (
+    DIVERGED,
     ERROR,
     MODE_AGC,
     MODE_AUTOCLIP,
@@ -27,6 +28,7 @@ from gradcheck_cli.results import (
     MODE_NORM,
     MODE_VALUE,
     MODE_ZCLIP,
+    STABLE,
     Cell,
     RunResult,
     StepRecord,
@@ -298,6 +300,52 @@ class BatchStream:
                 raise UserFailure(msg, definition_site(fn, "batches"))
         self._in_pass += 1
         return batch
+
+
+def judged_norm(cell: Cell, norm: float) -> float:
+    """The norm the divergence test judges at a step (``detect.Divergence.norm_diverged``): the
+    one the update applies, unclipped or under a fixed ``max_norm``. NaN for the adaptive rules
+    and value and AGC clipping, which bound the update relative to the run's own history or per
+    element and unit by construction."""
+    if cell.mode in (MODE_NONE, MODE_NORM):
+        return applied_norm(norm, cell.max_norm)
+    return math.nan
+
+
+def evaluate_model(experiment: Experiment, model: torch.nn.Module) -> float:
+    """The script's ``evaluate(model)`` as a float, in eval mode without gradients. Raises
+    ``UserFailure`` when it raises or returns something that is not a single number."""
+    fn = experiment.evaluate_fn
+    model.eval()
+    try:
+        with torch.no_grad():
+            value = call_user(experiment, fn, model)
+    finally:
+        model.train()
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserFailure(
+            f"evaluate(model) must return a number, got {type_name(value)}", definition_site(fn, "evaluate")
+        ) from None
+
+
+def evaluation(experiment: Experiment, model: torch.nn.Module, status: str) -> dict:
+    """``eval_metric`` and its direction for a run that ended with ``status``, as ``RunResult``
+    fields: ``evaluate(model)`` runs at the end of every run that stayed finite, stable or
+    diverged. A stable run's failing ``evaluate`` is the run's error (``UserFailure``); a
+    diverged model may break it (non-finite outputs), so there it only leaves no metric."""
+    if experiment.evaluate_fn is None or status not in (STABLE, DIVERGED):
+        return {}
+    try:
+        metric = evaluate_model(experiment, model)
+    except UserFailure:
+        if status == STABLE:
+            raise
+        return {}
+    return {"eval_metric": metric, "eval_higher_is_better": experiment.evaluate_higher_is_better}
 
 
 def make_rule(cell: Cell, config: SweepConfig) -> Any:

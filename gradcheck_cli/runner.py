@@ -3,9 +3,10 @@
 ``run_cell`` restores the seed's starting state, builds the run's optimizer, scheduler and
 scaler, then per step: zero the gradients, forward and backward every micro-batch, measure the
 pre-clip norms in one pass, bring the step's numbers to the host in one sync, judge them (loss,
-fp16 skip, non-finite norm) and only then clip, step and record. The order, the verdicts and
-what a failure in the user's code becomes are described in docs/contract.md ("How a run
-executes"); a ``train_step`` script runs in ``train_step.py`` instead.
+fp16 skip, non-finite norm, the norm about to be applied) and only then clip, step and record.
+The order, the verdicts and what a failure in the user's code becomes are described in
+docs/contract.md ("How a run executes"), divergence in docs/diagnosis.md ("Divergence"); a
+``train_step`` script runs in ``train_step.py`` instead.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
 from gradcheck_cli.detect import (
     FOREIGN_PARAMETERS,
     NO_MODEL_PARAMETERS,
-    can_judge_divergence,
+    Divergence,
     degenerate_training,
     first_index,
-    is_diverged,
     is_non_finite,
 )
 from gradcheck_cli.engine.distributed import any_dtensor
@@ -52,6 +52,8 @@ from gradcheck_cli.run_setup import (
     apply_clipping,
     call_user,
     current_lr,
+    evaluation,
+    judged_norm,
     make_rule,
     make_scheduler,
     mean_across_ranks,
@@ -133,7 +135,7 @@ class _Run:
         self.lr = config.lr_of(cell)
         self.reported = dict(lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
         self.optimizer_warnings: list[str] = []
-        self.first_loss: float | None = None
+        self.divergence = Divergence(config.divergence_factor)
         self.skips_in_a_row = 0
 
     def prepare(self, snapshot: Snapshot | None) -> None:
@@ -195,6 +197,12 @@ class _Run:
                 nan_source=SOURCE_BACKWARD,
                 nan_param=_first_non_finite_param(self.model),
             )
+        if self.divergence.norm_diverged(judged_norm(self.cell, measured.norm_f)):
+            # stopped before the update: the step's norm is recorded, no coefficient applied
+            self.records.append(
+                StepRecord(step, loss_f, measured.norm_f, layers=measured.layers, lr=step_lr, norms=measured.extra)
+            )
+            return self.finish(DIVERGED, diverged_step=step)
         self._update(step, loss_f, measured, step_lr)
         return None
 
@@ -273,9 +281,7 @@ class _Run:
                 nan_source=SOURCE_FORWARD,
                 nan_micro_batch=micro + 1 if self.config.accumulate > 1 and micro is not None else None,
             )
-        if step == 1:
-            self.first_loss = loss_f
-        elif is_diverged(loss_f, self.first_loss, self.config.divergence_factor):
+        if self.divergence.loss_diverged(loss_f):
             self.records.append(StepRecord(step, loss_f, lr=step_lr))
             return self.finish(DIVERGED, diverged_step=step)
         return None
@@ -321,27 +327,20 @@ class _Run:
 
     def finish_stable(self) -> RunResult:
         """The result of a run that took every step: stable, with the script's ``evaluate``."""
-        if self.experiment.evaluate_fn is not None:
-            return self.finish(
-                STABLE,
-                eval_metric=evaluate_model(self.experiment, self.model),
-                eval_higher_is_better=self.experiment.evaluate_higher_is_better,
-            )
         return self.finish(STABLE)
 
     def finish(self, status: str, **kw: Any) -> RunResult:
-        """The run's result with ``status``: its steps so far, time, warnings and ``kw``."""
+        """The run's result with ``status``: its steps so far, time, warnings and ``kw``; a
+        stable or diverged run with the script's ``evaluate`` (``run_setup.evaluation``)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        kw.update(evaluation(self.experiment, self.model, status))
         records = self.records
         warnings = self.optimizer_warnings + degenerate_training(
             [r.loss for r in records], [r.grad_norm for r in records], self.cell.norm_type
         )
         if records:
-            kw.setdefault(
-                "divergence_checked",
-                can_judge_divergence(records[0].loss) and math.isfinite(self.config.divergence_factor),
-            )
+            kw.setdefault("divergence_checked", self.divergence.active)
         return RunResult(
             cell=self.cell,
             status=status,
@@ -402,26 +401,6 @@ def _step(experiment: Experiment, optimizer: torch.optim.Optimizer, lr: float) -
             f"the default SGD with --lr {lr!r} failed: {describe_exception(exc)}; "
             "choose a smaller --lr, or define build_optimizer(model) in the script"
         ) from exc
-
-
-def evaluate_model(experiment: Experiment, model: torch.nn.Module) -> float:
-    """The script's ``evaluate(model)`` as a float, in eval mode without gradients. Raises
-    ``UserFailure`` when it raises or returns something that is not a single number."""
-    fn = experiment.evaluate_fn
-    model.eval()
-    try:
-        with torch.no_grad():
-            value = call_user(experiment, fn, model)
-    finally:
-        model.train()
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return float(value.item() if isinstance(value, torch.Tensor) else value)
-    except (TypeError, ValueError, RuntimeError):
-        raise UserFailure(
-            f"evaluate(model) must return a number, got {type_name(value)}", definition_site(fn, "evaluate")
-        ) from None
 
 
 def _to_host(scalars: list[torch.Tensor], vector: torch.Tensor, on_cpu: bool) -> list[float]:

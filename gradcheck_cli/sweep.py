@@ -11,6 +11,7 @@ of events and why every run with the same (lr, seed) starts identical: docs/cont
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,14 +20,14 @@ import torch
 
 from gradcheck_cli.analysis import annotate_spike
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
-from gradcheck_cli.detect import step1_warning
+from gradcheck_cli.detect import eval_collapsed, eval_collapsed_warning, step1_warning
 from gradcheck_cli.errors import UsageError
 from gradcheck_cli.loader import Experiment
-from gradcheck_cli.results import MODE_AGC, Cell, RunResult
-from gradcheck_cli.run_setup import UserFailure, error_result, make_optimizer, run_lr
+from gradcheck_cli.results import DIVERGED, MODE_AGC, STABLE, Cell, RunResult
+from gradcheck_cli.run_setup import UserFailure, error_result, evaluate_model, make_optimizer, run_lr
 from gradcheck_cli.runner import run_cell
 from gradcheck_cli.snapshot import Snapshot, seed_everything
-from gradcheck_cli.train_step import run_train_step_cell
+from gradcheck_cli.train_step import measured_norm_type, run_train_step_cell
 
 OnRunStart = Callable[[int, int, Cell], None]
 OnRunDone = Callable[[int, int, RunResult], None]
@@ -88,21 +89,56 @@ def _check_default_lr(experiment: Experiment, model: torch.nn.Module, lr: float)
             )
 
 
-def _step1_reference(results: list[RunResult], seed: int | None) -> RunResult | None:
-    """The first run of the same seed with a step 1 (the lr does not change step 1's loss)."""
-    return next((r for r in results if r.seed == seed and r.steps and r.steps[0].step == 1), None)
+def _step1_probe(result: RunResult) -> tuple[str, float, float | None] | None:
+    """What must be identical at step 1 in every run of a seed: the loss before the first
+    update, or, for a ``train_step`` script (whose returned loss may include a later update's,
+    clipped differently per run), the pre-clip norm at the first clip call, in the norm type it
+    was measured in. ``(kind, value, norm type)``; ``None`` without a step 1."""
+    if not result.steps or result.steps[0].step != 1:
+        return None
+    first = result.steps[0]
+    if first.sites:
+        return "norm", first.sites[0][1], measured_norm_type(result.cell)
+    return "loss", first.loss, None
+
+
+def _step1_reference(results: list[RunResult], result: RunResult) -> RunResult | None:
+    """The first run of ``result``'s seed with a step 1 probed the same way (the lr does not
+    change step 1's loss, nor the first clip call's norm)."""
+    probe = _step1_probe(result)
+    if probe is None:
+        return None
+    same = (probe[0], probe[2])
+    return next((r for r in results if r.seed == result.seed and _probed_as(r) == same), None)
+
+
+def _probed_as(result: RunResult) -> tuple[str, float | None] | None:
+    probe = _step1_probe(result)
+    return (probe[0], probe[2]) if probe is not None else None
 
 
 def _with_step1_warning(result: RunResult, reference: RunResult | None) -> RunResult:
-    """Every run starts from the same state and the same first batch, so step 1's loss is the
-    same in every run. When it is not, the script carries state between runs: say so, naming
-    the run it differs from."""
-    if reference is None or reference is result or not result.steps or result.steps[0].step != 1:
+    """Every run starts from the same state and the same first batch, so step 1's probe
+    (``_step1_probe``) is the same in every run. When it is not, the script carries state
+    between runs: say so, naming the run it differs from."""
+    if reference is None or reference is result:
         return result
-    a, b = reference.steps[0].loss, result.steps[0].loss
+    (kind, a, _), (_, b, _) = _step1_probe(reference), _step1_probe(result)
     if a == b or (a != a and b != b):  # equal, or both NaN
         return result
-    result.warnings = result.warnings + (step1_warning(reference.run),)
+    result.warnings = result.warnings + (step1_warning(reference.run, kind),)
+    return result
+
+
+def _with_eval_judged(result: RunResult, before: float | None, factor: float) -> RunResult:
+    """A stable run whose ``evaluate`` collapsed (``detect.eval_collapsed``: not a number, or far
+    worse than the untrained model's ``before``) has diverged; the warning keeps ``before``.
+    Not judged when divergence is not (``--divergence-factor inf``)."""
+    if result.status != STABLE or result.eval_metric is None or not math.isfinite(factor):
+        return result
+    if eval_collapsed(before, result.eval_metric, bool(result.eval_higher_is_better)):
+        result.status = DIVERGED
+        result.warnings = result.warnings + (eval_collapsed_warning(before),)
     return result
 
 
@@ -180,7 +216,7 @@ def run_sweep(
         if on_step is not None:
             on_step(step)
 
-    tasks = _tasks(config, experiment, device, cells, skip, last)
+    tasks = _tasks(config, experiment, device, cells, skip, last, in_order.eval_before)
     for task, result in executor.run(experiment, config, tasks, started, stepped):
         in_order.add(task.index, result)
     if last:
@@ -195,11 +231,12 @@ def _tasks(
     cells: list[Cell],
     skip: Mapping[str, RunResult],
     last: list[StartingState],
+    eval_before: dict[int | None, float | None],
 ) -> Iterator[Task]:
     """The runs to execute, in cell order, each with its seed's starting state, built when the
     seed's first run is due (cells come seed-major, so one state is held at a time; the previous
     one is freed first). Every later seed starts from the first seed's global torch state.
-    ``last`` holds the latest state."""
+    ``last`` holds the latest state, ``eval_before`` gets each seed's untrained metric."""
     state: StartingState | None = None
     first_global = None  # global torch state as the first seed's runs start from it
     for index, cell in enumerate(cells, start=1):
@@ -215,6 +252,7 @@ def _tasks(
             first_global = first_global or state.snapshot.global_state
             _check_agc_exclude(config, cells, state.model)
             last.append(state)
+            eval_before[seed] = state.eval_before
         yield Task(index, cell, state)
 
 
@@ -236,6 +274,7 @@ class _InOrder:
         self.config, self.cells, self.skip, self.on_run_done = config, cells, skip, on_run_done
         self.by_index: dict[int, RunResult] = {i: skip[c.run] for i, c in enumerate(cells, start=1) if c.run in skip}
         self.judged: list[RunResult] = []
+        self.eval_before: dict[int | None, float | None] = {}  # per seed: evaluate() before training
 
     def add(self, index: int, result: RunResult) -> None:
         """The result of the run at ``index`` (from 1); judge every result now in order."""
@@ -246,7 +285,8 @@ class _InOrder:
             result = self.by_index[index]
             fresh = self.cells[index - 1].run not in self.skip
             if fresh:
-                result = _with_step1_warning(result, _step1_reference(judged + [result], result.seed))
+                result = _with_step1_warning(result, _step1_reference(judged + [result], result))
+                result = _with_eval_judged(result, self.eval_before.get(result.seed), self.config.divergence_factor)
                 result = annotate_spike(result, self.config.spike_factor)
             judged.append(result)
             if fresh and self.on_run_done is not None:
@@ -263,6 +303,7 @@ class StartingState:
     model: torch.nn.Module | None
     snapshot: Snapshot
     optimizer_failure: UserFailure | None
+    eval_before: float | None = None  # evaluate() of the untrained model, when the script has one
 
 
 @dataclass
@@ -287,10 +328,23 @@ def starting_state(config: SweepConfig, experiment: Experiment, device: torch.de
         optimizer = make_optimizer(experiment, model, config.lrs[0] if config.lrs else DEFAULT_LR)
     except UserFailure as failure:
         optimizer_failure = failure
+    eval_before = _untrained_metric(experiment, model)  # before the RNG is seeded for the runs
     seed_everything(seed, device)
     snapshot = Snapshot.capture(model, optimizer, device)
     del optimizer  # every run builds its own
-    return StartingState(seed, model, snapshot, optimizer_failure)
+    return StartingState(seed, model, snapshot, optimizer_failure, eval_before)
+
+
+def _untrained_metric(experiment: Experiment, model: torch.nn.Module) -> float | None:
+    """``evaluate(model)`` of the starting state: what a collapsed metric is measured against
+    (``_with_eval_judged``). ``None`` without ``evaluate``, or when it fails here (each run's own
+    call at its end reports that failure)."""
+    if experiment.evaluate_fn is None:
+        return None
+    try:
+        return evaluate_model(experiment, model)
+    except UserFailure:
+        return None
 
 
 def execute(

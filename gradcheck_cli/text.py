@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from gradcheck_cli.detect import EARLY_MIN, EVAL_COLLAPSED, applied_norm, loss_range, norm_level
 from gradcheck_cli.results import (
     CRASHED,
     DIVERGED,
@@ -90,6 +91,9 @@ def describe_result(result: RunResult) -> str:
     * ``non_finite at step 20 (amp): the gradient scaler skipped 20 steps in a row (from step 1);
       non-finite gradient in head.weight``
     * ``diverged at step 2: loss 3.457e+07 vs 1.789 at step 1``
+    * ``diverged at step 9: loss 41.2 vs 0.58 to 11.6 over steps 1-3`` (the early range)
+    * ``diverged at step 6: gradient norm 2.73e4 about to be applied, 3602x its running median 7.58``
+    * ``diverged: evaluate() gave 9.4 at the end, worse than 22 before training``
     * ``error: ValueError: shapes do not match``
     * ``crashed: worker process killed by signal SIGKILL (9) during step 4``
     """
@@ -122,12 +126,7 @@ def describe_result(result: RunResult) -> str:
             return text + ": the gradient norm is not finite"
         return text
     if status == DIVERGED:
-        where = f" at step {result.diverged_step}" if result.diverged_step is not None else ""
-        text = f"diverged{where}"
-        loss = _loss_at(result, result.diverged_step)
-        if loss is not None and steps:
-            text += f": loss {format_number(loss)} vs {format_number(steps[0].loss)} at step {steps[0].step}"
-        return text
+        return _describe_divergence(result)
     if status == ERROR:
         return f"error: {result.error}" if result.error else "error"
     if status == CRASHED:
@@ -141,4 +140,74 @@ def _loss_at(result: RunResult, step: int | None) -> float | None:
     for record in reversed(result.steps):
         if record.step == step:
             return record.loss
+    return None
+
+
+def _describe_divergence(result: RunResult) -> str:
+    """Why a run diverged, from its recorded steps (docs/diagnosis.md, "Divergence"): the loss
+    against its early range, the norm about to be applied against its running median (the
+    stopping step has a norm but no coefficient applied), or ``evaluate`` against the untrained
+    model (no stopping step)."""
+    step = result.diverged_step
+    if step is None:
+        before = eval_before(result)
+        after = format_number(result.eval_metric)
+        if before is None:
+            return f"diverged: evaluate() gave {after} at the end"
+        return f"diverged: evaluate() gave {after} at the end, worse than {format_number(before)} before training"
+    text = f"diverged at step {step}"
+    stop = next((s for s in reversed(result.steps) if s.step == step), None)
+    if stop is None:
+        return text
+    earlier = [s for s in result.steps if s.step < step and not s.skipped]
+    if result.cell.mode in (MODE_NONE, MODE_NORM) and math.isnan(stop.clip_coef) and math.isfinite(stop.grad_norm):
+        return text + _norm_reason(result, stop, earlier)
+    finite = [s for s in earlier if math.isfinite(s.loss)]
+    reference = loss_range([s.loss for s in finite], 1.0)
+    if reference is None or not math.isfinite(stop.loss):
+        return text
+    loss = format_number(stop.loss)
+    if reference.n == 1:
+        return text + f": loss {loss} vs {format_number(reference.low)} at step {finite[0].step}"
+    if reference.has_level:
+        first = finite[: min(reference.n, EARLY_MIN)]
+        return (
+            text
+            + f": loss {loss} vs {format_number(reference.level)} at the start (steps {first[0].step}-{first[-1].step})"
+        )
+    low, high = format_number(reference.low), format_number(reference.high)
+    return text + f": loss {loss} vs {low} to {high} over steps {finite[0].step}-{finite[reference.n - 1].step}"
+
+
+def _norm_reason(result: RunResult, stop, earlier: list) -> str:
+    """``: gradient norm X about to be applied, Rx its running median M`` (at which clip site,
+    for a ``train_step`` script)."""
+    if stop.sites:
+        site, norm, _ = stop.sites[-1]
+        history = [n * c for s in earlier for name, n, c in s.sites if name == site]
+        where = f" at clip site {site}"
+    else:
+        norm = stop.grad_norm
+        history = [s.grad_norm * s.clip_coef for s in earlier]
+        where = ""
+    applied = applied_norm(norm, result.cell.max_norm)
+    level = norm_level(history)
+    if level is None:
+        return f": gradient norm {format_number(applied)} about to be applied{where}"
+    return (
+        f": gradient norm {format_number(applied)} about to be applied{where}, "
+        f"{format_number(applied / level)}x its running median {format_number(level)}"
+    )
+
+
+def eval_before(result: RunResult) -> float | None:
+    """The untrained model's ``evaluate`` metric, as recorded with a collapse (``detect``'s
+    ``eval_collapsed`` warning); ``None`` when the run has none."""
+    for code in result.warnings:
+        name, _, ref = code.partition(":")
+        if name == EVAL_COLLAPSED and ref:
+            try:
+                return float(ref)
+            except ValueError:
+                return None
     return None

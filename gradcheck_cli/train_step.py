@@ -2,9 +2,10 @@
 
 ``train_step(model, batch, optimizers, clip)`` runs one update the script's own way and calls
 ``clip(parameters, name=None)`` where it would call ``torch.nn.utils.clip_grad_norm_``. ``Clip``
-measures those gradients with gradclip's engine, stops the run at a non-finite norm before
-anything is clipped, applies the cell's clipping per call site and returns the pre-clip norm;
-``run_train_step_cell`` runs the steps and judges the loss as ``runner.run_cell`` does. The
+measures those gradients with gradclip's engine, stops the run at a non-finite norm, or one
+exploding above its site's running level, before anything is clipped, applies the cell's
+clipping per call site and returns the pre-clip norm; ``run_train_step_cell`` runs the steps,
+judges the loss as ``runner.run_cell`` does and calls ``evaluate`` at the end. The
 contract, how the sites combine into a step's row, and what does not apply (``--amp``,
 ``--accumulate``, ``build_scheduler``) are in docs/contract.md ("Your own update: train_step").
 """
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from gradcheck_cli import engine
 from gradcheck_cli.config import SweepConfig, agc_excluded
-from gradcheck_cli.detect import is_diverged, is_non_finite
+from gradcheck_cli.detect import Divergence, is_non_finite
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, type_name
 from gradcheck_cli.results import (
@@ -41,6 +42,8 @@ from gradcheck_cli.run_setup import (
     UserFailure,
     apply_clipping,
     call_user,
+    evaluation,
+    judged_norm,
     make_rule,
     optimizer_members,
     run_lr,
@@ -59,6 +62,11 @@ class _NonFiniteAtClip(BaseException):
         self.site, self.norm, self.param = site, norm, param
 
 
+class _DivergedAtClip(_NonFiniteAtClip):
+    """Raised by ``clip`` when the norm about to be applied at a site has exploded above its
+    running level there (``detect.Divergence.norm_diverged``): the run stops before clipping."""
+
+
 def combine_site_norms(norms: list[float], p: float) -> float:
     """The ``p``-norm of the sites' (finite) norms, scaled so that it cannot overflow."""
     if not norms:
@@ -75,14 +83,25 @@ def combine_site_norms(norms: list[float], p: float) -> float:
     return m * sum((n / m) ** p for n in norms) ** (1.0 / p)
 
 
+def measured_norm_type(cell: Cell) -> float:
+    """The norm type ``clip`` measures in for ``cell``: the cell's own, L2 for the control."""
+    return cell.norm_type if cell.clipped else 2.0
+
+
 class Clip:
     """The ``clip`` callable handed to ``train_step`` for one run (module docstring)."""
 
     def __init__(
-        self, model: torch.nn.Module, cell: Cell, config: SweepConfig, grouping: LayerGrouping | None = None
+        self,
+        model: torch.nn.Module,
+        cell: Cell,
+        config: SweepConfig,
+        grouping: LayerGrouping | None = None,
+        divergence: Divergence | None = None,
     ) -> None:
         self.cell = cell
-        self.norm_type = cell.norm_type if cell.clipped else 2.0
+        self.divergence = divergence  # judges each site's norm against its own running level
+        self.norm_type = measured_norm_type(cell)
         self._names = {id(p): n for n, p in model.named_parameters()}
         self.grouping = grouping or LayerGrouping()
         self.config = config  # the rules' options (AGC exclusions, ZClip's cap)
@@ -106,6 +125,8 @@ class Clip:
         norm = float(measured.total_norm)  # host sync: the norm decides whether the run stops
         if not math.isfinite(norm):
             raise _NonFiniteAtClip(site, norm, measured.first_non_finite())
+        if self.divergence is not None and self.divergence.norm_diverged(judged_norm(self.cell, norm), site):
+            raise _DivergedAtClip(site, norm, None)
         if site not in self._rules:
             self._rules[site] = make_rule(self.cell, self.config)
         targets = params
@@ -186,9 +207,15 @@ def run_train_step_cell(
     lr = config.lr_of(cell)
     reported = dict(lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
 
+    divergence = Divergence(config.divergence_factor)
+
     def finish(status: str, **kw: Any) -> RunResult:
+        """The run's result, with ``evaluate`` after a stable or diverged run (``evaluation``)."""
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        kw.update(evaluation(experiment, model, status))
+        if records:
+            kw.setdefault("divergence_checked", divergence.active)
         return RunResult(cell=cell, status=status, steps=records, seconds=time.perf_counter() - start, **reported, **kw)
 
     try:
@@ -200,8 +227,7 @@ def run_train_step_cell(
         optimizers = start_run(experiment, model, lr, snapshot)
         first_optimizer = optimizer_members(optimizers)[0]
         stream = BatchStream(experiment)
-        clip = Clip(model, cell, config)
-        first_loss: float | None = None
+        clip = Clip(model, cell, config, divergence=divergence)
         for step in range(1, config.steps + 1):
             batch = stream.next()
             if device.type != "cpu":
@@ -212,9 +238,11 @@ def run_train_step_cell(
                 out = call_user(experiment, experiment.train_step_fn, model, batch, optimizers, clip)
             except _NonFiniteAtClip as stop:
                 sites = (*clip.sites, (stop.site, stop.norm, math.nan))
-                records.append(
-                    StepRecord(step, math.nan, stop.norm, layers=tuple(clip.layers), lr=step_lr, sites=sites)
-                )
+                diverged = isinstance(stop, _DivergedAtClip)
+                norm = combine_site_norms([n for _, n, _ in sites], clip.norm_type) if diverged else stop.norm
+                records.append(StepRecord(step, math.nan, norm, layers=tuple(clip.layers), lr=step_lr, sites=sites))
+                if diverged:
+                    return finish(DIVERGED, diverged_step=step)
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_BACKWARD, nan_param=stop.param)
             if not clip.sites:
                 raise UserFailure(
@@ -227,9 +255,7 @@ def run_train_step_cell(
             if is_non_finite(loss):
                 records.append(record)
                 return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_FORWARD)
-            if first_loss is None and loss is not None:
-                first_loss = loss
-            elif is_diverged(loss, first_loss, config.divergence_factor):
+            if divergence.loss_diverged(loss):
                 records.append(record)
                 return finish(DIVERGED, diverged_step=step)
             records.append(record)

@@ -236,14 +236,15 @@ def test_gradient_scan_runs_only_at_the_onset_step(monkeypatch):
 
 
 def test_divergence_stops_before_the_optimizer_step():
-    # w: 1 -> -2 -> 4; step 3's loss 16 > 10 x 1 is judged before stepping, so w stays 4
+    # w: 1 -> -2 -> 4 -> -8; step 4's loss 64 is above 4 + 10 x 4 (the starting level, the median
+    # of 1, 4 and 16, plus 10 times it), judged before stepping, so w stays -8
     result, model = run("diverge", lr=1.5, steps=10)
-    assert result.status == DIVERGED and result.diverged_step == 3
-    assert [s.loss for s in result.steps] == [1.0, 4.0, 16.0]
-    assert [s.grad_norm for s in result.steps[:2]] == [2.0, 4.0]
+    assert result.status == DIVERGED and result.diverged_step == 4
+    assert [s.loss for s in result.steps] == [1.0, 4.0, 16.0, 64.0]
+    assert [s.grad_norm for s in result.steps[:3]] == [2.0, 4.0, 8.0]
     assert math.isnan(result.steps[-1].grad_norm) and math.isnan(result.steps[-1].clip_coef)
-    assert result.nan_step is None
-    assert model.weight.item() == 4.0
+    assert result.nan_step is None and result.divergence_checked is True
+    assert model.weight.item() == -8.0
 
 
 @pytest.mark.parametrize("max_norm", [0.1, 1.0])
@@ -255,10 +256,10 @@ def test_clipping_keeps_the_divergent_script_stable(max_norm):
 
 def test_divergence_factor_comes_from_the_config():
     result, _ = run("diverge", lr=1.5, steps=10, divergence_factor=100.0)
-    assert result.status == DIVERGED and result.diverged_step == 5  # 256 > 100
+    assert result.status == DIVERGED and result.diverged_step == 6  # 1024 > 4 + 100 x 4
 
 
-def test_divergence_is_not_judged_when_the_first_loss_is_not_positive(tmp_path):
+def test_divergence_is_judged_whatever_the_sign_of_the_first_loss(tmp_path):
     script = write(
         tmp_path,
         "negative_first.py",
@@ -276,8 +277,9 @@ def test_divergence_is_not_judged_when_the_first_loss_is_not_positive(tmp_path):
         """,
     )
     result, _ = run(script, lr=1.5, steps=6)
-    assert result.steps[0].loss == -1.0 and result.steps[-1].loss > 100.0
-    assert result.status == STABLE
+    # -1, 2, 14, 62, 254: both signs early, so the spread is the scale; 254 > 14 + 10 x (14 - -1)
+    assert [s.loss for s in result.steps] == [-1.0, 2.0, 14.0, 62.0, 254.0]
+    assert (result.status, result.diverged_step, result.divergence_checked) == (DIVERGED, 5, True)
 
 
 # --- errors in the user's code ---------------------------------------------------------------------

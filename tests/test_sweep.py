@@ -76,7 +76,7 @@ def test_seed_changes_the_numbers():
 
 def test_statuses_of_the_divergent_script():
     results = {r.run: r for r in sweep("diverge", lrs=(1.5,))}
-    assert results["unclipped"].status == DIVERGED and results["unclipped"].diverged_step == 3
+    assert results["unclipped"].status == DIVERGED and results["unclipped"].diverged_step == 4  # 64 > 4 + 10 x 4
     assert results["clip_10_2"].status == DIVERGED and results["clip_10_inf"].status == DIVERGED
     for run in ("clip_0.1_2", "clip_0.1_inf", "clip_1_2", "clip_1_inf"):
         assert results[run].status == STABLE and len(results[run].steps) == 12

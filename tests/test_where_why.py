@@ -129,13 +129,14 @@ def test_injected_spike_is_found_at_its_step_and_parameter(spike_sweep):
     result, out = spike_sweep
     summary = read(out, "summary.csv").set_index("run")
     control = summary.loc["unclipped"]
-    assert control["status"] == "diverged" and control["diverged_step"] > 6
+    # the spike multiplies the update 1e4-fold: the norm about to be applied stops the run there
+    assert control["status"] == "diverged" and control["diverged_step"] == 6
     assert (control["spike_step"], control["spike_param"]) == (6, "body.2.weight")
     # clipping cannot stop the pre-clip gradient from spiking: every run sees it at step 6
     assert set(summary["spike_step"]) == {6} and set(summary["spike_param"]) == {"body.2.weight"}
     verdict = " ".join(result.stdout.split())
     assert (
-        f"unclipped: gradients of body.2.weight spike at step 6, then diverged at step {int(control['diverged_step'])}"
+        "unclipped: gradients of body.2.weight spike at step 6 and the run diverged at step 6: gradient norm"
         in verdict
     )
 
@@ -221,14 +222,14 @@ _NEGATIVE = """
 """
 
 
-def test_negative_first_loss_says_divergence_was_not_judged(tmp_path):
+def test_a_negative_loss_is_judged_against_its_own_early_steps(tmp_path):
     script = write(tmp_path, "negative.py", _NEGATIVE)
     out = tmp_path / "r"
     result = invoke("sweep", script, "--steps", 5, "--max-norm", "1", "--norm-type", "2", "--out", out)
     assert result.exit_code == 0, result.output
     summary = read(out, "summary.csv")
-    assert (~summary["divergence_checked"]).all()
-    assert "divergence not judged: the first loss" in " ".join(result.stdout.split())
+    assert summary["divergence_checked"].all() and (summary["status"] == "stable").all()
+    assert "divergence not judged" not in " ".join(result.stdout.split())
 
 
 def test_divergence_factor_inf_turns_the_check_off(tmp_path):
