@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gradcheck_cli.detect import is_finite
 from gradcheck_cli.results import (
@@ -25,7 +25,7 @@ from gradcheck_cli.results import (
     smoothed_loss,
 )
 from gradcheck_cli.settings import SettingOverSeeds, over_seeds, seeds_vary
-from gradcheck_cli.stats import Smoothed, mean_sd, median
+from gradcheck_cli.stats import SMOOTH_STEPS, Smoothed, mean_sd, median
 
 DEFAULT_SPIKE_FACTOR = 10.0
 MIN_HISTORY = 3  # earlier finite norms a layer needs before a jump can be judged
@@ -74,6 +74,10 @@ def annotate_spike(result: RunResult, factor: float = DEFAULT_SPIKE_FACTOR) -> R
 # --------------------------------------------------------------------------------------------
 # Smoothed figures and noise
 
+BASIS_EVAL = "eval_metric"  # the script's evaluate(model), one number per run
+BASIS_LOSS = "smoothed_loss"  # the mean of the last SMOOTH_STEPS losses
+BASIS_STABILITY = "stability"  # no figure: the loss measures nothing (several objectives summed)
+
 
 def differ_meaningfully(a: Smoothed | None, b: Smoothed | None) -> bool:
     """``True`` when the two means are more than ``NOISE_SE`` standard errors apart. ``False``
@@ -86,31 +90,89 @@ def differ_meaningfully(a: Smoothed | None, b: Smoothed | None) -> bool:
     return abs(a.mean - b.mean) > NOISE_SE * se
 
 
+def clip_sites(r: RunResult) -> list[str]:
+    """The names of a ``train_step`` run's clip call sites, in order of first call."""
+    return list(dict.fromkeys(name for s in r.steps for name, _, _ in s.sites))
+
+
+def summed_objectives(runs: list[RunResult]) -> list[str]:
+    """The clip sites of a ``train_step`` script that clips at more than one (a GAN's
+    discriminator and generator): its returned loss sums several objectives, each trained by its
+    own update, and measures no quality. ``[]`` for every other script."""
+    for r in runs:
+        sites = clip_sites(r)
+        if len(sites) > 1:
+            return sites
+    return []
+
+
+def ranking_basis(stable: list[RunResult]) -> tuple[str, bool]:
+    """(basis, higher is better) for ranking the ``stable`` runs: ``evaluate``'s metric when
+    every one has a finite one, else the smoothed loss, unless the loss sums several objectives
+    (``summed_objectives``): then there is nothing to rank by, only stability."""
+    if stable and all(is_finite(r.eval_metric) for r in stable):
+        return BASIS_EVAL, bool(stable[0].eval_higher_is_better)
+    if summed_objectives(stable):
+        return BASIS_STABILITY, False
+    return BASIS_LOSS, False
+
+
+def summed_loss_text(objectives: list[str]) -> str:
+    """Why a ``train_step`` script's loss ranks nothing (``summed_objectives``), in words."""
+    return (
+        f"the loss sums the objectives of {len(objectives)} clip sites ({', '.join(objectives)}) and "
+        "measures no quality (define evaluate() to rank runs)"
+    )
+
+
+def noise_text(basis: str, seeds: int, objectives: list[str]) -> str:
+    """What a judgement of "meaningfully better" rests on, completing "noise judged by ...": the
+    spread over the seeds, the spread of the last losses, or nothing (and why)."""
+    if basis == BASIS_STABILITY:
+        return f"nothing, as {summed_loss_text(objectives)}: judged on stability only"
+    figure = "evaluate() numbers" if basis == BASIS_EVAL else "smoothed losses"
+    if seeds > 1:
+        return f"the spread of the {seeds} seeds' {figure}"
+    if basis == BASIS_EVAL:
+        return "nothing, as one evaluate() number per run has no spread; run several --seeds to judge differences"
+    return f"the spread of each run's last {SMOOTH_STEPS} losses"
+
+
 @dataclass(frozen=True)
 class Ranking:
-    """Stable runs ordered best first, and how: by ``eval_metric`` or by ``smoothed_loss``."""
+    """Stable runs ordered best first, and how: by ``eval_metric``, by ``smoothed_loss`` or, when
+    the loss measures nothing, by stability alone (sweep order, nothing better than anything)."""
 
     runs: list[RunResult]
-    basis: str  # "eval_metric" or "smoothed_loss"
+    basis: str  # BASIS_EVAL, BASIS_LOSS or BASIS_STABILITY
     higher_is_better: bool = False
+    objectives: tuple[str, ...] = ()  # the clip sites whose objectives the loss sums
 
     @property
     def best(self) -> RunResult | None:
         return self.runs[0] if self.runs else None
 
+    @property
+    def noise(self) -> str:
+        return noise_text(self.basis, 1, list(self.objectives))
+
     def value(self, r: RunResult) -> float | None:
-        if self.basis == "eval_metric":
+        if self.basis == BASIS_EVAL:
             return r.eval_metric
+        if self.basis == BASIS_STABILITY:
+            return None
         s = smoothed_loss(r)
         return s.mean if s else None
 
     def better(self, a: RunResult, b: RunResult) -> bool:
-        """``a`` is meaningfully better than ``b`` (never on noise)."""
+        """``a`` is meaningfully better than ``b`` (never on noise): by the smoothed loss beyond
+        ``differ_meaningfully``; never by one ``evaluate`` number per run (it has no spread) nor
+        by stability alone."""
+        if self.basis != BASIS_LOSS:
+            return False
         va, vb = self.value(a), self.value(b)
         if va is None or vb is None or not (math.isfinite(va) and math.isfinite(vb)):
             return False
-        if self.basis == "eval_metric":
-            return va > vb if self.higher_is_better else va < vb
         return va < vb and differ_meaningfully(smoothed_loss(a), smoothed_loss(b))
 
     def within_noise_of_best(self) -> list[RunResult]:
@@ -120,17 +182,19 @@ class Ranking:
 
 
 def rank(runs: list[RunResult]) -> Ranking:
-    """The stable runs among ``runs`` with a finite figure, best first. By ``eval_metric`` when
-    every one of them has a finite one (direction from ``eval_higher_is_better``), else by the
-    smoothed loss. Ties keep the sweep's order."""
+    """The stable runs among ``runs`` with a finite figure, best first, on ``ranking_basis``
+    (by stability alone: every stable run, in sweep order). Ties keep the sweep's order."""
     stable = [r for r in runs if r.status == STABLE]
-    if stable and all(is_finite(r.eval_metric) for r in stable):
-        higher = bool(stable[0].eval_higher_is_better)
+    basis, higher = ranking_basis(stable)
+    objectives = tuple(summed_objectives(stable))
+    if basis == BASIS_EVAL:
         ordered = sorted(stable, key=lambda r: -r.eval_metric if higher else r.eval_metric)
-        return Ranking(ordered, "eval_metric", higher)
+        return Ranking(ordered, basis, higher, objectives)
+    if basis == BASIS_STABILITY:
+        return Ranking(stable, basis, False, objectives)
     scored = [(smoothed_loss(r), i, r) for i, r in enumerate(stable)]
     scored = [(s.mean, i, r) for s, i, r in scored if s is not None and math.isfinite(s.mean)]
-    return Ranking([r for _, _, r in sorted(scored, key=lambda t: (t[0], t[1]))], "smoothed_loss")
+    return Ranking([r for _, _, r in sorted(scored, key=lambda t: (t[0], t[1]))], basis, False, objectives)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,8 +229,10 @@ def setting_status(setting: SettingOverSeeds, seeds: list[int | None]) -> str:
 
 
 def _run_figure(r: RunResult, basis: str) -> float | None:
-    if basis == "eval_metric":
+    if basis == BASIS_EVAL:
         return r.eval_metric
+    if basis == BASIS_STABILITY:
+        return None
     s = smoothed_loss(r)
     return s.mean if s else None
 
@@ -177,23 +243,36 @@ class SettingRanking:
 
     A setting's figure is the mean over its seeds of each run's figure (``eval_metric``, or the
     smoothed loss), and its noise the spread of those per-seed figures; with one seed the noise
-    is the single run's (``Ranking``)."""
+    is the single run's (``Ranking``). On the stability basis there is no figure."""
 
     settings: list[SettingOverSeeds]
-    basis: str  # "eval_metric" or "smoothed_loss"
+    basis: str  # BASIS_EVAL, BASIS_LOSS or BASIS_STABILITY
     higher_is_better: bool = False
+    objectives: tuple[str, ...] = ()
+    seeds: int = 1  # the sweep's number of seeds
 
     @property
     def best(self) -> SettingOverSeeds | None:
         return self.settings[0] if self.settings else None
 
+    @property
+    def noise(self) -> str:
+        """What a "meaningfully better" of this ranking rests on (``noise_text``)."""
+        return noise_text(self.basis, self.seeds, list(self.objectives))
+
+    @property
+    def by(self) -> str:
+        """The basis in words for reasons: ``smoothed loss``, ``eval_metric (higher is better)``."""
+        return self.basis.replace("_", " ") + (" (higher is better)" if self.higher_is_better else "")
+
     def figure(self, setting: SettingOverSeeds) -> Smoothed | None:
         """Mean, sd and number of the per-seed figures; one run on the smoothed-loss basis: its
-        ``smoothed_loss``. ``None`` when some seed has no finite figure."""
+        ``smoothed_loss``. ``None`` when some seed has no finite figure, and on the stability
+        basis."""
         values = [_run_figure(r, self.basis) for r in setting.runs]
         if not values or not all(is_finite(v) for v in values):
             return None
-        if len(values) == 1 and self.basis == "smoothed_loss":
+        if len(values) == 1 and self.basis == BASIS_LOSS:
             return smoothed_loss(setting.runs[0])
         return mean_sd(values)
 
@@ -204,40 +283,45 @@ class SettingRanking:
     def better(self, a: SettingOverSeeds, b: SettingOverSeeds) -> bool:
         """``a`` is meaningfully better than ``b`` (never on noise): ahead by the figure, and
         more than ``NOISE_SE`` standard errors apart by ``differ_meaningfully`` (over the seeds'
-        figures, or over the last losses with one seed). One seed on the ``evaluate`` metric has
-        no spread: ahead is better, as for single runs."""
+        figures, or over the last losses with one seed). One ``evaluate`` number per setting
+        (one seed) has no spread and is never meaningfully better; nor is anything on the
+        stability basis."""
+        if self.basis == BASIS_STABILITY:
+            return False
+        if self.basis == BASIS_EVAL and (len(a.runs) < 2 or len(b.runs) < 2):
+            return False
         fa, fb = self.figure(a), self.figure(b)
         if fa is None or fb is None or not (math.isfinite(fa.mean) and math.isfinite(fb.mean)):
             return False
-        ahead = fa.mean > fb.mean if self.basis == "eval_metric" and self.higher_is_better else fa.mean < fb.mean
-        if not ahead:
-            return False
-        if self.basis == "eval_metric" and len(a.runs) == 1 and len(b.runs) == 1:
-            return True
-        return differ_meaningfully(fa, fb)
+        ahead = fa.mean > fb.mean if self.basis == BASIS_EVAL and self.higher_is_better else fa.mean < fb.mean
+        return ahead and differ_meaningfully(fa, fb)
 
     def within_noise_of_best(self) -> list[SettingOverSeeds]:
         """The settings after the best that are not meaningfully worse than it."""
         best = self.best
         return [g for g in self.settings[1:] if not self.better(best, g)] if best is not None else []
 
+    def among(self, settings: list[SettingOverSeeds]) -> SettingRanking:
+        """This ranking restricted to ``settings`` (its order and basis kept), so that a subset
+        (the clipped settings, the fixed thresholds) is judged exactly as the whole."""
+        keep = {id(g) for g in settings}
+        return replace(self, settings=[g for g in self.settings if id(g) in keep])
+
 
 def rank_settings(settings: list[SettingOverSeeds], seeds: list[int | None]) -> SettingRanking:
-    """The settings stable in every seed of ``seeds`` with a finite figure, best first. By
-    ``eval_metric`` when every run of those settings has a finite one (direction from
-    ``eval_higher_is_better``), else by the smoothed loss. Ties keep the sweep's order. For
-    one-run settings this is ``rank`` exactly."""
+    """The settings stable in every seed of ``seeds`` with a finite figure, best first, on
+    ``ranking_basis`` of their runs (by stability alone: every stable setting, in sweep order).
+    Ties keep the sweep's order. For one-run settings this is ``rank`` exactly."""
     stable = [g for g in settings if setting_status(g, seeds) == STABLE]
-    if stable and all(is_finite(r.eval_metric) for g in stable for r in g.runs):
-        higher = bool(stable[0].runs[0].eval_higher_is_better)
-        ranking = SettingRanking([], "eval_metric", higher)
-    else:
-        ranking = SettingRanking([], "smoothed_loss")
+    runs = [r for g in stable for r in g.runs]
+    basis, higher = ranking_basis(runs)
+    ranking = SettingRanking([], basis, higher, tuple(summed_objectives(runs)), len(seeds))
+    if basis == BASIS_STABILITY:
+        return replace(ranking, settings=stable)
     scored = [(ranking.value(g), i, g) for i, g in enumerate(stable)]
     scored = [(v, i, g) for v, i, g in scored if is_finite(v)]
-    sign = -1.0 if ranking.higher_is_better else 1.0
-    ordered = [g for _, _, g in sorted(scored, key=lambda t: (sign * t[0], t[1]))]
-    return SettingRanking(ordered, ranking.basis, ranking.higher_is_better)
+    sign = -1.0 if higher else 1.0
+    return replace(ranking, settings=[g for _, _, g in sorted(scored, key=lambda t: (sign * t[0], t[1]))])
 
 
 def best_settings(ranking: SettingRanking) -> tuple[SettingOverSeeds | None, SettingOverSeeds | None]:

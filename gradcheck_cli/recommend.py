@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from gradcheck_cli.analysis import (
+    BASIS_STABILITY,
     UNSTABLE,
     Boundary,
     SettingRanking,
@@ -21,6 +22,7 @@ from gradcheck_cli.analysis import (
     rank_settings,
     setting_status,
     settings_of,
+    summed_loss_text,
     sweep_seeds,
 )
 from gradcheck_cli.detect import is_finite
@@ -275,16 +277,21 @@ def _percentiles(control: SettingOverSeeds, norm_type: float) -> dict:
 def training_lr(results: list[RunResult]) -> tuple[float | None, str]:
     """The lr a sweep over several lrs recommends at, and why: the lr of the best stable
     setting of the whole sweep as the verdict names it (the best clipped setting when it is
-    meaningfully better than the best unclipped one, else that unclipped one); when nothing is
-    stable at any lr, the smallest lr."""
+    meaningfully better than the best unclipped one, else that unclipped one; judged on
+    stability alone, the first stable setting of the sweep); when nothing is stable at any lr,
+    the smallest lr."""
     seeds = sweep_seeds(results)
     ranking = rank_settings(settings_of(results), seeds)
     clipped, control = best_settings(ranking)
-    by = ranking.basis.replace("_", " ") + (" (higher is better)" if ranking.higher_is_better else "")
+    by = (
+        "the lr of the first stable setting (judged on stability only)"
+        if ranking.basis == BASIS_STABILITY
+        else f"the lr of the best stable setting by {ranking.by}"
+    )
     if control is not None and (clipped is None or not ranking.better(clipped, control)):
-        return control.cell.lr, f"the lr of the best stable setting by {by} (unclipped)"
+        return control.cell.lr, f"{by} (unclipped)"
     if clipped is not None:
-        return clipped.cell.lr, f"the lr of the best stable setting by {by}"
+        return clipped.cell.lr, by
     lrs = [r.cell.lr for r in results if r.cell.lr is not None]
     return (min(lrs) if lrs else None), "no setting was stable at any lr: the smallest lr"
 
@@ -341,8 +348,10 @@ def _recommend_at(results: list[RunResult]) -> Recommendation:
         else:
             why = "the unclipped control run raised an error"
         return Recommendation(None, reason=f"cannot judge: {why}", evidence=evidence)
-    ranking = rank_settings(clipped, seeds)
+    # ranked with the control, so that the basis is the one the verdict line uses
+    ranking = rank_settings(settings, seeds).among(clipped)
     evidence["ranked_by"] = ranking.basis + (" (higher is better)" if ranking.higher_is_better else "")
+    evidence["noise"] = ranking.noise
     evidence["control"] = _setting_evidence(control, seeds)
     evidence["control"]["onset_step"] = _setting_onset(control)
     if status == STABLE:
@@ -366,24 +375,33 @@ def _control_stable(
     control: SettingOverSeeds, ranking: SettingRanking, several_seeds: bool, evidence: dict
 ) -> Recommendation:
     """Rule 2 of ``recommend``: the control is stable, nothing is needed; the reason names a
-    clipped setting meaningfully better than the control, if there is one."""
+    clipped setting meaningfully better than the control, if there is one (clipping with it is
+    optional), and otherwise what "meaningfully" would have rested on."""
     best = ranking.best
     every = " in every seed" if several_seeds else ""
-    # with one seed an evaluate metric has no spread: only the smoothed loss can be meaningfully better
-    judged = ranking.basis == "smoothed_loss" or several_seeds
-    if best is not None and judged and ranking.better(best, control):
+    reason = f"the unclipped run is stable{every}"
+    if best is not None and ranking.better(best, control):
         lower = "lower smoothed loss" if ranking.basis == "smoothed_loss" else "better eval_metric"
         over = " over the seeds" if several_seeds else ""
-        reason = (
-            f"the unclipped run is stable{every}; {_name(best)} reaches a meaningfully {lower}{over} "
-            f"({format_number(ranking.value(best))} vs {format_number(ranking.value(control))})"
+        reason += (
+            f"; clipping is optional: {_name(best)} reaches a meaningfully {lower}{over} "
+            f"({format_number(ranking.value(best))} vs {format_number(ranking.value(control))}; "
+            f"noise judged by {ranking.noise})"
         )
-    else:
-        reason = f"the unclipped run is stable{every}"
-        if best is not None:
-            reason += "; no clipped setting is meaningfully better"
+    elif ranking.basis == BASIS_STABILITY and best is not None:
+        reason += f"; judged on stability only, as {summed_loss_text(list(ranking.objectives))}"
+    elif best is not None:
+        reason += "; no clipped setting is meaningfully better"
+        if not _judged(ranking):
+            reason += f" (noise judged by {ranking.noise})"
     evidence["control"]["norm_percentiles"] = _percentiles(control, control.cell.norm_type)
     return Recommendation(False, reason=reason, evidence=evidence)
+
+
+def _judged(ranking: SettingRanking) -> bool:
+    """Whether "meaningfully better" can be judged at all: not on stability alone, nor on one
+    ``evaluate`` number per setting."""
+    return ranking.basis == "smoothed_loss" or (ranking.basis == "eval_metric" and ranking.seeds > 1)
 
 
 def _margin(g: SettingOverSeeds, bounds: dict[float, Boundary]) -> float:
@@ -396,14 +414,14 @@ def _margin(g: SettingOverSeeds, bounds: dict[float, Boundary]) -> float:
 
 
 def _choose(
-    ranking: SettingRanking, seeds: list[int | None], bounds: dict[float, Boundary]
+    ranking: SettingRanking, bounds: dict[float, Boundary]
 ) -> tuple[SettingOverSeeds, list[SettingOverSeeds], bool, bool]:
     """(the suggested setting, the settings tied with it, whether an adaptive rule won, whether
     any fixed threshold was stable). Fixed thresholds first: of the best and those within noise
     of it, the largest margin to the boundary wins (equal margins: the better ranked). An adaptive
     rule is suggested only when it is meaningfully better than every stable fixed threshold, or
     when no fixed threshold is stable."""
-    fixed = rank_settings([g for g in ranking.settings if g.cell.mode == MODE_NORM], seeds)
+    fixed = ranking.among([g for g in ranking.settings if g.cell.mode == MODE_NORM])
     rules = [g for g in ranking.settings if g.cell.mode != MODE_NORM]
     if fixed.best is not None:
         tied = [fixed.best] + fixed.within_noise_of_best()
@@ -426,7 +444,7 @@ def _suggest(
     evidence: dict,
 ) -> Recommendation:
     """Rule 3 of ``recommend``: the control is unstable and some clipped setting is stable."""
-    chosen, tied, rule_wins, any_fixed = _choose(ranking, seeds, bounds)
+    chosen, tied, rule_wins, any_fixed = _choose(ranking, bounds)
     m = _margin(chosen, bounds)
     evidence["control"]["norm_percentiles"] = _percentiles(control, chosen.cell.norm_type)
     evidence["control"]["norm_percentiles"]["norm_type"] = format_norm_type(chosen.cell.norm_type)
@@ -445,15 +463,19 @@ def _suggest(
     evidence["within_noise"] = [_name(g) for g in tied if g is not chosen]
     past = _control_past(control, status)
     by = ranking.basis.replace("_", " ")
-    if len(tied) > 1:
+    if ranking.basis == BASIS_STABILITY:
+        reason = f"the unclipped run {past}; judged on stability only, as {summed_loss_text(list(ranking.objectives))}"
+        if len(tied) > 1:
+            reason += f"; of {len(tied)} stable settings this one has the largest margin to the boundary"
+    elif len(tied) > 1:
         reason = (
             f"the unclipped run {past}; {len(tied)} stable settings are within noise of the best "
-            f"by {by}, this one has the largest margin to the boundary"
+            f"by {by} (noise judged by {ranking.noise}), this one has the largest margin to the boundary"
         )
     elif rule_wins and any_fixed:
         reason = (
             f"the unclipped run {past}; this adaptive rule is meaningfully better than every "
-            f"stable fixed threshold by {by}"
+            f"stable fixed threshold by {by} (noise judged by {ranking.noise})"
         )
     elif rule_wins:
         reason = f"the unclipped run {past}; no fixed threshold was stable, this adaptive rule was"

@@ -279,7 +279,8 @@ def test_recommendation_picks_the_largest_margin_within_noise_of_the_best():
         "recommendation: clip with max_norm=0.1 norm_type=2 (clip_0.1_2); unclipped pre-clip 2 norm over 4 steps "
         "before its onset: p50 5.5, p90 6.7, p99 6.97; clips 100% of steps; 100x below the smallest unstable "
         "max_norm (10); final loss 0.5 vs unclipped 99 (the unclipped run diverged; 2 stable settings are within "
-        "noise of the best by smoothed loss, this one has the largest margin to the boundary)"
+        "noise of the best by smoothed loss (noise judged by the spread of each run's last 10 losses), this one has "
+        "the largest margin to the boundary)"
     )
 
 

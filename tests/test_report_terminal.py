@@ -227,7 +227,8 @@ def test_verdict_best_clipped_and_unclipped_non_finite():
     assert "\n" not in line
     # smoothed losses (mean of the last 10): 0.9667 for max_norm=1, 1.167 for 0.1, within noise
     assert line.startswith(
-        "best: max_norm=1 norm_type=2 (stable, smoothed loss 0.9667); no meaningful difference from clip_0.1_2;"
+        "best: max_norm=1 norm_type=2 (stable, smoothed loss 0.9667); no meaningful difference from clip_0.1_2 "
+        "(noise judged by the spread of each run's last 10 losses);"
     )
     assert "unclipped: non_finite at step 3 (backward): first non-finite gradient in rnn.weight_hh_l0" in line
 
@@ -244,7 +245,7 @@ def test_verdict_control_stable_and_best():
     line = verdict_line(results)
     assert line == (
         "clipping not needed: unclipped is stable, smoothed loss 0.55; no clipped setting is meaningfully better "
-        "(best: max_norm=1 norm_type=2, smoothed loss 0.65)"
+        "(best: max_norm=1 norm_type=2, smoothed loss 0.65; noise judged by the spread of each run's last 10 losses)"
     )
 
 
@@ -252,6 +253,7 @@ def test_verdict_clipped_beats_a_stable_control_only_beyond_noise():
     quiet = [run(None, losses=(0.51, 0.5, 0.49, 0.5)), run(1.0, losses=(0.31, 0.3, 0.29, 0.3))]
     assert verdict_line(quiet) == (
         "best: max_norm=1 norm_type=2 (stable, smoothed loss 0.3); meaningfully better than unclipped: stable, smoothed loss 0.5"
+        " (noise judged by the spread of each run's last 10 losses)"
     )
     # the same means with minibatch noise of +-0.5: no longer a meaningful difference
     noisy = [run(None, losses=(1.0, 0.0, 1.0, 0.0)), run(1.0, losses=(0.8, -0.2, 0.8, -0.2))]
@@ -456,7 +458,8 @@ def test_grouped_verdict_needs_every_seed_stable_and_ranks_by_the_mean_smoothed_
     results += [grid_run(None, 0.1, seed, 0.2) for seed in (0, 1, 2)]
     assert verdict_line(results) == (
         "clipping not needed: unclipped is stable at lr=0.1 in every seed, mean smoothed loss 1.1; "
-        "no clipped setting is meaningfully better (best: max_norm=1 norm_type=2 lr=0.1, mean smoothed loss 1.3)"
+        "no clipped setting is meaningfully better (best: max_norm=1 norm_type=2 lr=0.1, mean smoothed loss 1.3; "
+        "noise judged by the spread of the 3 seeds' smoothed losses)"
     )
 
 
@@ -514,8 +517,7 @@ def test_verdict_says_divergence_was_not_judged_and_still_names_a_spike():
     )
     line = verdict_line([control, run(1.0, losses=(-1.0, -1.1, -1.2, -1.3), divergence_checked=False)])
     assert line.endswith(
-        "; divergence not judged: the first loss -1 is not positive; non-finite values and gradient spikes still are; "
-        "unclipped: gradients of policy.weight spike at step 4"
+        "; divergence not judged (--divergence-factor inf); unclipped: gradients of policy.weight spike at step 4"
     )
     off = run(None, losses=(1.0, 2.0), divergence_checked=False)
     assert verdict_line([off]).endswith("; divergence not judged (--divergence-factor inf)")

@@ -14,7 +14,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from gradcheck_cli.analysis import best_settings, rank, rank_settings, settings_of, sweep_seeds
+from gradcheck_cli.analysis import (
+    BASIS_EVAL,
+    BASIS_STABILITY,
+    best_settings,
+    rank,
+    rank_settings,
+    settings_of,
+    summed_loss_text,
+    sweep_seeds,
+)
 from gradcheck_cli.recommend import what_to_try
 from gradcheck_cli.results import (
     CRASHED,
@@ -324,12 +333,23 @@ def _grouped_verdict(results: list[RunResult]) -> str:
     best, best_control = best_settings(ranking)
     every = " in every seed" if several_seeds else ""
     unclipped = _controls(controls, several_seeds)
+    if ranking.basis == BASIS_STABILITY:
+        return _stability_verdict(
+            [g.cell.run for g in ranking.settings if g.cell.clipped],
+            best_control is not None,
+            f"unclipped is stable{_at_lr(best_control)}{every}" if best_control is not None else None,
+            unclipped,
+            any(g.cell.clipped for g in groups),
+            every,
+            list(ranking.objectives),
+        )
+    noise = f"noise judged by {ranking.noise}"
     if best_control is not None and (best is None or not ranking.better(best, best_control)):
         line = f"clipping not needed: unclipped is stable{_at_lr(best_control)}{every}, {_group_figure(best_control, ranking)}"
         if best is not None:
             return line + (
                 f"; no clipped setting is meaningfully better (best: {describe_setting_at_lr(best.cell)}, "
-                f"{_group_figure(best, ranking)})"
+                f"{_group_figure(best, ranking)}; {noise})"
             )
         if any(g.cell.clipped for g in groups):
             return line + f"; no clipped setting was stable{every}"
@@ -340,11 +360,11 @@ def _grouped_verdict(results: list[RunResult]) -> str:
         clipped_ranked = [g for g in ranking.settings if g.cell.clipped]
         tied = [g.cell.run for g in clipped_ranked[1:] if not ranking.better(best, g)]
         if tied:
-            line += f"; no meaningful difference from {', '.join(tied)}"
+            line += f"; no meaningful difference from {', '.join(tied)} ({noise})"
         if best_control is not None:
             line += (
                 f"; meaningfully better than unclipped{_at_lr(best_control)}: stable{every}, "
-                f"{_group_figure(best_control, ranking)}"
+                f"{_group_figure(best_control, ranking)}" + ("" if tied else f" ({noise})")
             )
         return f"{line}; {unclipped}" if unclipped else line
     line = f"no clipped setting is stable{every}"
@@ -353,34 +373,54 @@ def _grouped_verdict(results: list[RunResult]) -> str:
     return line + "; try smaller max_norm values or a lower learning rate"
 
 
+def _stability_verdict(
+    stable_clipped: list[str],
+    control_stable: bool,
+    control_text: str | None,
+    unclipped: str | None,
+    any_clipped: bool,
+    every: str,
+    objectives: list[str],
+) -> str | None:
+    """The verdict when the loss measures nothing (``analysis.summed_objectives``): which
+    settings were stable, and why nothing is ranked. ``None`` when no clipped setting was stable
+    and the control was not either (the usual wording then applies)."""
+    why = f"judged on stability only, as {summed_loss_text(objectives)}"
+    if control_stable:
+        line = f"clipping not needed: {control_text}"
+        if stable_clipped:
+            return f"{line}; stable too: {', '.join(stable_clipped)}; {why}"
+        return f"{line}; no clipped setting was stable{every}" if any_clipped else line
+    if stable_clipped:
+        line = f"stable{every}: {', '.join(stable_clipped)}"
+        return f"{line}; {unclipped}; {why}" if unclipped else f"{line}; {why}"
+    return None
+
+
 def _at_lr(group: SettingOverSeeds) -> str:
     return f" at lr={format_number(group.cell.lr)}" if group.cell.lr is not None else ""
 
 
 def _group_figure(group: SettingOverSeeds, ranking) -> str:
     """``smoothed loss 0.25``; over several seeds ``mean smoothed loss 0.25`` (or eval_metric)."""
-    name = "eval_metric" if ranking.basis == "eval_metric" else "smoothed loss"
+    name = "eval_metric" if ranking.basis == BASIS_EVAL else "smoothed loss"
     mean = "mean " if len(group.runs) > 1 else ""
     return f"{mean}{name} {format_number(ranking.value(group))}"
 
 
 def _figure(r: RunResult, ranking) -> str:
     value = ranking.value(r)
-    name = "eval_metric" if ranking.basis == "eval_metric" else "smoothed loss"
+    name = "eval_metric" if ranking.basis == BASIS_EVAL else "smoothed loss"
     return f"{name} {format_number(value)}"
 
 
 def _divergence_note(results: list[RunResult]) -> str | None:
-    """Why divergence was not judged, when it was not (analysis cannot tell the user's intent)."""
+    """That divergence was not judged (``--divergence-factor inf``), and what still was: a
+    gradient explosion in a run that was not stopped."""
     unchecked = [r for r in results if r.divergence_checked is False and r.steps]
     if not unchecked:
         return None
-    first = unchecked[0].steps[0].loss
-    if math.isfinite(first) and first > 0:
-        note = "divergence not judged (--divergence-factor inf)"
-    else:
-        note = f"divergence not judged: the first loss {format_number(first)} is not positive; non-finite values and gradient spikes still are"
-    # What can still be judged: a gradient explosion in a run that was not stopped.
+    note = "divergence not judged (--divergence-factor inf)"
     spiked = [r for r in unchecked if r.status == STABLE and r.spike_step is not None]
     if spiked:
         r = spiked[0]
@@ -421,21 +461,39 @@ def _verdict(results, rank, advice) -> str:
     clipped_ranked = [r for r in ranking.runs if r.cell.clipped]
     best = clipped_ranked[0] if clipped_ranked else None
     unclipped = f"unclipped: {describe_unstable(control)}" if control is not None else None
-
-    if control is not None and control.status == STABLE and (best is None or not ranking.better(best, control)):
+    control_stable = control is not None and control.status == STABLE
+    if ranking.basis == BASIS_STABILITY and clipped:
+        line = _stability_verdict(
+            [r.run for r in clipped_ranked],
+            control_stable,
+            "unclipped is stable",
+            unclipped,
+            True,
+            "",
+            list(ranking.objectives),
+        )
+        if line is not None:
+            return line
+    noise = f"noise judged by {ranking.noise}"
+    if control_stable and (best is None or not ranking.better(best, control)):
         if not clipped:
             return unclipped
         line = f"clipping not needed: unclipped is stable, {_figure(control, ranking)}"
         if best is None:
             return line + "; no clipped setting was stable"
-        return line + f"; no clipped setting is meaningfully better (best: {_setting(best)}, {_figure(best, ranking)})"
+        return (
+            line
+            + f"; no clipped setting is meaningfully better (best: {_setting(best)}, {_figure(best, ranking)}; {noise})"
+        )
     if best is not None:
         line = f"best: {_setting(best)} (stable, {_figure(best, ranking)})"
         tied = [r.run for r in clipped_ranked[1:] if not ranking.better(best, r)]
         if tied:
-            line += f"; no meaningful difference from {', '.join(tied)}"
-        if control is not None and control.status == STABLE:
-            return f"{line}; meaningfully better than unclipped: stable, {_figure(control, ranking)}"
+            line += f"; no meaningful difference from {', '.join(tied)} ({noise})"
+        if control_stable:
+            return f"{line}; meaningfully better than unclipped: stable, {_figure(control, ranking)}" + (
+                "" if tied else f" ({noise})"
+            )
         return f"{line}; {unclipped}" if unclipped else line
     if not clipped:
         return unclipped or "no runs"
@@ -458,7 +516,8 @@ def describe_unstable(r: RunResult) -> str:
     stop = r.stop_step()
     if r.status in (DIVERGED, NON_FINITE) and r.spike_step is not None and (stop is None or r.spike_step <= stop):
         where = f"gradients of {r.spike_param}" if r.spike_param else "the gradient norm"
-        return f"{where} spike at step {r.spike_step}, then {text}"
+        joint = " and the run " if r.spike_step == stop and r.status == DIVERGED else ", then "
+        return f"{where} spike at step {r.spike_step}{joint}{text}"
     return text
 
 
