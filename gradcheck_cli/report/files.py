@@ -277,7 +277,7 @@ def _histogram_csv_rows(run: str, sorted_norms: list[float], edges: list[float],
 
 
 def write_recommendation(out_dir: str | os.PathLike, recommendation: dict) -> None:
-    """``recommendation.json`` (``analysis.Recommendation.as_json()``), strict JSON, atomically."""
+    """``recommendation.json`` (``recommend.Recommendation.as_json()``), strict JSON, atomically."""
     text = json.dumps(recommendation, indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(Path(out_dir) / RECOMMENDATION_FILE, text.encode("utf-8"))
 
