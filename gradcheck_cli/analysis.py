@@ -1,5 +1,6 @@
-"""What a sweep's numbers mean: the explosion's origin (spike), the noise rule, the ranking of
-runs and of settings over seeds, the stability boundary and the bracket ``--refine`` bisects.
+"""What a sweep's numbers mean: the explosion's origin (spike), the noise rule and what it rests
+on, the ranking of runs and of settings over seeds (by ``evaluate``, the smoothed loss, or
+stability alone), the stability boundary and the bracket ``--refine`` bisects.
 
 Pure functions over ``results.RunResult`` records: no torch, no printing, no files, so every rule
 can be tested on constructed results and re-applied by ``gradclip report`` to files on disk.

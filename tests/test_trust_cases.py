@@ -151,6 +151,8 @@ def test_a_gan_is_judged_on_stability_with_no_false_fairness_warning(tmp_path):
     )
     assert line == f"recommendation: no clipping needed (the unclipped run is stable; {why})"
     assert rec["needs_clipping"] is False and rec["evidence"]["ranked_by"] == "stability"
+    again = invoke("report", tmp_path / "r")  # the files read back (clip sites included) tell the same story
+    assert again.exit_code == 0 and verdict_lines(again) == (verdict, line)
 
 
 def test_a_gan_with_evaluate_is_ranked_by_it(tmp_path):

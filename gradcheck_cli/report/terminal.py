@@ -434,14 +434,16 @@ def verdict_line(results: list[RunResult]) -> str:
     """One line: the best stable clipped setting and what happened unclipped.
 
     Runs are ranked by ``analysis.rank`` (the script's ``evaluate`` metric, else the smoothed
-    loss) and a setting is only called better when the difference is beyond noise
-    (``analysis``'s rule). Unstable runs name their gradient spike (``gradients of X spike at
-    step 3, then diverged at step 5: ...``). Cases: a best clipped setting exists; the
-    unclipped control is stable and no clipped run is meaningfully better (``clipping not
-    needed: ...``); no clipped run is stable (with what to try); every run raised. A note says
-    when divergence was not judged. Ties go to the earlier run of the sweep. When the sweep varies
-    the lr or the seed, the same cases are worded for settings over their seeds
-    (``_grouped_verdict``).
+    loss, or nothing when the loss sums several objectives: ``_stability_verdict``) and a setting
+    is only called better when the difference is beyond noise (``analysis``'s rule); every
+    judgement of a difference says what the noise was judged by. Unstable runs name their
+    gradient spike (``gradients of X spike at step 3, then diverged at step 5: ...``). Cases: a
+    best clipped setting exists; the unclipped control is stable and no clipped run is
+    meaningfully better (``clipping not needed: ...``); no clipped run is stable (with what to
+    try); every run raised. A note says when divergence was not judged. Ties go to the earlier
+    run of the sweep. When the sweep varies the lr or the seed, the same cases are worded for
+    settings over their seeds (``_grouped_verdict``). The recommendation (``recommend``) applies
+    the same rules, so the two never contradict each other (tests/test_one_story.py).
     """
     line = _verdict(results, rank, what_to_try)
     note = _divergence_note(results)
