@@ -16,6 +16,7 @@ import typer
 from gradcheck_cli import __version__
 from gradcheck_cli.cli._options import with_options
 from gradcheck_cli.cli._shell import exit_on_errors
+from gradcheck_cli.launch.command import looks_like_command
 from gradcheck_cli.rank_exit import exit_rank
 
 app = typer.Typer(
@@ -88,7 +89,7 @@ def sweep_command(
     After --, your own command runs as it is, once per run, each with the run's clipping in place of
     its own (docs/your-command.md).
     """
-    if _is_command(script):
+    if looks_like_command(script):
         _run("as_is", list(script), given, function="sweep")
     else:
         _run("sweep", Path(script[0]) if script else None, given)
@@ -124,7 +125,7 @@ def check_command(
     """CI gate: one training run; exit 0 when stable, 1 on NaN/inf or divergence (naming step and parameter).
 
     A command after -- runs as written (its own clipping) unless --max-norm is given."""
-    if _is_command(script):
+    if looks_like_command(script):
         _run("as_is", list(script), given, function="check")
     else:
         _run("check", Path(script[0]), given)
@@ -143,11 +144,6 @@ def watch_command(
     per-layer norms, spikes, the NaN onset and first non-finite parameter, the loss, skipped AMP steps; the
     files and report.html go to --out (docs/your-command.md)."""
     _run("as_is", list(command), given, function="watch")
-
-
-def _is_command(words: list[str] | None) -> bool:
-    """A training command (``python ...``) rather than one model script path."""
-    return bool(words) and (len(words) > 1 or not words[0].endswith(".py"))
 
 
 @app.command("recipes", short_help="List the bundled sweep recipes.")

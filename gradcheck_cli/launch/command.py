@@ -73,6 +73,14 @@ def _is_python(word: str) -> bool:
     return os.path.realpath(word) == os.path.realpath(sys.executable)
 
 
+def looks_like_command(words: list[str] | None) -> bool:
+    """Whether positional words are a training command (several words, or a python interpreter
+    or a launcher) rather than one model script path."""
+    if not words:
+        return False
+    return len(words) > 1 or _is_python(words[0]) or os.path.basename(words[0]) in _LAUNCHERS
+
+
 def parse_command(words: list[str], cwd: Path | None = None) -> UserCommand:
     """The command after ``--``, or a ``UsageError`` (exit 2) naming what is wrong and which
     forms are accepted."""
