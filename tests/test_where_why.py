@@ -136,8 +136,7 @@ def test_injected_spike_is_found_at_its_step_and_parameter(spike_sweep):
     assert set(summary["spike_step"]) == {6} and set(summary["spike_param"]) == {"body.2.weight"}
     verdict = " ".join(result.stdout.split())
     assert (
-        "unclipped: gradients of body.2.weight spike at step 6 and the run diverged at step 6: gradient norm"
-        in verdict
+        "unclipped: gradients of body.2.weight spike at step 6 and the run diverged at step 6: gradient norm" in verdict
     )
 
 
