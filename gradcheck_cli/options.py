@@ -1,4 +1,4 @@
-"""One table of every option of ``gradclip sweep``, ``check`` and ``report``.
+"""One table of every option of ``gradclip sweep``, ``check``, ``watch`` and ``report``.
 
 Each row names an option once: its name (the flag is ``--name`` with dashes, the recipe key is
 the name), type, default, help and how a recipe writes it. The commands' typer parameters,

@@ -1,4 +1,4 @@
-"""The ``gradclip`` command line: the app, its four commands and ``main``.
+"""The ``gradclip`` command line: the app, its commands and ``main``.
 
 Nothing here measures or decides. Each command is declared here (its help, its arguments, its
 options from the table in ``gradcheck_cli/options.py``) and runs in a module of its own, with
