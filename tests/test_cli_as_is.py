@@ -155,3 +155,15 @@ def test_check_gates_on_the_command_as_written_and_with_max_norm(tmp_path):
                     cwd=tmp_path)  # fmt: skip
     assert good.returncode == 0, good.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []  # check leaves no files behind
+
+
+def test_a_policy_gradient_command_is_judged_like_a_sweep_not_by_a_ratio_to_step_1(tmp_path):
+    """REINFORCE's loss takes both signs and has no scale: no run is called diverged."""
+    proc = gradclip("sweep", "--steps", "40", "--out", "rl", "--", "python", str(AS_IS / "reinforce_bandit.py"),
+                    cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = pd.read_csv(tmp_path / "rl" / "summary.csv")
+    assert summary["status"].eq("stable").all(), summary[["run", "status"]]
+    losses = pd.read_csv(tmp_path / "rl" / "steps.csv").query("run == 'unclipped'")["loss"]
+    assert (losses < 0).any() and (losses > 0).any()  # a loss no ratio to step 1 can judge
+    assert "recommendation: no clipping needed" in proc.stdout

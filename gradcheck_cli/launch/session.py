@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradcheck_cli import engine
-from gradcheck_cli.detect import clip_on_scaled_gradients_warning, degenerate_training
+from gradcheck_cli.detect import Divergence, clip_on_scaled_gradients_warning, degenerate_training
 from gradcheck_cli.monitor import StepRecorder
 from gradcheck_cli.results import DIVERGED, MODE_NONE, MODE_NORM, Cell, RunResult
 from gradcheck_cli.run_setup import apply_clipping, make_rule
@@ -159,6 +159,8 @@ class LaunchSession:
                 norm_type=self.cell.norm_type if self.cell is not None else 2.0,
             )
             rec.session = self
+            if self.divergence_factor is not None:  # a sweep's rule, not the monitor's ratio
+                rec.divergence = Divergence(self.divergence_factor)
             rec.loss_reduction = "sum"
             rec.prepare()
             for loss in self._losses:

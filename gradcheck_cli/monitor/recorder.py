@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradcheck_cli import engine
-from gradcheck_cli.detect import is_diverged
+from gradcheck_cli.detect import Divergence, is_diverged
 from gradcheck_cli.layers import AUTO, LayerGrouping
 from gradcheck_cli.report.files import prepare_out_dir
 from gradcheck_cli.report.live import LiveRunWriter
@@ -122,6 +122,9 @@ class StepRecorder:
         self.clip_value: float | None = None  # first finite clip_value of a clip_grad_value_ call
         self.clip_norm_type: float | None = None
         self._first_loss: float | None = None
+        # The monitor's rule is a ratio to the first loss (docs/monitor.md); a run of a sweep
+        # (``launch``) sets ``divergence`` to judge as every sweep does (docs/diagnosis.md).
+        self.divergence: Divergence | None = None
         self._start = time.perf_counter()
         self._written = 0
         self._writer: Any = None
@@ -376,7 +379,7 @@ class StepRecorder:
         self._count = step = self._count + 1
         self._rows.append((step, loss_f, norm_f, coef_f, groups, layer_values, lr_value, bool(skipped)))
         self._reset_step()
-        event = self._judge(step, loss_f if has_loss else None, norm_f, bad_f, names, skipped and not abandoned)
+        event = self._judge(step, loss_f if has_loss else None, norm_f, bad_f, names, skipped and not abandoned, coef_f)
         if event is not None or self.status == DIVERGED and self.diverged_step == step:
             self.write()
         elif step - self._written >= self.write_every:
@@ -449,8 +452,18 @@ class StepRecorder:
             return groups, None
         return self.grouping.combine(names, norms, p)
 
+    def _judge_against_the_run(self, step: int, loss: float | None, norm: float, coef: float, skipped: bool) -> None:
+        """A sweep's divergence rule (``detect.Divergence``): the loss against the run's early
+        losses, the norm about to be applied against its running median."""
+        if self.status != STABLE:
+            return
+        applied = norm * coef if not skipped and math.isfinite(coef) else math.nan
+        if self.divergence.loss_diverged(loss) or self.divergence.norm_diverged(applied):
+            self.status = DIVERGED
+            self.diverged_step = step
+
     def _judge(
-        self, step: int, loss: float | None, norm: float, bad: float, names, skipped: bool
+        self, step: int, loss: float | None, norm: float, bad: float, names, skipped: bool, coef: float = math.nan
     ) -> NonFiniteError | None:
         """``loss`` is None when the step recorded none. Runs every step: plain comparisons."""
         if loss is not None and not math.isfinite(loss):
@@ -459,7 +472,9 @@ class StepRecorder:
             param = names[int(bad)] if names and math.isfinite(bad) else None
             event = NonFiniteError(step, SOURCE_BACKWARD, param, norm)
         else:
-            if loss is not None:
+            if self.divergence is not None:
+                self._judge_against_the_run(step, loss, norm, coef, skipped)
+            elif loss is not None:
                 if self._first_loss is None:
                     self._first_loss = loss
                 elif (
