@@ -28,8 +28,16 @@ class ReferenceStep(NamedTuple):
     clipped_frac: float = math.nan  # share of elements (value) or units (agc) clipped
 
 
+def _total_norm(grads: list, norm_type: float) -> torch.Tensor:
+    """torch's get_total_norm (torch >= 2.6); before it, its arithmetic spelled out."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads, norm_type)
+    norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type) if norms else torch.tensor(0.0)
+
+
 def _l2(model) -> torch.Tensor:
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], 2.0)
+    return _total_norm([p.grad for p in model.parameters() if p.grad is not None], 2.0)
 
 
 class ValueRule:
@@ -195,7 +203,7 @@ def reference_training(
             coef = math.nan
         elif max_norm is None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, norm_type).item()
+            norm = _total_norm(grads, norm_type).item()
             coef = 1.0
         else:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type).item()

@@ -59,13 +59,16 @@ class Tiny(nn.Module):
 
 
 class Reference(transformers.TrainerCallback):
-    """Float64 norm of the gradients as the last backward left them (before clipping)."""
+    """Float64 norm of the gradients as the last backward left them (before clipping), once per
+    optimizer step."""
 
     def __init__(self, model: Tiny) -> None:
         self.model = model
         self.norms: list[float] = []
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
+        # the snapshot is the last backward's gradients (clipping comes later); on_step_end is
+        # in every supported transformers (on_pre_optimizer_step only from 4.45)
         flat = torch.cat([self.model.snapshot[n].flatten() for n in NAMES])
         self.norms.append(float(torch.linalg.vector_norm(flat)))
 

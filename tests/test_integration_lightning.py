@@ -140,7 +140,10 @@ def test_value_clipping_has_no_single_coefficient(tmp_path):
 
 def test_amp_skipped_steps_and_unscaled_norms(tmp_path):
     """16-mixed on CPU with a scaler whose init_scale overflows the first steps."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
+    try:
+        from lightning.pytorch.plugins.precision import MixedPrecision
+    except ImportError:  # lightning < 2.2 names it MixedPrecisionPlugin
+        from lightning.pytorch.plugins.precision import MixedPrecisionPlugin as MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=1000)
     ref, module = Reference(), Tiny()
