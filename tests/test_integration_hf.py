@@ -114,7 +114,8 @@ def test_train_records_true_pre_clip_norms(tmp_path, max_grad_norm):
     assert steps["step"].tolist() == list(range(1, 13)) and len(ref.norms) == 12
     assert steps["grad_norm"].tolist() == pytest.approx(ref.norms, rel=1e-6)
     logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
-    assert steps["grad_norm"].tolist() == pytest.approx(logged, rel=1e-5)  # the Trainer's own number
+    if max_grad_norm or logged:  # older transformers log grad_norm only when they clip
+        assert steps["grad_norm"].tolist() == pytest.approx(logged, rel=1e-5)  # the Trainer's own number
     expected = [1.0 if max_grad_norm == 0 else min(max_grad_norm / (n + 1e-6), 1.0) for n in ref.norms]
     assert steps["clip_coef"].tolist() == pytest.approx(expected, rel=1e-6)
     if max_grad_norm:
