@@ -167,3 +167,14 @@ def test_a_policy_gradient_command_is_judged_like_a_sweep_not_by_a_ratio_to_step
     losses = pd.read_csv(tmp_path / "rl" / "steps.csv").query("run == 'unclipped'")["loss"]
     assert (losses < 0).any() and (losses > 0).any()  # a loss no ratio to step 1 can judge
     assert "recommendation: no clipping needed" in proc.stdout
+
+
+def test_watch_locates_a_spike_and_a_failing_run_shows_the_scripts_traceback(tmp_path):
+    proc = gradclip("watch", "--out", "w", "--", "python", str(AS_IS / "spike_loop.py"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = pd.read_csv(tmp_path / "w" / "summary.csv").iloc[0]
+    assert row["spike_step"] == 8 and row["spike_param"] == "2.weight"
+    failing = gradclip("sweep", "--steps", "5", "--max-norm", "1", "--norm-type", "2", "--out", "rep", "--",
+                       "python", str(AS_IS / "fails_at_step.py"), cwd=tmp_path)  # fmt: skip
+    assert failing.returncode == 3
+    assert 'raise ValueError("the data file ran out")' in failing.stdout + failing.stderr

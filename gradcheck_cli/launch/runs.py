@@ -111,6 +111,8 @@ def _result_of(
     if result is None:
         error = outcome.error or "no optimizer step or clip call happened"
         result = RunResult(cell=cell, status=ERROR, error=error, seed=options.seed, name=name)
+    if result.status == ERROR and outcome.user_traceback:
+        result = replace(result, error_traceback=outcome.user_traceback)  # shown in the error panel
     return replace(result, seconds=seconds)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gradcheck_cli.analysis import annotate_spike
+from gradcheck_cli.analysis import DEFAULT_SPIKE_FACTOR, annotate_spike
 from gradcheck_cli.config import SweepConfig
 from gradcheck_cli.detect import command_start_warning
 from gradcheck_cli.errors import UsageError, UserCodeError
@@ -178,9 +178,13 @@ def as_written_line(as_written: tuple[str, float, float] | None, results: list[R
     return line
 
 
-def single_run(command: UserCommand, cell: Cell | None, options: RunOptions, out: Path) -> CommandRun:
-    """One run (``watch``, ``check``): the command with ``cell`` (None: its own clipping)."""
+def single_run(
+    command: UserCommand, cell: Cell | None, options: RunOptions, out: Path, spike_factor: float = DEFAULT_SPIKE_FACTOR
+) -> CommandRun:
+    """One run (``watch``, ``check``): the command with ``cell`` (None: its own clipping), its
+    spikes located as a sweep's are."""
     name = cell.run if cell is not None else "as_written"
     run = run_cell(command, cell, options, out / LOG_DIR / f"{name}.log")
     check_trains(run, command)
+    run.result = annotate_spike(run.result, spike_factor)
     return run
