@@ -24,6 +24,7 @@ from gradcheck_cli.analysis import (
     summed_loss_text,
     sweep_seeds,
 )
+from gradcheck_cli.detect import explain_warning
 from gradcheck_cli.recommend import what_to_try
 from gradcheck_cli.results import (
     CRASHED,
@@ -560,6 +561,4 @@ def error_panels(results: list[RunResult]) -> list[Panel]:
 
 def warning_lines(results: list[RunResult]) -> list[str]:
     """One line per warning of each run, in words: ``warning: clip_1_2: the loss never changed: ...``."""
-    from gradcheck_cli.detect import explain_warning
-
     return [f"warning: {r.run}: {explain_warning(code)}" for r in results for code in r.warnings]
