@@ -103,6 +103,15 @@ class _TotalNormRule:
         self.last = ClipStep(total, threshold=threshold, coef=coef)
         return total
 
+    def observe(self, norm: float) -> float | None:
+        """Record a finite pre-clip L2 ``norm`` as :meth:`clip` does, and return the threshold
+        ``clip`` would apply (None: none), leaving every gradient alone: what a caller that
+        only needs to know whether this rule would clip (and must keep its state in step) calls
+        instead of ``clip``."""
+        if not math.isfinite(norm):
+            raise ValueError(f"observe() takes a finite norm, got {norm}")
+        return self._threshold(norm)
+
     def _threshold(self, norm: float) -> float | None:
         """Record the finite pre-clip ``norm``; return the threshold to apply (None: none)."""
         raise NotImplementedError
@@ -363,7 +372,7 @@ class AGC:
             g = p.grad
             if g.numel() == 0:
                 continue
-            limit = _unit_norms(p.detach()).clamp(min=self.eps) * self.clip_factor
+            limit = self._limit(p)
             if g.is_sparse:
                 units += limit.numel()
                 counts.append(_clip_sparse_units_(g, limit).to(total.device))
@@ -381,6 +390,27 @@ class AGC:
         clipped = int(torch.stack(counts).sum()) if counts else 0  # one read for all parameters
         self.last = ClipStep(total, clipped_frac=(clipped / units) if units else 0.0)
         return total
+
+    def _limit(self, p: Tensor) -> Tensor:
+        """The largest gradient norm each unit of ``p`` may keep."""
+        return _unit_norms(p.detach()).clamp(min=self.eps) * self.clip_factor
+
+    @torch.no_grad()
+    def clipped_units(self, parameters: Parameters) -> int:
+        """How many units :meth:`clip` would scale down now, leaving every gradient alone (a
+        dense gradient's units, as ``clip`` counts them; a sparse gradient raises ``ValueError``:
+        ``clip`` coalesces it in place, so it is never left alone)."""
+        counts: list[Tensor] = []
+        for p in _parameters(parameters):
+            g = p.grad
+            if g is None or g.numel() == 0:
+                continue
+            if g.is_sparse:
+                raise ValueError("clipped_units() does not count sparse gradients")
+            over = _unit_norms(g) > self._limit(p)
+            whole = over.full_tensor() if hasattr(over, "full_tensor") else over
+            counts.append(whole.sum())
+        return int(sum(int(c) for c in counts))
 
     def state_dict(self) -> dict[str, Any]:
         return {"clip_factor": self.clip_factor, "eps": self.eps}
