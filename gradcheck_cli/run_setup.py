@@ -33,7 +33,7 @@ from gradcheck_cli.results import (
     RunResult,
     StepRecord,
 )
-from gradcheck_cli.snapshot import Snapshot
+from gradcheck_cli.snapshot import RngState, Snapshot, capture_rng, restore_rng
 
 
 class UserFailure(Exception):
@@ -248,11 +248,24 @@ class BatchStream:
     Raises ``UserFailure`` when ``batches()`` raises, returns something that is not iterable, or
     yields nothing at all (on the first call or after a pass)."""
 
-    def __init__(self, experiment: Experiment) -> None:
+    def __init__(self, experiment: Experiment, record_rng: torch.device | None = None) -> None:
         self._experiment = experiment
         self._it = None
         self._passes = 0
         self._in_pass = 0
+        # With ``record_rng`` (a device), the random-number state before every batch drawn:
+        # what ``fast_forward`` needs to bring a fresh stream to the same position.
+        self._record_rng = record_rng
+        self.pulls: list[RngState] = []
+
+    def fast_forward(self, pulls: tuple[RngState, ...] | list[RngState]) -> None:
+        """Draw as many batches as ``pulls`` holds, each from the random-number state another
+        stream drew it from: iterators the user's ``batches()`` returns (a shuffling
+        ``DataLoader`` draws its order as a pass starts) end up where that stream's were. The
+        batches themselves are dropped; the caller restores the random-number state after."""
+        for state in pulls:
+            restore_rng(state)
+            self.next()
 
     def _fresh(self) -> None:
         fn = self._experiment.batches_fn
@@ -281,6 +294,8 @@ class BatchStream:
             raise UserFailure(describe_exception(exc), self._experiment.format_traceback(exc)) from exc
 
     def next(self) -> Any:
+        if self._record_rng is not None:
+            self.pulls.append(capture_rng(self._record_rng))
         if self._it is None:
             self._fresh()
         ok, batch = self._pull()
@@ -393,6 +408,39 @@ def apply_clipping(
     if threshold is None:  # ZClip without a cap and no spike: nothing applied
         return 1.0, nan, nan
     # the norm cells' coefficient, computed the same way (float64), so the columns compare
+    return clip_coefficient(norm_f, threshold), threshold, nan
+
+
+def unchanged_clipping(
+    cell: Cell, rule: Any, params: list[torch.Tensor], norm: torch.Tensor, norm_f: float
+) -> tuple[float, float, float] | None:
+    """What ``apply_clipping`` would return for these gradients when it would leave every one
+    of them as it is (bit for bit), without touching them; ``None`` when it would change some.
+    A rule's state advances as ``apply_clipping`` advances it. Sparse gradients always count
+    as changed (clipping coalesces them in place). The control run's trajectory is every
+    cell's until the step this says ``None`` for (docs/diagnosis.md, "Shared runs")."""
+    nan = math.nan
+    if any(p.grad is not None and p.grad.is_sparse for p in params):
+        return None
+    if cell.mode == MODE_NONE:
+        return 1.0, nan, nan
+    if cell.mode == MODE_NORM:
+        if cell.max_norm != math.inf and engine.host_clip_coef(cell.max_norm, norm_f, norm.dtype) < 1.0:
+            return None
+        return clip_coefficient(norm_f, cell.max_norm), cell.max_norm, nan
+    if cell.mode == MODE_VALUE:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return nan, nan, 0.0
+        over = torch.stack([(g.abs() > cell.param).sum().to(grads[0].device) for g in grads]).sum()
+        return None if int(over) else (nan, nan, 0.0)
+    if cell.mode == MODE_AGC:
+        return None if rule.clipped_units(params) else (nan, nan, 0.0)
+    threshold = rule.observe(norm_f)  # AutoClip, ZClip: the state advances as in clip()
+    if threshold is None:
+        return 1.0, nan, nan
+    if threshold != math.inf and engine.host_clip_coef(threshold, norm_f, norm.dtype) < 1.0:
+        return None
     return clip_coefficient(norm_f, threshold), threshold, nan
 
 
