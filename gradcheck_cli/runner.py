@@ -11,11 +11,12 @@ docs/contract.md ("How a run executes"), divergence in docs/diagnosis.md ("Diver
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +31,7 @@ from gradcheck_cli.detect import (
     is_non_finite,
 )
 from gradcheck_cli.engine.distributed import any_dtensor
+from gradcheck_cli.forks import Fork
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment, definition_site, describe_exception, type_name
 from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS, Precision
@@ -72,6 +74,8 @@ def run_cell(
     *,
     snapshot: Snapshot | None = None,
     on_step: Callable[[int], None] | None = None,
+    observer: StepObserver | None = None,
+    fork: Fork | None = None,
 ) -> RunResult:
     """Train ``model`` for ``config.steps`` steps under ``cell``'s clipping and judge the run.
 
@@ -86,6 +90,11 @@ def run_cell(
 
     ``on_step(step)`` is called after each completed step, skipped ones included (progress bars).
 
+    ``observer`` (the control run of a sweep that shares it with its cells,
+    ``shadows.ShadowSet``) sees every step once it is judged, before anything is clipped or
+    updated. With ``fork`` the run starts at ``fork.step`` from the control's state there
+    instead of at step 1 (``snapshot`` still gives the state every run starts from).
+
     Returns a ``RunResult`` with status ``stable``, ``non_finite``, ``diverged`` or ``error``;
     never raises for the user's errors. ``KeyboardInterrupt`` propagates. A ``train_step``
     script is run by ``train_step.run_train_step_cell`` (``sweep.execute`` picks the loop);
@@ -95,11 +104,12 @@ def run_cell(
         raise ValueError(
             f"{experiment.name} defines train_step: run it with train_step.run_train_step_cell (sweep.execute picks the loop)"
         )
-    run = _Run(experiment, model, cell, config)
+    run = Run(experiment, model, cell, config, observer)
     try:
-        run.prepare(snapshot)
-        for step in range(1, config.steps + 1):
-            stopped = run.step(step)
+        run.prepare(snapshot, fork)
+        first = 1 if fork is None else fork.step
+        for step in range(first, config.steps + 1):
+            stopped = run.step(step) if step != first or fork is None else run.resume(fork)
             if stopped is not None:
                 return stopped
             if on_step is not None:
@@ -110,7 +120,7 @@ def run_cell(
 
 
 @dataclass
-class _Measured:
+class Measured:
     """A step's numbers on the host: the micro-batches' losses, the pre-clip total (``norm`` on
     the device, ``norm_f`` on the host), the control run's totals in the grid's other norm types,
     the per-layer norms, and whether the fp16 scaler skips the step."""
@@ -122,11 +132,50 @@ class _Measured:
     layers: tuple = ()
     skipped: bool = False
 
+    @property
+    def loss(self) -> float:
+        """The step's loss: the micro-batches' mean."""
+        values = self.losses
+        return values[0] if len(values) == 1 else sum(values) / len(values)
 
-class _Run:
-    """The state of one run of ``run_cell`` between its steps, and the steps themselves."""
 
-    def __init__(self, experiment: Experiment, model: torch.nn.Module, cell: Cell, config: SweepConfig) -> None:
+class StepObserver(Protocol):
+    """Sees each step of a run once it is judged: ``verdict`` is ``None`` when the update
+    follows, ``SKIP`` for a step the fp16 scaler skips, else the ``Stop`` that ends the run."""
+
+    def start(self, run: Run) -> None: ...
+
+    def observe(self, run: Run, step: int, measured: Measured, loss: float, lr: float, verdict: Any) -> None: ...
+
+
+@dataclass
+class Stop:
+    """A verdict that ends the run at this step: its status and the result's fields."""
+
+    status: str
+    fields: dict
+
+
+SKIP = "skip"  # the verdict of a step the fp16 scaler skips
+
+
+class Run:
+    """The state of one run of ``run_cell`` between its steps, and the steps themselves.
+
+    A step is measured (``_measure``), judged (``judge``: a ``Stop``, ``SKIP`` or ``None``),
+    shown to the observer, then concluded: the run stops, the scaler skips, or the gradients
+    are clipped and the optimizer steps (``_update``). ``shadows.Shadow`` reuses the judging
+    and the rows for a cell that follows the control without training."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        model: torch.nn.Module,
+        cell: Cell,
+        config: SweepConfig,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.observer = observer
         self.start = time.perf_counter()
         self.experiment, self.model, self.cell, self.config = experiment, model, cell, config
         self.records: list[StepRecord] = []
@@ -138,9 +187,10 @@ class _Run:
         self.divergence = Divergence(config.divergence_factor)
         self.skips_in_a_row = 0
 
-    def prepare(self, snapshot: Snapshot | None) -> None:
+    def prepare(self, snapshot: Snapshot | None, fork: Fork | None = None) -> None:
         """Restore the starting state and build what every step uses: the optimizer, scheduler
-        and scaler, the parameters measured and clipped, the cell's rule, the batches."""
+        and scaler, the parameters measured and clipped, the cell's rule, the batches; then,
+        with ``fork``, move all of it to the control's state at the fork's step."""
         experiment, model, cell, config = self.experiment, self.model, self.cell, self.config
         self.optimizer = start_run(experiment, model, self.lr, snapshot)
         self.scheduler = make_scheduler(experiment, self.optimizer)
@@ -165,7 +215,27 @@ class _Run:
             self.optimizer_warnings.append(FOREIGN_PARAMETERS)
         if not held & owned:
             self.optimizer_warnings.append(NO_MODEL_PARAMETERS)
-        self.stream = BatchStream(experiment)
+        self.stream = BatchStream(experiment, record_rng=self.device if self.observer is not None else None)
+        if fork is not None:
+            self._move_to(fork)
+        if self.observer is not None:
+            self.observer.start(self)
+
+    def _move_to(self, fork: Fork) -> None:
+        """The control's state at ``fork.step`` (its gradients measured, nothing updated), and
+        this cell's own rows, divergence test and rule state from before that step."""
+        self.stream.fast_forward(fork.state.pulls)
+        fork.state.restore(self.model, self.optimizer, self.scheduler)
+        self.records = list(fork.records)
+        self.divergence = copy.deepcopy(fork.divergence)
+        if fork.rule_state is not None:
+            self.rule.load_state_dict(copy.deepcopy(fork.rule_state))
+        fork.state.restore_rng()
+
+    def resume(self, fork: Fork) -> RunResult | None:
+        """``step`` at the fork's step, from the gradients the control measured there."""
+        losses = [loss.to(self.device) for loss in fork.state.losses]
+        return self.conclude(fork.step, self._measure(losses), None, current_lr(self.optimizer))
 
     def step(self, step: int) -> RunResult | None:
         """One optimizer step; the run's result when this step ends the run, else ``None``."""
@@ -174,36 +244,52 @@ class _Run:
         if backward_error is None:
             measured = self._measure(losses)
         else:
-            measured = _Measured([float(x) for x in losses])
-        loss_values = measured.losses
-        loss_f = loss_values[0] if len(loss_values) == 1 else sum(loss_values) / len(loss_values)
+            measured = Measured([float(x) for x in losses])
+        return self.conclude(step, measured, backward_error, step_lr)
 
-        # The loss is judged first: a NaN or exploding loss explains everything after it.
-        stopped = self._judge_loss(step, loss_f, loss_values, step_lr)
+    def conclude(
+        self, step: int, measured: Measured, backward_error: UserFailure | None, step_lr: float
+    ) -> RunResult | None:
+        """Judge the measured step, show it to the observer, then stop, skip or update."""
+        loss_f = measured.loss
+        verdict = self.judge(step, loss_f, measured, backward_error, step_lr)
+        if self.observer is not None:
+            self.observer.observe(self, step, measured, loss_f, step_lr, verdict)
+        if verdict is SKIP:
+            return self._skip()
+        if verdict is not None:
+            return self.finish(verdict.status, **verdict.fields)
+        self._update(step, loss_f, measured, step_lr)
+        return None
+
+    def judge(
+        self, step: int, loss_f: float, measured: Measured, backward_error: UserFailure | None, step_lr: float
+    ) -> Stop | str | None:
+        """The step's verdict, its row recorded when it ends the run or is skipped. The loss is
+        judged first: a NaN or exploding loss explains everything after it."""
+        stopped = self._judge_loss(step, loss_f, measured.losses, step_lr)
         if stopped is not None:
             return stopped
         if backward_error is not None:
             raise backward_error
         if measured.skipped:
-            return self._skip(step, loss_f, measured.norm_f, step_lr)
+            self.records.append(StepRecord(step, loss_f, measured.norm_f, lr=step_lr, skipped=True))
+            return SKIP
         self.skips_in_a_row = 0
         if is_non_finite(measured.norm_f):
             self.records.append(
                 StepRecord(step, loss_f, measured.norm_f, layers=measured.layers, lr=step_lr, norms=measured.extra)
             )
-            return self.finish(
+            return Stop(
                 NON_FINITE,
-                nan_step=step,
-                nan_source=SOURCE_BACKWARD,
-                nan_param=_first_non_finite_param(self.model),
+                dict(nan_step=step, nan_source=SOURCE_BACKWARD, nan_param=_first_non_finite_param(self.model)),
             )
         if self.divergence.norm_diverged(judged_norm(self.cell, measured.norm_f)):
             # stopped before the update: the step's norm is recorded, no coefficient applied
             self.records.append(
                 StepRecord(step, loss_f, measured.norm_f, layers=measured.layers, lr=step_lr, norms=measured.extra)
             )
-            return self.finish(DIVERGED, diverged_step=step)
-        self._update(step, loss_f, measured, step_lr)
+            return Stop(DIVERGED, dict(diverged_step=step))
         return None
 
     def _forward_backward(self) -> tuple[list[torch.Tensor], UserFailure | None]:
@@ -229,7 +315,7 @@ class _Run:
                 return losses, failure
         return losses, None
 
-    def _measure(self, losses: list[torch.Tensor]) -> _Measured:
+    def _measure(self, losses: list[torch.Tensor]) -> Measured:
         """Unscale (fp16), measure the pre-clip norms in one pass, and bring the losses, the
         totals, the scaler's inf flag and the per-layer norms to the host together: the one
         host sync of the step."""
@@ -259,9 +345,9 @@ class _Run:
             scalars += [norm if q == cell.norm_type else engine.get_total_norm(grads, q) for q in extra_types]
         if found_inf is not None:
             scalars.append(found_inf)
-        values = _to_host(scalars, group_norms, self.on_cpu)
+        values = values_on_host(scalars, group_norms, self.on_cpu)
         n = len(losses)
-        return _Measured(
+        return Measured(
             losses=values[:n],
             norm_f=values[n],
             norm=norm,
@@ -270,26 +356,28 @@ class _Run:
             skipped=found_inf is not None and values[len(scalars) - 1] > 0,
         )
 
-    def _judge_loss(self, step: int, loss_f: float, loss_values: list[float], step_lr: float) -> RunResult | None:
-        """The run's result when the step's loss is non-finite or diverged, else ``None``."""
+    def _judge_loss(self, step: int, loss_f: float, loss_values: list[float], step_lr: float) -> Stop | None:
+        """The verdict when the step's loss is non-finite or diverged, else ``None``."""
         if is_non_finite(loss_f):
             self.records.append(StepRecord(step, loss_f, lr=step_lr))
             micro = first_index(loss_values, is_non_finite)
-            return self.finish(
+            return Stop(
                 NON_FINITE,
-                nan_step=step,
-                nan_source=SOURCE_FORWARD,
-                nan_micro_batch=micro + 1 if self.config.accumulate > 1 and micro is not None else None,
+                dict(
+                    nan_step=step,
+                    nan_source=SOURCE_FORWARD,
+                    nan_micro_batch=micro + 1 if self.config.accumulate > 1 and micro is not None else None,
+                ),
             )
         if self.divergence.loss_diverged(loss_f):
             self.records.append(StepRecord(step, loss_f, lr=step_lr))
-            return self.finish(DIVERGED, diverged_step=step)
+            return Stop(DIVERGED, dict(diverged_step=step))
         return None
 
-    def _skip(self, step: int, loss_f: float, norm_f: float, step_lr: float) -> RunResult | None:
-        """A step the fp16 scaler skips: recorded, no clipping, no optimizer or scheduler step.
-        Too many in a row end the run: the scale has collapsed."""
-        self.records.append(StepRecord(step, loss_f, norm_f, lr=step_lr, skipped=True))
+    def _skip(self) -> RunResult | None:
+        """After a step the fp16 scaler skips (recorded by ``judge``): no clipping, no
+        optimizer or scheduler step. Too many in a row end the run: the scale has collapsed."""
+        step = self.records[-1].step
         self.precision.update()
         self.skips_in_a_row += 1
         if self.skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
@@ -301,29 +389,15 @@ class _Run:
             )
         return None
 
-    def _update(self, step: int, loss_f: float, measured: _Measured, step_lr: float) -> None:
+    def _update(self, step: int, loss_f: float, measured: Measured, step_lr: float) -> None:
         """Clip the finite gradients as the cell says, step the optimizer, the scaler and the
         scheduler, and record the step."""
-        coef, threshold, unit_frac = apply_clipping(
-            self.cell, self.rule, self.clip_params, measured.norm, measured.norm_f
-        )
+        clipping = apply_clipping(self.cell, self.rule, self.clip_params, measured.norm, measured.norm_f)
         _step(self.experiment, self.optimizer, self.lr if self.lr is not None else DEFAULT_LR)
         self.precision.update()
         if self.scheduler is not None:
             call_user(self.experiment, self.scheduler.step)
-        self.records.append(
-            StepRecord(
-                step,
-                loss_f,
-                measured.norm_f,
-                coef,
-                threshold,
-                unit_frac,
-                layers=measured.layers,
-                lr=step_lr,
-                norms=measured.extra,
-            )
-        )
+        self.records.append(updated_row(step, loss_f, measured, step_lr, clipping))
 
     def finish_stable(self) -> RunResult:
         """The result of a run that took every step: stable, with the script's ``evaluate``."""
@@ -335,6 +409,11 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         kw.update(evaluation(self.experiment, self.model, status))
+        return self.result(status, **kw)
+
+    def result(self, status: str, **kw: Any) -> RunResult:
+        """The run's result with ``status`` and ``kw`` as they stand (``finish`` without
+        ``evaluate``)."""
         records = self.records
         warnings = self.optimizer_warnings + degenerate_training(
             [r.loss for r in records], [r.grad_norm for r in records], self.cell.norm_type
@@ -350,6 +429,25 @@ class _Run:
             **self.reported,
             **kw,
         )
+
+
+def updated_row(
+    step: int, loss_f: float, measured: Measured, step_lr: float, clipping: tuple[float, float, float]
+) -> StepRecord:
+    """The row of a step whose update was made: ``clipping`` is ``apply_clipping``'s
+    ``(clip_coef, clip_threshold, clipped_unit_frac)``."""
+    coef, threshold, unit_frac = clipping
+    return StepRecord(
+        step,
+        loss_f,
+        measured.norm_f,
+        coef,
+        threshold,
+        unit_frac,
+        layers=measured.layers,
+        lr=step_lr,
+        norms=measured.extra,
+    )
 
 
 def _check_loss(experiment: Experiment, loss: Any) -> torch.Tensor:
@@ -403,7 +501,7 @@ def _step(experiment: Experiment, optimizer: torch.optim.Optimizer, lr: float) -
         ) from exc
 
 
-def _to_host(scalars: list[torch.Tensor], vector: torch.Tensor, on_cpu: bool) -> list[float]:
+def values_on_host(scalars: list[torch.Tensor], vector: torch.Tensor, on_cpu: bool) -> list[float]:
     """``scalars`` then ``vector``'s elements as Python floats (exact: float32 and float64 both
     convert exactly). On an accelerator this is the step's one host sync: everything is stacked
     on the device in float64 and copied over at once. On the CPU there is nothing to
