@@ -329,6 +329,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("threads_per_job", int, None, "torch threads per worker (default: max(1, cores // jobs))."),
     Option(
+        "no_share",
+        bool,
+        False,
+        "Train every run from step 1: no run takes its first steps from the control run (the results are "
+        "the same; for checking that, and for timing every run).",
+    ),
+    Option(
         "distributed",
         str,
         "cells",

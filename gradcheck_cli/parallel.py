@@ -26,8 +26,9 @@ from gradcheck_cli.guard import guarded
 from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.results import CRASHED, ERROR, Cell, RunResult
 from gradcheck_cli.run_setup import UserFailure, run_lr
+from gradcheck_cli.shadows import Shared
 from gradcheck_cli.snapshot import seed_everything
-from gradcheck_cli.sweep import execute
+from gradcheck_cli.sweep import WAIT, execute
 
 # How long a worker may take to stop after being asked before it is killed.
 _STOP_TIMEOUT_S = 5.0
@@ -166,8 +167,9 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
     (or until the pipe closes: the supervisor is gone).
 
     Messages to the supervisor: ``("step", step)``, ``("out", stream, text)``, ``("done",
-    result)``. From it: ``("run", cell, seed, snapshot bytes or None, optimizer failure or
-    None)`` and ``None`` (stop)."""
+    result)`` or ``("shared", bytes)`` (a control run's ``shadows.Shared``). From it: ``("run",
+    cell, seed, snapshot bytes or None, optimizer failure or None, the cells a control run
+    follows, a fork's bytes or None)`` and ``None`` (stop)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_supervisor(conn, _may_start_processes())
     os.environ.clear()
@@ -203,7 +205,7 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
                 return
             if message is None:
                 return
-            _, cell, seed, snapshot_bytes, failure = message
+            _, cell, seed, snapshot_bytes, failure, shadows, fork_bytes = message
             if snapshot_bytes is not None:
                 snapshots = {seed: _for_this_worker(deserialise(snapshot_bytes), threads)}  # seed-major: keep one
             if load_failure is not None:
@@ -230,6 +232,8 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
                     snapshots.get(seed),
                     optimizer_failure,
                     on_step=lambda step: send(("step", step)),
+                    shadows=shadows,
+                    fork=deserialise(fork_bytes) if fork_bytes is not None else None,
                 )
             except KeyboardInterrupt:  # raised by the script itself (SIGINT is ignored here)
                 send(("interrupted",))
@@ -239,7 +243,10 @@ def _worker_main(conn, script: str, config, threads: int, environ: dict, cwd: st
 
                 send(("internal", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
                 return
-            send(("done", result))
+            if isinstance(result, Shared):  # it holds tensors (the forks' states): sent as bytes
+                send(("shared", serialise(result)))
+            else:
+                send(("done", result))
 
 
 class WorkerError(RuntimeError):
@@ -375,6 +382,8 @@ class WorkerPool:
                         if task is None:
                             exhausted = True
                             break
+                        if task is WAIT:  # the next run waits for a running one to end
+                            break
                         self._dispatch(slot, task, script, config)
                         on_start(task)
                 busy = [s for s in self._slots if s.task is not None]
@@ -413,6 +422,8 @@ class WorkerPool:
                 state.seed,
                 snapshot,
                 (failure.error, failure.user_traceback) if failure is not None else None,
+                task.shadows,
+                serialise(task.fork) if task.fork is not None else None,
             )
             try:
                 slot.conn.send(message)
@@ -442,6 +453,9 @@ class WorkerPool:
                 elif kind == "done":
                     slot.task = None
                     return task, payload[0]
+                elif kind == "shared":
+                    slot.task = None
+                    return task, deserialise(payload[0])
                 elif kind == "interrupted":
                     raise KeyboardInterrupt
                 elif kind == "internal":

@@ -137,6 +137,7 @@ class RankGroup:
                 on_run_done=on_run_done if self.rank == 0 else None,
                 on_run_step=on_run_step if self.rank == 0 else None,
                 executor=executor,
+                share=False,  # every rank must take the same decisions: it trains every run
             )
         cells = config.cells()
         todo = [c for c in cells if c.run not in skip]
@@ -169,6 +170,7 @@ class RankGroup:
                 on_run_done=lambda index, total, result: share(result),
                 on_run_step=step if lead and on_run_step is not None else None,
                 executor=executor,
+                share=False,  # a rank's share of the runs need not hold their control run
             )
         for _ in range(rounds - len(mine)):
             share(None)

@@ -74,6 +74,7 @@ SUMMARY_COLUMNS = [
     "grad_norm_max",
     "clipped_frac",
     "refined",
+    "shared_steps",
     "steps",
     "seconds",
     "error",
@@ -260,6 +261,9 @@ class RunResult:
     eval_metric: float | None = None  # the script's evaluate(model) at the end of a stable run
     eval_higher_is_better: bool | None = None  # None when there is no eval_metric
     refined: bool = False  # a --refine bisection run rather than a grid cell
+    # Leading steps taken from the control run instead of trained (docs/diagnosis.md, "Shared
+    # runs"): all of them for a run identical to the control, k - 1 for one forked at step k.
+    shared_steps: int = 0
     name: str | None = None  # run name when it is not the cell's (a monitored run: ``monitor``)
     # Degenerate-training codes (``detect.WARNING_TEXT`` explains each); not errors, not healthy.
     warnings: tuple[str, ...] = ()
@@ -340,6 +344,7 @@ class RunResult:
             "grad_norm_max": norms[-1] if norms else None,
             "clipped_frac": (sum(clipped) / len(clipped)) if clipped else None,
             "refined": self.refined,
+            "shared_steps": self.shared_steps,
             "steps": len(self.steps),
             "seconds": round(self.seconds, 4),
             "error": self.error,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -22,10 +22,12 @@ from gradcheck_cli.analysis import annotate_spike
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
 from gradcheck_cli.detect import eval_collapsed, eval_collapsed_warning, step1_warning
 from gradcheck_cli.errors import UsageError
+from gradcheck_cli.forks import Fork
 from gradcheck_cli.loader import Experiment
 from gradcheck_cli.results import DIVERGED, MODE_AGC, STABLE, Cell, RunResult
 from gradcheck_cli.run_setup import UserFailure, error_result, evaluate_model, make_optimizer, run_lr
 from gradcheck_cli.runner import run_cell
+from gradcheck_cli.shadows import Forked, Free, ShadowSet, Shared
 from gradcheck_cli.snapshot import Snapshot, seed_everything
 from gradcheck_cli.train_step import measured_norm_type, run_train_step_cell
 
@@ -168,6 +170,7 @@ def run_sweep(
     on_step: Callable[[int], None] | None = None,
     on_run_step: OnRunStep | None = None,
     executor: Executor | None = None,
+    share: bool = True,
 ) -> list[RunResult]:
     """Run every cell of ``config.cells()`` (or of ``cells``, e.g. ``gradclip check``'s single
     cell) and return one ``RunResult`` per cell, in cell order.
@@ -187,6 +190,13 @@ def run_sweep(
     at once, runs start in cell order and may end in any order, but ``on_run_done`` is called in
     cell order (a run that ends early waits for the ones before it). ``on_run_step(index, step)``
     and ``on_step(step)`` are called after every completed training step of a run.
+
+    With ``share`` (``--no-share`` turns it off), a cell whose control run (same lr and seed)
+    runs in this sweep is not trained where it would repeat the control: the control carries
+    a shadow of it (``shadows.py``), and the cell is then free (built from the control's
+    steps), forked (started from the control's state where its clipping first acts) or trained
+    in full; the results are the same as without sharing (docs/diagnosis.md, "Shared runs").
+    ``on_run_start`` is not called for a free cell.
 
     Raises ``UserCodeError`` when ``build_model()`` raises and ``UsageError`` when it returns no
     usable module or the device is unavailable. When ``build_optimizer`` raises, every run gets
@@ -209,6 +219,8 @@ def run_sweep(
     def started(task: Task) -> None:
         if on_run_start is not None:
             on_run_start(task.index, total, task.cell)
+        if task.fork is not None and on_run_step is not None:
+            on_run_step(task.index, task.fork.step - 1)  # the steps taken from the control
 
     def stepped(task: Task, step: int) -> None:
         if on_run_step is not None:
@@ -216,9 +228,14 @@ def run_sweep(
         if on_step is not None:
             on_step(step)
 
-    tasks = _tasks(config, experiment, device, cells, skip, last, in_order.eval_before)
+    sharing = _Sharing(config, experiment, cells, skip) if share else None
+    tasks = _tasks(config, experiment, device, cells, skip, last, in_order.eval_before, sharing)
     for task, result in executor.run(experiment, config, tasks, started, stepped):
+        if sharing is not None:
+            result = sharing.received(task, result)
         in_order.add(task.index, result)
+        _add_free(sharing, in_order)
+    _add_free(sharing, in_order)
     if last:
         last[0].snapshot.restore_global_state()  # what the last run changed does not leak into the reports
     return in_order.judged
@@ -232,14 +249,21 @@ def _tasks(
     skip: Mapping[str, RunResult],
     last: list[StartingState],
     eval_before: dict[int | None, float | None],
-) -> Iterator[Task]:
+    sharing: _Sharing | None = None,
+) -> Iterator[Task | str]:
     """The runs to execute, in cell order, each with its seed's starting state, built when the
     seed's first run is due (cells come seed-major, so one state is held at a time; the previous
     one is freed first). Every later seed starts from the first seed's global torch state.
-    ``last`` holds the latest state, ``eval_before`` gets each seed's untrained metric."""
+    ``last`` holds the latest state, ``eval_before`` gets each seed's untrained metric.
+    With ``sharing``, a control run carries the shadows of its cells, and each of those cells
+    waits (``WAIT``) until the control has ended to know whether it runs, and from where."""
     state: StartingState | None = None
     first_global = None  # global torch state as the first seed's runs start from it
-    for index, cell in enumerate(cells, start=1):
+    order = list(enumerate(cells, start=1))
+    if sharing is not None:  # a seed's control runs first, so that its cells wait for none
+        seeds = list(dict.fromkeys(config.seed_of(c) for c in cells))
+        order.sort(key=lambda item: (seeds.index(config.seed_of(item[1])), item[1].clipped))
+    for index, cell in order:
         if cell.run in skip:
             continue
         seed = config.seed_of(cell)
@@ -253,7 +277,14 @@ def _tasks(
             _check_agc_exclude(config, cells, state.model)
             last.append(state)
             eval_before[seed] = state.eval_before
-        yield Task(index, cell, state)
+        if sharing is None:
+            yield Task(index, cell, state)
+            continue
+        while not sharing.decided(cell):
+            yield WAIT
+        task = sharing.task(index, cell, state)
+        if task is not None:
+            yield task
 
 
 class _InOrder:
@@ -308,11 +339,82 @@ class StartingState:
 
 @dataclass
 class Task:
-    """One run to execute: its position in the sweep (from 1), its cell, its starting state."""
+    """One run to execute: its position in the sweep (from 1), its cell, its starting state;
+    a control run may carry the cells it is ``shadows`` for, a cell may start from a ``fork``
+    of the control."""
 
     index: int
     cell: Cell
     state: StartingState
+    shadows: tuple[Cell, ...] = ()
+    fork: Fork | None = None
+
+
+# What the task iterator yields when the next run cannot start until a running one has ended
+# (a cell waiting for its control run): an executor starts nothing more until a run ends.
+WAIT = "wait"
+
+
+class _Sharing:
+    """Which runs of the sweep share the control's steps (``run_sweep``'s ``share``): per (seed,
+    lr) whose control runs here, the cells to follow, and once the control has ended, each
+    cell's outcome. Free cells' results wait in ``free`` for the sweep's loop to take them."""
+
+    def __init__(self, config: SweepConfig, experiment: Experiment, cells: list[Cell], skip: Mapping) -> None:
+        self.config = config
+        self.on = experiment.train_step_fn is None and config.amp != "fp16"
+        self.followers: dict[tuple, tuple[Cell, ...]] = {}
+        if self.on:
+            for control in (c for c in cells if not c.clipped and c.run not in skip):
+                key = self._key(control)
+                self.followers[key] = tuple(c for c in cells if c.clipped and c.run not in skip and self._key(c) == key)
+        self.outcomes: dict[str, Any] = {}
+        self.ended: set[tuple] = set()
+        self.free: list[tuple[int, RunResult]] = []
+        self.over_budget = 0
+
+    def _key(self, cell: Cell) -> tuple:
+        return (self.config.seed_of(cell), cell.lr)
+
+    def decided(self, cell: Cell) -> bool:
+        """A cell can be handed out: it follows no control here, or its control has ended."""
+        key = self._key(cell)
+        return not cell.clipped or key not in self.followers or key in self.ended
+
+    def task(self, index: int, cell: Cell, state: StartingState) -> Task | None:
+        """The cell's task: the control with its shadows, a fork, a full run; ``None`` for a
+        free cell (its result goes to ``free``)."""
+        key = self._key(cell)
+        if not cell.clipped:
+            return Task(index, cell, state, shadows=self.followers.get(key, ()))
+        outcome = self.outcomes.get(cell.run)
+        if isinstance(outcome, Free):
+            self.free.append((index, outcome.result))
+            return None
+        if isinstance(outcome, Forked):
+            return Task(index, cell, state, fork=outcome.fork)
+        return Task(index, cell, state)
+
+    def received(self, task: Task, result: Any) -> RunResult:
+        """A run's result; a control's outcomes are kept (a control that crashed has none:
+        its cells train in full)."""
+        if not task.shadows:
+            return result
+        self.ended.add(self._key(task.cell))
+        if isinstance(result, Shared):
+            self.outcomes.update(result.outcomes)
+            self.over_budget += result.over_budget
+            return result.result
+        return result
+
+
+def _add_free(sharing: _Sharing | None, in_order: _InOrder) -> None:
+    """Hand the free cells decided so far to the results, in cell order."""
+    if sharing is None:
+        return
+    free, sharing.free = sharing.free, []
+    for index, result in free:
+        in_order.add(index, result)
 
 
 def starting_state(config: SweepConfig, experiment: Experiment, device: torch.device, seed: int) -> StartingState:
@@ -355,15 +457,25 @@ def execute(
     snapshot: Snapshot,
     optimizer_failure: UserFailure | None,
     on_step: Callable[[int], None] | None = None,
-) -> RunResult:
+    shadows: tuple[Cell, ...] = (),
+    fork: Fork | None = None,
+) -> RunResult | Shared:
     """One run from its starting state: what every executor calls, here or in a worker. A
     ``train_step`` script runs its own update (``train_step.py``), a ``loss_fn`` script the
-    runner's loop (``runner.py``)."""
+    runner's loop (``runner.py``). A control run with ``shadows`` returns ``Shared`` (its
+    result and its cells' outcomes); a ``fork`` starts at the control's state there."""
     if optimizer_failure is not None:
         return error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
     if experiment.train_step_fn is not None:
         return run_train_step_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
-    return run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
+    if shadows:
+        watch = ShadowSet(experiment, config, shadows)
+        result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step, observer=watch)
+        return watch.outcomes(result)
+    result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step, fork=fork)
+    if fork is not None:
+        result.shared_steps = fork.step - 1
+    return result
 
 
 class Executor(Protocol):
@@ -386,6 +498,8 @@ class InProcess:
 
     def run(self, experiment, config, tasks, on_start, on_step):
         for task in tasks:
+            if task is WAIT:  # never here: each run has ended before the next is asked for
+                raise RuntimeError("a run waits for another, but runs here one after the other")
             on_start(task)
             state = task.state
             result = execute(
@@ -396,5 +510,7 @@ class InProcess:
                 state.snapshot,
                 state.optimizer_failure,
                 on_step=lambda step, task=task: on_step(task, step),
+                shadows=task.shadows,
+                fork=task.fork,
             )
             yield task, result

@@ -211,3 +211,29 @@ def eval_before(result: RunResult) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def sharing_line(results: list[RunResult]) -> str | None:
+    """What the sweep took from its control runs instead of training (docs/diagnosis.md,
+    "Shared runs"); ``None`` when it took nothing."""
+    free = [r for r in results if r.shared_steps and r.shared_steps == len(r.steps)]
+    forked = [r for r in results if 0 < r.shared_steps < len(r.steps)]
+    if not free and not forked:
+        return None
+    total = sum(len(r.steps) for r in results)
+    trained = total - sum(r.shared_steps for r in results)
+    parts = []
+    if free:
+        parts.append(f"{len(free)} identical to their control run, not trained ({_names(free)})")
+    if forked:
+        shown = _names(forked, lambda r: f"{r.run} from step {r.shared_steps + 1}")
+        parts.append(f"{len(forked)} started from their control run where their clipping first acts ({shown})")
+    return (
+        f"shared runs: {'; '.join(parts)}; {trained} of {total} steps trained "
+        "(the results are those of training every run from step 1, which --no-share does)"
+    )
+
+
+def _names(results: list[RunResult], name=lambda r: r.run, most: int = 4) -> str:
+    shown = [name(r) for r in results[:most]]
+    return ", ".join(shown) + (f" and {len(results) - most} more" if len(results) > most else "")

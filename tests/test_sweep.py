@@ -200,7 +200,7 @@ def test_optimizer_starting_state_is_the_same_for_every_run(tmp_path):
     # never clips and never judged diverged: every run must give the same losses
     cfg = SweepConfig(script=script, steps=6, max_norms=(100.0,), divergence_factor=1e6)
     exp = load_experiment(script)
-    results = run_sweep(cfg, exp)
+    results = run_sweep(cfg, exp, share=False)  # every run trained: each builds its optimizer
     assert len(exp.module.CALLS) == 1 + len(results)  # once up front, then once per run
     losses = [[s.loss for s in r.steps] for r in results]
     assert all(x == losses[0] for x in losses) and len(losses[0]) == 6

@@ -31,6 +31,7 @@ from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.parallel import WorkerPool
 from gradcheck_cli.report import files
 from gradcheck_cli.report.files import _write_error
+from gradcheck_cli.text import sharing_line
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class _Sweep:
     fail_on_nan: bool
     fail_on_divergence: bool
     group: ranks.RankGroup | None  # under torchrun
+    share: bool = True  # cells take the steps they share with the control from it (--no-share)
 
     @property
     def lead(self) -> bool:
@@ -63,6 +65,7 @@ def run(script: Path | None, given: dict) -> int:
         fail_on_nan=given["fail_on_nan"] or recipe_fail_nan,
         fail_on_divergence=given["fail_on_divergence"] or recipe_fail_div,
         group=ranks.from_environment(given["distributed"], config.device),
+        share=not given["no_share"],
     )
     if sweep.group is None:
         return _sweep_here(sweep, given["resume"], given["jobs"], given["threads_per_job"])
@@ -199,6 +202,7 @@ def _run_all(sweep: _Sweep, experiment, finished: dict, executor, bars: _Progres
     """The grid's runs, then the --refine runs; the runs' results in order."""
     config = sweep.config
     run = sweeping.run_sweep if sweep.group is None else sweep.group.run_sweep
+    sharing = {"share": sweep.share} if sweep.group is None else {}
     results = run(
         config,
         experiment,
@@ -207,6 +211,7 @@ def _run_all(sweep: _Sweep, experiment, finished: dict, executor, bars: _Progres
         on_run_done=bars.run_done,
         on_run_step=bars.run_stepped,
         executor=executor,
+        **sharing,
     )
     if config.refine:
         results = refine.run_refinement(
@@ -277,4 +282,7 @@ def _finish(sweep: _Sweep, out_dir: Path, results: list) -> int:
         f"reports written to {sweep.out}/ (report.html, summary.csv, steps.csv, layers.csv, recommendation.json, ...)",
         markup=False,
     )
+    shared = sharing_line(results)
+    if shared is not None:
+        err.print(shared, markup=False, soft_wrap=True)
     return code

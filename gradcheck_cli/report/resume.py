@@ -365,6 +365,7 @@ def _summary_result(
         eval_metric=_parse(path, line, "eval_metric", row.get("eval_metric", ""), _float_or_none),
         eval_higher_is_better=_bool_or_none(row.get("eval_higher_is_better", "")),
         refined=_bool_or_none(row.get("refined", "")) or False,
+        shared_steps=_parse(path, line, "shared_steps", row.get("shared_steps", ""), _int_or_none) or 0,
     )
 
 
