@@ -20,7 +20,7 @@ import torch
 
 from gradcheck_cli.detect import Divergence
 from gradcheck_cli.results import StepRecord
-from gradcheck_cli.snapshot import RngState, capture_rng, restore_optimizer, restore_rng
+from gradcheck_cli.snapshot import GlobalState, RngState, capture_rng, restore_optimizer, restore_rng
 
 
 def _to_cpu(value: Any) -> Any:
@@ -60,6 +60,7 @@ class ControlState:
     rng: RngState
     pulls: tuple[RngState, ...]  # the random-number state before each batch drawn so far
     losses: list[torch.Tensor]  # the step's micro-batch losses
+    global_state: GlobalState | None = None  # torch's global settings (a script may change them)
 
     @classmethod
     def capture(
@@ -81,6 +82,7 @@ class ControlState:
             rng=capture_rng(device),
             pulls=tuple(pulls),
             losses=[_to_cpu(x) for x in losses],
+            global_state=GlobalState.capture(),
         )
 
     @staticmethod
@@ -107,7 +109,10 @@ class ControlState:
         restore_optimizer(optimizer, self.optimizer)
 
     def restore_rng(self) -> None:
+        """The random-number state and torch's global settings as the control had them."""
         restore_rng(self.rng)
+        if self.global_state is not None:
+            self.global_state.restore()
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gradcheck_cli import shadows
 from gradcheck_cli.analysis import annotate_spike
 from gradcheck_cli.config import DEFAULT_LR, SweepConfig, agc_excluded
 from gradcheck_cli.detect import eval_collapsed, eval_collapsed_warning, step1_warning
@@ -171,6 +172,7 @@ def run_sweep(
     on_run_step: OnRunStep | None = None,
     executor: Executor | None = None,
     share: bool = True,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[RunResult]:
     """Run every cell of ``config.cells()`` (or of ``cells``, e.g. ``gradclip check``'s single
     cell) and return one ``RunResult`` per cell, in cell order.
@@ -196,7 +198,8 @@ def run_sweep(
     a shadow of it (``shadows.py``), and the cell is then free (built from the control's
     steps), forked (started from the control's state where its clipping first acts) or trained
     in full; the results are the same as without sharing (docs/diagnosis.md, "Shared runs").
-    ``on_run_start`` is not called for a free cell.
+    ``on_run_start`` is not called for a free cell. ``on_note(text)`` hears when a cell trains
+    from step 1 although it could have forked: the memory budget for snapshots was spent.
 
     Raises ``UserCodeError`` when ``build_model()`` raises and ``UsageError`` when it returns no
     usable module or the device is unavailable. When ``build_optimizer`` raises, every run gets
@@ -236,6 +239,11 @@ def run_sweep(
         in_order.add(task.index, result)
         _add_free(sharing, in_order)
     _add_free(sharing, in_order)
+    if sharing is not None and sharing.over_budget and on_note is not None:
+        on_note(
+            f"shared runs: {sharing.over_budget} fork point(s) found no room within the {shadows.FORK_MEMORY_BUDGET / 2**30:g} GiB "
+            "held for snapshots of the control: those cells started from an earlier snapshot, or trained from step 1"
+        )
     if last:
         last[0].snapshot.restore_global_state()  # what the last run changed does not leak into the reports
     return in_order.judged

@@ -147,6 +147,10 @@ class _Progress:
     def run_started(self, index, total, cell) -> None:
         self.step_bars[index] = self.progress.add_task(cell.run, total=self.steps)
 
+    def note(self, text: str) -> None:
+        """A line for the user above the bars (stderr)."""
+        self.progress.console.print(text, markup=False, soft_wrap=True)
+
     def run_stepped(self, index, step) -> None:
         if index in self.step_bars:
             self.progress.update(self.step_bars[index], completed=step)
@@ -202,7 +206,7 @@ def _run_all(sweep: _Sweep, experiment, finished: dict, executor, bars: _Progres
     """The grid's runs, then the --refine runs; the runs' results in order."""
     config = sweep.config
     run = sweeping.run_sweep if sweep.group is None else sweep.group.run_sweep
-    sharing = {"share": sweep.share} if sweep.group is None else {}
+    sharing = {"share": sweep.share, "on_note": bars.note} if sweep.group is None else {}
     results = run(
         config,
         experiment,
