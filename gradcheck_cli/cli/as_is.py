@@ -92,6 +92,7 @@ def sweep(words: list[str], given: dict) -> int:
                     skip=finished,
                     on_run_start=bars.run_started,
                     on_run_done=bars.run_done,
+                    share=not given["no_share"],
                 )
                 writer.flush()
             except KeyboardInterrupt as exc:

@@ -15,6 +15,7 @@ from gradcheck_cli.detect import command_start_warning
 from gradcheck_cli.errors import UsageError, UserCodeError
 from gradcheck_cli.launch.command import UserCommand
 from gradcheck_cli.launch.runs import CommandRun, RunOptions, run_cell, run_cells, threads_for
+from gradcheck_cli.launch.shared import free_result
 from gradcheck_cli.results import MODE_NONE, MODE_NORM, STABLE, Cell, RunResult
 
 LOG_DIR = "logs"  # under --out: one log per run with everything the script printed
@@ -86,7 +87,10 @@ def run_command_sweep(
     skip: Mapping[str, RunResult] | None = None,
     on_run_start: Callable[[int, int, Cell], None] | None = None,
     on_run_done: Callable[[int, int, RunResult], None] | None = None,
+    share: bool = True,
 ) -> CommandSweep:
+    """The control run first, then the other cells ``jobs`` at a time; with ``share``, a cell
+    the control's rows show to be identical to it is not run (``launch.shared``)."""
     cells = config.cells() if cells is None else list(cells)
     if any(cell.lr is not None for cell in cells):
         raise UsageError(
@@ -124,6 +128,8 @@ def run_command_sweep(
         check_trains(run, command)
         finish(run)
         todo.remove(first)
+        if share and first.mode == MODE_NONE:
+            todo = _run_free(todo, run, config, finish)
 
     def started(cell: Cell) -> None:
         if on_run_start is not None:
@@ -132,6 +138,19 @@ def run_command_sweep(
     for run in run_cells(command, todo, options, log_dir, jobs=jobs, on_start=started):
         finish(run)
     return CommandSweep(judged, runs)
+
+
+def _run_free(todo: list[Cell], control: CommandRun, config: SweepConfig, finish) -> list[Cell]:
+    """Hand every free cell's result to ``finish``; the cells that must run."""
+    left = []
+    for cell in todo:
+        same_seed = config.seed_of(cell) == config.seed_of(control.cell)
+        result = free_result(cell, control.result, config) if same_seed else None
+        if result is None:
+            left.append(cell)
+        else:
+            finish(replace(control, cell=cell, result=result, seconds=0.0))
+    return left
 
 
 def _with_fairness(result: RunResult, runs: Mapping[str, CommandRun], judged: list[RunResult]) -> RunResult:
