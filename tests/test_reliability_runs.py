@@ -91,7 +91,7 @@ def loss_fn(model, batch):
     )
     experiment = load_experiment(script)
     config = SweepConfig(script=script, steps=2, max_norms=(0.5, 1.0), norm_types=(2.0,), seeds=seeds)
-    results = run_sweep(config, experiment)
+    results = run_sweep(config, experiment, share=False)  # every run trains: each records its first step
     n = 3 * len(seeds)
     assert [r.status for r in results] == ["stable"] * n
     firsts = experiment.module.seen[::2]  # each run's first step
@@ -158,7 +158,9 @@ def loss_fn(model, batch):
 """,
     )
     out = tmp_path / "out"
-    result = invoke("sweep", script, "--steps", 2, "--max-norm", "1,2", "--norm-type", 2, "--out", out)
+    # every run trained (--no-share): a run built from the control's steps carries nothing over
+    args = ("--steps", 2, "--max-norm", "1,2", "--norm-type", 2, "--out", out, "--no-share")
+    result = invoke("sweep", script, *args)
     assert result.exit_code == 0, result.output
     summary = pd.read_csv(out / files.SUMMARY_FILE, keep_default_na=False)
     assert list(summary["warnings"]) == ["", "step1_loss_differs:unclipped", "step1_loss_differs:unclipped"]

@@ -325,6 +325,7 @@ def test_frames_hold_the_exact_records():
         "grad_norm_max": 4.0,
         "clipped_frac": 0.0,
         "refined": False,
+        "shared_steps": 0,
         "steps": 2,
         "seconds": 0.5,
         "error": None,

@@ -128,8 +128,10 @@ def test_bf16_autocast_runs_share_exactly():
 def test_a_memory_budget_too_small_for_a_snapshot_trains_forked_cells_from_step_1(monkeypatch):
     monkeypatch.setattr(shadows, "FORK_MEMORY_BUDGET", 0)
     config = SweepConfig(script=MLP, steps=20, max_norms=(3.0, 10.0, 100.0), norm_types=(2.0, math.inf))
-    free, forked = _kinds(_both(config))
+    notes: list[str] = []
+    free, forked = _kinds(_both(config, on_note=notes.append))
     assert free and not forked
+    assert len(notes) == 1 and "fork point(s) found no room within the 0 GiB" in notes[0]
 
 
 def test_beyond_the_budget_a_fork_starts_from_the_latest_earlier_snapshot(monkeypatch):
@@ -211,9 +213,7 @@ def _grads(seed: int, scale: float, sparse_free: bool = True) -> list[torch.nn.P
     norm_type=st.sampled_from([2.0, math.inf, 1.0]),
     history=st.integers(0, 30),
 )
-def test_unchanged_clipping_says_so_only_when_clipping_changes_nothing(
-    seed, scale, mode, param, norm_type, history
-):
+def test_unchanged_clipping_says_so_only_when_clipping_changes_nothing(seed, scale, mode, param, norm_type, history):
     """Where ``unchanged_clipping`` gives a row, ``apply_clipping`` leaves every gradient bit
     for bit and gives the same row, and a rule's state advances the same way."""
     from gradcheck_cli import engine
@@ -267,3 +267,51 @@ def test_a_fork_state_restores_a_copy_never_the_snapshot_itself():
     assert all(torch.equal(a, b) for a, b in zip(state.model.values(), kept.model.values()))
     assert all(torch.equal(a, b) for a, b in zip(state.grads, kept.grads))
     assert repr(state.optimizer) == repr(kept.optimizer)
+
+
+def test_a_command_run_as_it_is_shares_its_free_cells_and_writes_the_same_files(tmp_path):
+    """``gradclip sweep -- python train.py``: a cell the control's rows show identical to it is
+    not run; the files equal --no-share's but for the time and the shared steps."""
+    script = SCRIPTS / "as_is" / "plain_loop.py"
+    args = [sys.executable, "-m", "gradcheck_cli", "sweep", "--steps", "12", "--max-norm", "0.1,1000"]
+    args += ["--norm-type", "2", "--clip-value", "1000"]
+    shared = subprocess.run(
+        args + ["--out", str(tmp_path / "a"), "--", "python", str(script)], capture_output=True, text=True
+    )
+    every = subprocess.run(
+        args + ["--out", str(tmp_path / "b"), "--no-share", "--", "python", str(script)], capture_output=True, text=True
+    )
+    assert shared.returncode == every.returncode == 0, shared.stderr + every.stderr
+    for name in ("steps.csv", "layers.csv", "control_norms.csv", "histograms.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    drop = ("seconds", "shared_steps")
+    assert _rows(tmp_path / "a" / "summary.csv", drop) == _rows(tmp_path / "b" / "summary.csv", drop)
+    counts = {row["run"]: int(row["shared_steps"]) for row in _rows(tmp_path / "a" / "summary.csv")}
+    # value clipping needs the control's inf norm, measured only when inf is a norm type of the grid
+    assert counts == {"unclipped": 0, "clip_0.1_2": 0, "clip_1000_2": 12, "value_1000": 0}
+    assert not (tmp_path / "a" / "logs" / "clip_1000_2.log").exists()  # never run
+    assert (tmp_path / "b" / "logs" / "clip_1000_2.log").exists()
+
+
+def test_a_fork_resumes_under_the_global_torch_state_the_control_had_there(tmp_path):
+    """A script that changes torch's default dtype as it trains: a fork starts under the dtype
+    the control had at the fork point, as the cell trained from step 1 would have."""
+    source = MLP.read_text().split("def loss_fn")[0]
+    script = tmp_path / "careless.py"
+    script.write_text(
+        source
+        + """
+def loss_fn(model, batch):
+    x, y = batch
+    target = torch.tensor(y.tolist())  # in the default dtype, which this script changes
+    loss = ((model(x).to(target.dtype) - target) ** 2).mean()
+    torch.set_default_dtype(torch.float64)
+    return loss
+"""
+    )
+    try:
+        config = SweepConfig(script=script, steps=20, max_norms=(3.0, 10.0, 100.0), norm_types=(2.0, math.inf))
+        _, forked = _kinds(_both(config))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert forked
