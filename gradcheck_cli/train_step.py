@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -49,11 +49,12 @@ from gradcheck_cli.run_setup import (
     run_lr,
     start_run,
     to_device,
+    unchanged_clipping,
 )
 from gradcheck_cli.snapshot import Snapshot
 
 
-class _NonFiniteAtClip(BaseException):
+class StopAtClip(BaseException):
     """Raised by ``clip`` through the user's ``train_step`` to stop the run before clipping.
     A ``BaseException``, so that the user's ``except Exception`` does not swallow it."""
 
@@ -62,9 +63,26 @@ class _NonFiniteAtClip(BaseException):
         self.site, self.norm, self.param = site, norm, param
 
 
-class _DivergedAtClip(_NonFiniteAtClip):
+class DivergedAtClip(StopAtClip):
     """Raised by ``clip`` when the norm about to be applied at a site has exploded above its
     running level there (``detect.Divergence.norm_diverged``): the run stops before clipping."""
+
+
+class ClippingActs(Exception):
+    """Raised by a dry ``Clip.judge_and_clip`` when the cell's clipping would change a gradient
+    at this call (``run_setup.unchanged_clipping``)."""
+
+
+class ClipObserver(Protocol):
+    """Sees each step of a ``train_step`` run (the control run of a sweep that shares it with
+    its cells, ``shadows.TrainStepShadows``): every clip call once measured, before it is
+    judged, and every step's end before its loss is judged."""
+
+    def start_step(self, step: int, lr: float) -> None: ...
+
+    def at_clip(self, site: str, params: list, named: list, measured: Any) -> None: ...
+
+    def end_step(self, step: int, loss: float | None, lr: float) -> None: ...
 
 
 def combine_site_norms(norms: list[float], p: float) -> float:
@@ -98,7 +116,9 @@ class Clip:
         config: SweepConfig,
         grouping: LayerGrouping | None = None,
         divergence: Divergence | None = None,
+        observer: ClipObserver | None = None,
     ) -> None:
+        self.observer = observer
         self.cell = cell
         self.divergence = divergence  # judges each site's norm against its own running level
         self.norm_type = measured_norm_type(cell)
@@ -122,18 +142,32 @@ class Clip:
         named = [(self._names.get(id(p), f"param_{i}"), p) for i, p in enumerate(params)]
         site = str(name) if name is not None else f"call_{len(self.sites) + 1}"
         measured = engine.measure_grad_norms(named, self.norm_type)
+        if self.observer is not None:
+            self.observer.at_clip(site, params, named, measured)
+        return self.judge_and_clip(site, params, named, measured)
+
+    def judge_and_clip(self, site: str, params: list, named: list, measured: Any, dry: bool = False) -> Tensor:
+        """Stop the run at a non-finite or diverging norm, else clip as the cell says and keep
+        the call's numbers. ``dry`` (a cell following the control, ``shadows.py``): nothing is
+        clipped, and ``ClippingActs`` is raised where clipping would change a gradient."""
         norm = float(measured.total_norm)  # host sync: the norm decides whether the run stops
         if not math.isfinite(norm):
-            raise _NonFiniteAtClip(site, norm, measured.first_non_finite())
+            raise StopAtClip(site, norm, measured.first_non_finite())
         if self.divergence is not None and self.divergence.norm_diverged(judged_norm(self.cell, norm), site):
-            raise _DivergedAtClip(site, norm, None)
+            raise DivergedAtClip(site, norm, None)
         if site not in self._rules:
             self._rules[site] = make_rule(self.cell, self.config)
         targets = params
         if self.cell.mode == MODE_AGC and self.config.agc_exclude:
             targets = [p for n, p in named if not agc_excluded(n, self.config.agc_exclude)]
         # the control run only measures (coefficient 1); every other mode as in runner.run_cell
-        coef, threshold, unit_frac = apply_clipping(self.cell, self._rules[site], targets, measured.total_norm, norm)
+        if dry:
+            clipping = unchanged_clipping(self.cell, self._rules[site], targets, measured.total_norm, norm)
+            if clipping is None:
+                raise ClippingActs(site)
+        else:
+            clipping = apply_clipping(self.cell, self._rules[site], targets, measured.total_norm, norm)
+        coef, threshold, unit_frac = clipping
         self.thresholds.append(threshold)
         self.unit_fracs.append(unit_frac)
         if measured.names:
@@ -156,6 +190,31 @@ class Clip:
             lr=lr,
             sites=tuple(self.sites),
         )
+
+
+def stopped_at_clip(clip: Clip, stop: StopAtClip, step: int, lr: float) -> tuple[StepRecord, str, dict]:
+    """The row, status and result fields of a step a clip call stopped: its sites so far and
+    the stopping one (no coefficient), the norm as a row shows it."""
+    sites = (*clip.sites, (stop.site, stop.norm, math.nan))
+    diverged = isinstance(stop, DivergedAtClip)
+    norm = combine_site_norms([n for _, n, _ in sites], clip.norm_type) if diverged else stop.norm
+    record = StepRecord(step, math.nan, norm, layers=tuple(clip.layers), lr=lr, sites=sites)
+    if diverged:
+        return record, DIVERGED, {"diverged_step": step}
+    return record, NON_FINITE, {"nan_step": step, "nan_source": SOURCE_BACKWARD, "nan_param": stop.param}
+
+
+def step_end(
+    clip: Clip, divergence: Divergence, step: int, loss: float | None, lr: float
+) -> tuple[StepRecord, str | None, dict]:
+    """The row of a step ``train_step`` completed, and the status and fields when its loss
+    ends the run (non-finite, or diverged), else ``None``."""
+    record = clip.step_record(step, math.nan if loss is None else loss, lr)
+    if is_non_finite(loss):
+        return record, NON_FINITE, {"nan_step": step, "nan_source": SOURCE_FORWARD}
+    if divergence.loss_diverged(loss):
+        return record, DIVERGED, {"diverged_step": step}
+    return record, None, {}
 
 
 def _smallest(values: list[float]) -> float:
@@ -198,9 +257,10 @@ def run_train_step_cell(
     *,
     snapshot: Snapshot | None = None,
     on_step: Callable[[int], None] | None = None,
+    observer: ClipObserver | None = None,
 ) -> RunResult:
     """``runner.run_cell`` for a ``train_step`` script: same arguments, same kind of result
-    (``sweep.execute`` picks the loop)."""
+    (``sweep.execute`` picks the loop); ``observer`` sees every clip call and step end."""
     start = time.perf_counter()
     records: list[StepRecord] = []
     device = torch.device(config.device)
@@ -227,23 +287,21 @@ def run_train_step_cell(
         optimizers = start_run(experiment, model, lr, snapshot)
         first_optimizer = optimizer_members(optimizers)[0]
         stream = BatchStream(experiment)
-        clip = Clip(model, cell, config, divergence=divergence)
+        clip = Clip(model, cell, config, divergence=divergence, observer=observer)
         for step in range(1, config.steps + 1):
             batch = stream.next()
             if device.type != "cpu":
                 batch = to_device(batch, device)
             clip.reset()
             step_lr = float(first_optimizer.param_groups[0]["lr"])  # the first optimizer's, before its step
+            if observer is not None:
+                observer.start_step(step, step_lr)
             try:
                 out = call_user(experiment, experiment.train_step_fn, model, batch, optimizers, clip)
-            except _NonFiniteAtClip as stop:
-                sites = (*clip.sites, (stop.site, stop.norm, math.nan))
-                diverged = isinstance(stop, _DivergedAtClip)
-                norm = combine_site_norms([n for _, n, _ in sites], clip.norm_type) if diverged else stop.norm
-                records.append(StepRecord(step, math.nan, norm, layers=tuple(clip.layers), lr=step_lr, sites=sites))
-                if diverged:
-                    return finish(DIVERGED, diverged_step=step)
-                return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_BACKWARD, nan_param=stop.param)
+            except StopAtClip as stop:
+                record, status, fields = stopped_at_clip(clip, stop, step, step_lr)
+                records.append(record)
+                return finish(status, **fields)
             if not clip.sites:
                 raise UserFailure(
                     "train_step never called clip(parameters): call it where you would call "
@@ -251,14 +309,12 @@ def run_train_step_cell(
                     definition_site(experiment.train_step_fn, "train_step"),
                 )
             loss = _loss_value(experiment, out)
-            record = clip.step_record(step, math.nan if loss is None else loss, step_lr)
-            if is_non_finite(loss):
-                records.append(record)
-                return finish(NON_FINITE, nan_step=step, nan_source=SOURCE_FORWARD)
-            if divergence.loss_diverged(loss):
-                records.append(record)
-                return finish(DIVERGED, diverged_step=step)
+            if observer is not None:
+                observer.end_step(step, loss, step_lr)
+            record, status, fields = step_end(clip, divergence, step, loss, step_lr)
             records.append(record)
+            if status is not None:
+                return finish(status, **fields)
             if on_step is not None:
                 on_step(step)
         return finish(STABLE)
