@@ -8,11 +8,13 @@ the cell's clipping whether it would change anything (``run_setup.unchanged_clip
 the cell's rows. A cell that never leaves is *free*: its result is built from its rows, without
 training. A cell that leaves at step k is *forked*: the control captures its state at k
 (``forks.ControlState``, within ``FORK_MEMORY_BUDGET``) and the cell starts there. What is shared
-and why it is exact: docs/diagnosis.md ("Shared runs").
+and why it is exact: docs/diagnosis.md ("Shared runs"). A ``train_step`` script's cells follow
+its control call by call (``TrainStepShadows``): free or trained in full, never forked.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,12 +27,14 @@ from gradcheck_cli.forks import ControlState, Fork
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment
 from gradcheck_cli.results import DIVERGED, MODE_AGC, NON_FINITE, STABLE, Cell, RunResult
-from gradcheck_cli.run_setup import make_rule, unchanged_clipping
+from gradcheck_cli.run_setup import make_rule, run_lr, unchanged_clipping
 from gradcheck_cli.runner import SKIP, Measured, Run, Stop, updated_row, values_on_host
+from gradcheck_cli.train_step import Clip, ClippingActs, StopAtClip, step_end, stopped_at_clip
 
 # Snapshots of the control held at once for forks, in bytes. A fork point past it reuses the
 # latest earlier snapshot (the cell trains the steps in between), else the cell trains in full.
 FORK_MEMORY_BUDGET = 2 * 1024**3
+CONTROL_NORM_TYPE = 2.0  # what a train_step script's control run measures in (train_step.measured_norm_type)
 
 
 @dataclass
@@ -271,3 +275,112 @@ def _measure_in(run: Run, shadow: Shadow, control: Measured) -> Measured:
         norm=measured.total_norm,
         layers=tuple(zip(groups, values[1:])),
     )
+
+
+class _StepShadow:
+    """One cell following a ``train_step`` control run: a dry ``Clip`` of its own (per-site
+    rules and divergence test), its rows, and how it left."""
+
+    def __init__(self, model: torch.nn.Module, cell: Cell, config: SweepConfig) -> None:
+        self.cell = cell
+        self.divergence = Divergence(config.divergence_factor)
+        self.clip = Clip(model, cell, config, divergence=self.divergence)
+        self.records: list = []
+        self.stop: tuple[str, dict] | None = None
+        self.stopped_at_end = False  # by its loss, once train_step returned (not at a clip call)
+        self.acts = False
+
+    @property
+    def following(self) -> bool:
+        return self.stop is None and not self.acts
+
+
+@dataclass
+class TrainStepShadows:
+    """The observer (``train_step.ClipObserver``) of a ``train_step`` control run followed by
+    ``cells``: each clip call judged and dry-clipped per cell, each step's end judged. The
+    script's update is its own, so there is no state to capture between its clip calls: a cell
+    is free or trains from step 1, it never forks."""
+
+    experiment: Experiment
+    config: SweepConfig
+    cells: tuple[Cell, ...]
+    model: torch.nn.Module
+    shadows: list[_StepShadow] = field(default_factory=list)
+    step: int = 0
+    lr: float = math.nan
+
+    def __post_init__(self) -> None:
+        self.shadows = [_StepShadow(self.model, cell, self.config) for cell in self.cells]
+
+    def start_step(self, step: int, lr: float) -> None:
+        self.step, self.lr = step, lr
+        for shadow in self.shadows:
+            shadow.clip.reset()
+
+    def at_clip(self, site: str, params: list, named: list, measured: Any) -> None:
+        by_norm_type: dict[float, Any] = {}
+        for shadow in (s for s in self.shadows if s.following):
+            q = shadow.clip.norm_type
+            if q not in by_norm_type:
+                by_norm_type[q] = measured if q == CONTROL_NORM_TYPE else engine.measure_grad_norms(named, q)
+            try:
+                shadow.clip.judge_and_clip(site, params, named, by_norm_type[q], dry=True)
+            except ClippingActs:
+                shadow.acts = True
+            except StopAtClip as stop:
+                record, status, fields = stopped_at_clip(shadow.clip, stop, self.step, self.lr)
+                shadow.records.append(record)
+                shadow.stop = (status, fields)
+
+    def end_step(self, step: int, loss: float | None, lr: float) -> None:
+        for shadow in (s for s in self.shadows if s.following):
+            record, status, fields = step_end(shadow.clip, shadow.divergence, step, loss, lr)
+            shadow.records.append(record)
+            if status is not None:
+                shadow.stop, shadow.stopped_at_end = (status, fields), True
+
+    def outcomes(self, control: RunResult) -> Shared:
+        evaluated = _present({k: getattr(control, k) for k in ("eval_metric", "eval_higher_is_better")})
+        completed = control.status == STABLE and len(control.steps) == self.config.steps
+        outcomes: dict[str, Free | Forked | Full] = {}
+        for shadow in self.shadows:
+            if shadow.acts:
+                outcome = Full("its clipping acts; a train_step script's cells do not fork")
+            elif shadow.stop is not None:
+                status, fields = shadow.stop
+                if self.experiment.evaluate_fn is None or status != DIVERGED:
+                    outcome = Free(self._result(shadow, status, fields))
+                elif shadow.stopped_at_end and _diverged_at_end(control, fields["diverged_step"]):
+                    outcome = Free(self._result(shadow, status, {**fields, **evaluated}))  # the same model
+                else:
+                    outcome = Full("evaluated where it diverges, a point the control did not stop at")
+            elif completed:
+                outcome = Free(self._result(shadow, STABLE, evaluated))
+            else:
+                outcome = Full(f"the control run ended with status {control.status} before this run's end")
+            outcomes[shadow.cell.run] = outcome
+        return Shared(control, outcomes)
+
+    def _result(self, shadow: _StepShadow, status: str, fields: dict) -> RunResult:
+        cell, records = shadow.cell, shadow.records
+        checked = {"divergence_checked": shadow.divergence.active} if records else {}
+        return RunResult(
+            cell=cell,
+            status=status,
+            steps=list(records),
+            lr=run_lr(self.experiment, self.config, cell),
+            seed=self.config.seed_of(cell),
+            shared_steps=len(records),
+            **checked,
+            **fields,
+        )
+
+
+def _diverged_at_end(control: RunResult, step: int) -> bool:
+    """The ``train_step`` control diverged by its loss at ``step``, once ``train_step``
+    returned (a stop at a clip call records no loss and its site no coefficient)."""
+    if control.status != DIVERGED or control.diverged_step != step or not control.steps:
+        return False
+    last = control.steps[-1]
+    return last.step == step and not math.isnan(last.loss) and not any(math.isnan(c) for _, _, c in last.sites)

@@ -28,7 +28,7 @@ from gradcheck_cli.loader import Experiment
 from gradcheck_cli.results import DIVERGED, MODE_AGC, STABLE, Cell, RunResult
 from gradcheck_cli.run_setup import UserFailure, error_result, evaluate_model, make_optimizer, run_lr
 from gradcheck_cli.runner import run_cell
-from gradcheck_cli.shadows import Forked, Free, ShadowSet, Shared
+from gradcheck_cli.shadows import Forked, Free, ShadowSet, Shared, TrainStepShadows
 from gradcheck_cli.snapshot import Snapshot, seed_everything
 from gradcheck_cli.train_step import measured_norm_type, run_train_step_cell
 
@@ -370,7 +370,7 @@ class _Sharing:
 
     def __init__(self, config: SweepConfig, experiment: Experiment, cells: list[Cell], skip: Mapping) -> None:
         self.config = config
-        self.on = experiment.train_step_fn is None and config.amp != "fp16"
+        self.on = config.amp != "fp16"
         self.followers: dict[tuple, tuple[Cell, ...]] = {}
         if self.on:
             for control in (c for c in cells if not c.clipped and c.run not in skip):
@@ -475,7 +475,13 @@ def execute(
     if optimizer_failure is not None:
         return error_result(cell, optimizer_failure, lr=run_lr(experiment, config, cell), seed=config.seed_of(cell))
     if experiment.train_step_fn is not None:
-        return run_train_step_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
+        if not shadows:
+            return run_train_step_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step)
+        clips = TrainStepShadows(experiment, config, shadows, model)
+        result = run_train_step_cell(
+            experiment, model, cell, config, snapshot=snapshot, on_step=on_step, observer=clips
+        )
+        return clips.outcomes(result)
     if shadows:
         watch = ShadowSet(experiment, config, shadows)
         result = run_cell(experiment, model, cell, config, snapshot=snapshot, on_step=on_step, observer=watch)
