@@ -287,6 +287,8 @@ def train_step(model, batch, optimizer, clip):
 
 def test_state_carried_between_train_step_runs_is_named_at_the_first_clip_call(tmp_path):
     script = write(tmp_path, "stateful.py", _STATEFUL)
-    result, summary, _ = sweep(script, tmp_path / "r", "--steps", 2, "--max-norm", "1,2", "--norm-type", "2")
+    # every run trained (--no-share): a run built from the control's steps carries nothing over
+    args = ("--steps", 2, "--max-norm", "1,2", "--norm-type", "2", "--no-share")
+    result, summary, _ = sweep(script, tmp_path / "r", *args)
     assert list(summary["warnings"]) == ["", "step1_norm_differs:unclipped", "step1_norm_differs:unclipped"]
     assert "warning: clip_1_2: the pre-clip gradient norm at step 1's first clip call differs" in result.stdout
