@@ -395,7 +395,7 @@ class _Sharing:
         key = self._key(cell)
         if not cell.clipped:
             return Task(index, cell, state, shadows=self.followers.get(key, ()))
-        outcome = self.outcomes.get(cell.run)
+        outcome = self.outcomes.pop(cell.run, None)  # a fork's snapshot is not held past its run
         if isinstance(outcome, Free):
             self.free.append((index, outcome.result))
             return None
