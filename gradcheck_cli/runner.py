@@ -282,7 +282,7 @@ class Run:
             )
             return Stop(
                 NON_FINITE,
-                dict(nan_step=step, nan_source=SOURCE_BACKWARD, nan_param=_first_non_finite_param(self.model)),
+                dict(nan_step=step, nan_source=SOURCE_BACKWARD, nan_param=first_non_finite_param(self.model)),
             )
         if self.divergence.norm_diverged(judged_norm(self.cell, measured.norm_f)):
             # stopped before the update: the step's norm is recorded, no coefficient applied
@@ -385,7 +385,7 @@ class Run:
                 NON_FINITE,
                 nan_step=step,
                 nan_source=SOURCE_AMP,
-                nan_param=_first_non_finite_param(self.model),
+                nan_param=first_non_finite_param(self.model),
             )
         return None
 
@@ -469,7 +469,7 @@ def _check_loss(experiment: Experiment, loss: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _first_non_finite_param(model: torch.nn.Module) -> str | None:
+def first_non_finite_param(model: torch.nn.Module) -> str | None:
     """Name of the first parameter, in ``named_parameters()`` order, whose gradient holds a
     NaN or inf. Elementwise over every gradient: call it at the onset step only.
 

@@ -26,9 +26,10 @@ from gradcheck_cli.detect import Divergence
 from gradcheck_cli.forks import ControlState, Fork
 from gradcheck_cli.layers import LayerGrouping
 from gradcheck_cli.loader import Experiment
-from gradcheck_cli.results import DIVERGED, MODE_AGC, NON_FINITE, STABLE, Cell, RunResult
+from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS
+from gradcheck_cli.results import DIVERGED, MODE_AGC, NON_FINITE, SOURCE_AMP, STABLE, Cell, RunResult
 from gradcheck_cli.run_setup import make_rule, run_lr, unchanged_clipping
-from gradcheck_cli.runner import SKIP, Measured, Run, Stop, updated_row, values_on_host
+from gradcheck_cli.runner import SKIP, Measured, Run, Stop, first_non_finite_param, updated_row, values_on_host
 from gradcheck_cli.train_step import Clip, ClippingActs, StopAtClip, step_end, stopped_at_clip
 
 # Snapshots of the control held at once for forks, in bytes. A fork point past it reuses the
@@ -119,8 +120,11 @@ class Shadow(Run):
             _rule_state(self.rule),
         )
         verdict = self.judge(step, loss, measured, None, lr)
-        if verdict is SKIP:
-            self.left_at = step
+        if verdict is SKIP:  # the fp16 scaler skips the step: the control's scaler moves for both
+            self.skips_in_a_row += 1
+            if self.skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+                fields = dict(nan_step=step, nan_source=SOURCE_AMP, nan_param=first_non_finite_param(self.model))
+                self.stop = (step, Stop(NON_FINITE, fields))
         elif verdict is not None:
             self.stop = (step, verdict)
         else:
@@ -189,7 +193,7 @@ class ShadowSet:
                     replace(measured, extra=()) if q == run.cell.norm_type else _measure_in(run, shadow, measured)
                 )
             shadow.follow(step, loss, by_norm_type[q], lr)
-        if verdict is not None:  # the control stops (or skips) here: a cell that does not leaves it
+        if isinstance(verdict, Stop):  # the control stops here: a cell that does not leaves it
             for shadow in following:
                 if shadow.following:
                     shadow.left_at = step
@@ -209,6 +213,8 @@ class ShadowSet:
         return verdict.status == DIVERGED and self.experiment.evaluate_fn is not None and not control_diverges_here
 
     def _capture(self, run: Run, step: int, measured: Measured) -> bool:
+        if run.precision.scaled:  # the scaler's state mid-step (gradients unscaled) is not restored
+            return False
         size = ControlState.size_of(run.model, run.optimizer)
         if self.held + size > self.budget:
             self.over_budget += 1
@@ -250,7 +256,7 @@ class ShadowSet:
     def _forked(self, shadow: Shadow, step: int) -> Forked | Full:
         fork = shadow.fork_from(self.states, step)
         if fork is None:
-            return Full("no snapshot of the control within the memory budget")
+            return Full("no snapshot of the control: --amp fp16, or none within the memory budget")
         return Forked(fork)
 
 
@@ -274,6 +280,7 @@ def _measure_in(run: Run, shadow: Shadow, control: Measured) -> Measured:
         norm_f=values[0],
         norm=measured.total_norm,
         layers=tuple(zip(groups, values[1:])),
+        skipped=control.skipped,
     )
 
 

@@ -370,12 +370,10 @@ class _Sharing:
 
     def __init__(self, config: SweepConfig, experiment: Experiment, cells: list[Cell], skip: Mapping) -> None:
         self.config = config
-        self.on = config.amp != "fp16"
         self.followers: dict[tuple, tuple[Cell, ...]] = {}
-        if self.on:
-            for control in (c for c in cells if not c.clipped and c.run not in skip):
-                key = self._key(control)
-                self.followers[key] = tuple(c for c in cells if c.clipped and c.run not in skip and self._key(c) == key)
+        for control in (c for c in cells if not c.clipped and c.run not in skip):
+            key = self._key(control)
+            self.followers[key] = tuple(c for c in cells if c.clipped and c.run not in skip and self._key(c) == key)
         self.outcomes: dict[str, Any] = {}
         self.ended: set[tuple] = set()
         self.free: list[tuple[int, RunResult]] = []

@@ -222,13 +222,13 @@ def test_inf_gradient_reports_the_first_bad_parameter_and_the_inf_norm(tmp_path,
 
 def test_gradient_scan_runs_only_at_the_onset_step(monkeypatch):
     calls = []
-    original = runner._first_non_finite_param
+    original = runner.first_non_finite_param
 
     def counting(model):
         calls.append(1)
         return original(model)
 
-    monkeypatch.setattr(runner, "_first_non_finite_param", counting)
+    monkeypatch.setattr(runner, "first_non_finite_param", counting)
     run("stable_linear", steps=8)
     assert calls == []
     run("nan_backward", steps=6)

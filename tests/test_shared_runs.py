@@ -124,6 +124,25 @@ def test_bf16_autocast_runs_share_exactly():
     assert free
 
 
+@pytest.mark.parametrize("init_scale, status", [(2.0**20, "stable"), (2.0**40, "non_finite")])
+def test_fp16_runs_whose_scaler_skips_steps_share_their_free_cells(init_scale, status):
+    """The scaler skips the first steps (and, at 2**40, every step until the scale has
+    collapsed): a free cell's skipped rows and verdict are the control's; no cell forks."""
+    config = SweepConfig(
+        script=SCRIPTS / "amp_schedule.py",
+        steps=20,
+        amp="fp16",
+        amp_init_scale=init_scale,
+        accumulate=2,
+        max_norms=(0.1, 10.0, 1000.0),
+        clip_values=(100.0,),
+    )
+    results = _both(config)
+    free, forked = _kinds(results)
+    assert results[0].status == status and results[0].skipped_steps > 0
+    assert "clip_1000_2" in free and "value_100" in free and not forked
+
+
 def test_a_memory_budget_too_small_for_a_snapshot_trains_forked_cells_from_step_1(monkeypatch):
     monkeypatch.setattr(shadows, "FORK_MEMORY_BUDGET", 0)
     config = SweepConfig(script=MLP, steps=20, max_norms=(3.0, 10.0, 100.0), norm_types=(2.0, math.inf))

@@ -19,7 +19,7 @@ from reference_loop import reference_training
 from gradcheck_cli.config import SweepConfig
 from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.results import NON_FINITE, SOURCE_BACKWARD, STABLE
-from gradcheck_cli.runner import _first_non_finite_param
+from gradcheck_cli.runner import first_non_finite_param
 from gradcheck_cli.snapshot import seed_everything
 from gradcheck_cli.sweep import run_sweep
 
@@ -151,19 +151,19 @@ def test_sparse_nan_onset_names_the_embedding():
         assert math.isfinite(result.steps[-1].loss) and math.isnan(result.steps[-1].grad_norm)
 
 
-def test_first_non_finite_param_sums_duplicates_first():
+def testfirst_non_finite_param_sums_duplicates_first():
     """Two finite entries for one element can sum to inf: judged on the coalesced values, as
     the engine measures them; the gradient itself is left as it was."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Embedding(4, 1, sparse=True))
     model[0].weight.grad = torch.ones(2, 2)
     overflow = torch.sparse_coo_tensor([[1, 1]], [[3e38], [3e38]], (4, 1), check_invariants=True)
     model[1].weight.grad = overflow
-    assert _first_non_finite_param(model) == "1.weight"
+    assert first_non_finite_param(model) == "1.weight"
     assert model[1].weight.grad is overflow and not overflow.is_coalesced()
     model[1].weight.grad = torch.sparse_coo_tensor([[1, 1]], [[3e38], [-3e38]], (4, 1), check_invariants=True)
-    assert _first_non_finite_param(model) is None
+    assert first_non_finite_param(model) is None
     model[0].weight.grad[0, 0] = math.nan
-    assert _first_non_finite_param(model) == "0.weight"
+    assert first_non_finite_param(model) == "0.weight"
 
 
 def test_cli_sweep_of_a_sparse_adam_script(tmp_path):
