@@ -188,9 +188,10 @@ def run_sweep(
 
     ``on_run_start(index, total, cell)`` is called when a run starts and ``on_run_done(index,
     total, result)`` when it ends (not for skipped ones); ``index`` counts from 1 over all cells
-    of the sweep, skipped ones included, and ``total`` is the number of cells. With several runs
-    at once, runs start in cell order and may end in any order, but ``on_run_done`` is called in
-    cell order (a run that ends early waits for the ones before it). ``on_run_step(index, step)``
+    of the sweep, skipped ones included, and ``total`` is the number of cells. Runs start in cell
+    order (with ``share``, a seed's control runs first) and with several at once may end in any
+    order, but ``on_run_done`` is called in cell order (a run that ends early waits for the ones
+    before it). ``on_run_step(index, step)``
     and ``on_step(step)`` are called after every completed training step of a run.
 
     With ``share`` (``--no-share`` turns it off), a cell whose control run (same lr and seed)
