@@ -18,8 +18,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradcheck_cli import shadows
+from gradcheck_cli import engine, shadows
 from gradcheck_cli.config import SweepConfig
+from gradcheck_cli.forks import ControlState
 from gradcheck_cli.loader import load_experiment
 from gradcheck_cli.results import Cell
 from gradcheck_cli.run_setup import apply_clipping, make_rule, unchanged_clipping
@@ -155,8 +156,6 @@ def test_a_memory_budget_too_small_for_a_snapshot_trains_forked_cells_from_step_
 def test_beyond_the_budget_a_fork_starts_from_the_latest_earlier_snapshot(monkeypatch):
     """Room for one snapshot: the first fork point gets it, a cell forking later starts there
     too and trains the steps in between."""
-    from gradcheck_cli.forks import ControlState
-
     config = SweepConfig(script=MLP, steps=20, max_norms=(4.5, 8.0), norm_types=(2.0,))
     unlimited = {r.run: r.shared_steps for r in _both(config) if 0 < r.shared_steps < len(r.steps)}
     first = min(unlimited.values())
@@ -192,6 +191,17 @@ def _rows(path: Path, drop: tuple[str, ...] = ()) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
+def _same_files_but_time(a: Path, b: Path) -> dict[str, int]:
+    """Two sweeps' files are byte-equal but for summary.csv's time and shared steps; the runs'
+    shared steps in ``a`` (``b`` shared none)."""
+    for name in ("steps.csv", "layers.csv", "control_norms.csv", "histograms.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    drop = ("seconds", "shared_steps")
+    assert _rows(a / "summary.csv", drop) == _rows(b / "summary.csv", drop)
+    assert all(int(row["shared_steps"]) == 0 for row in _rows(b / "summary.csv"))
+    return {row["run"]: int(row["shared_steps"]) for row in _rows(a / "summary.csv")}
+
+
 def test_workers_write_the_same_files_as_training_every_run(tmp_path):
     """--jobs 2 (cells wait for their control in the worker pool), the files of both sweeps
     equal but for the time and the shared steps; the terminal says what was shared."""
@@ -201,14 +211,9 @@ def test_workers_write_the_same_files_as_training_every_run(tmp_path):
     shared = subprocess.run(args + ["--out", str(tmp_path / "a")], env=env, capture_output=True, text=True)
     every = subprocess.run(args + ["--out", str(tmp_path / "b"), "--no-share"], env=env, capture_output=True, text=True)
     assert shared.returncode == every.returncode == 0, shared.stderr + every.stderr
-    for name in ("steps.csv", "layers.csv", "control_norms.csv", "histograms.csv"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    drop = ("seconds", "shared_steps")
-    assert _rows(tmp_path / "a" / "summary.csv", drop) == _rows(tmp_path / "b" / "summary.csv", drop)
-    counts = {row["run"]: int(row["shared_steps"]) for row in _rows(tmp_path / "a" / "summary.csv")}
+    counts = _same_files_but_time(tmp_path / "a", tmp_path / "b")
     assert counts["clip_100_2@seed=0"] == counts["clip_100_inf@seed=1"] == 20
     assert any(0 < n < 20 for n in counts.values())  # a fork, sent to a worker
-    assert all(int(row["shared_steps"]) == 0 for row in _rows(tmp_path / "b" / "summary.csv"))
     assert "shared runs: " in shared.stderr and "--no-share" in shared.stderr
     assert "shared runs: " not in every.stderr
 
@@ -235,8 +240,6 @@ def _grads(seed: int, scale: float, sparse_free: bool = True) -> list[torch.nn.P
 def test_unchanged_clipping_says_so_only_when_clipping_changes_nothing(seed, scale, mode, param, norm_type, history):
     """Where ``unchanged_clipping`` gives a row, ``apply_clipping`` leaves every gradient bit
     for bit and gives the same row, and a rule's state advances the same way."""
-    from gradcheck_cli import engine
-
     cell = Cell(param, norm_type) if mode == "norm" else Cell(None, mode=mode, param=param)
     if mode == "autoclip":
         cell = Cell(None, mode=mode, param=min(param * 10, 100.0))
@@ -270,8 +273,6 @@ def test_sparse_gradients_are_never_judged_unchanged():
 def test_a_fork_state_restores_a_copy_never_the_snapshot_itself():
     """Two cells forking from one captured state each get their own copy: training one never
     changes what the other starts from."""
-    from gradcheck_cli.forks import ControlState
-
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     model(torch.ones(1, 3)).sum().backward()
@@ -301,11 +302,7 @@ def test_a_command_run_as_it_is_shares_its_free_cells_and_writes_the_same_files(
         args + ["--out", str(tmp_path / "b"), "--no-share", "--", "python", str(script)], capture_output=True, text=True
     )
     assert shared.returncode == every.returncode == 0, shared.stderr + every.stderr
-    for name in ("steps.csv", "layers.csv", "control_norms.csv", "histograms.csv"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    drop = ("seconds", "shared_steps")
-    assert _rows(tmp_path / "a" / "summary.csv", drop) == _rows(tmp_path / "b" / "summary.csv", drop)
-    counts = {row["run"]: int(row["shared_steps"]) for row in _rows(tmp_path / "a" / "summary.csv")}
+    counts = _same_files_but_time(tmp_path / "a", tmp_path / "b")
     # value clipping needs the control's inf norm, measured only when inf is a norm type of the grid
     assert counts == {"unclipped": 0, "clip_0.1_2": 0, "clip_1000_2": 12, "value_1000": 0}
     assert not (tmp_path / "a" / "logs" / "clip_1000_2.log").exists()  # never run
