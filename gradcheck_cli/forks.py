@@ -91,11 +91,6 @@ class ControlState:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         return _nbytes([model.state_dict(), grads, optimizer.state_dict()])
 
-    @property
-    def nbytes(self) -> int:
-        """Roughly the memory it holds: its tensors, and a few kB per random-number state."""
-        return _nbytes([self.model, self.grads, self.optimizer, self.losses, list(self.pulls), self.rng])
-
     def restore(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
         """Put ``model`` (weights and gradients), ``optimizer`` and ``scheduler`` where the
         control was; the random-number state is restored last, by ``restore_rng``, once the

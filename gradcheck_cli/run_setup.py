@@ -394,12 +394,9 @@ def apply_clipping(
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return nan, nan, 0.0
-        # counted before clamping, all gradients in one host read; a sparse gradient by its
-        # coalesced values (duplicates summed, as clip_grad_value_ clamps them)
-        dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
-        over = torch.stack([(g.abs() > cell.param).sum().to(grads[0].device) for g in dense]).sum()
+        over = _values_over(grads, cell.param)  # counted before clamping
         engine.clip_grad_value_(params, cell.param)
-        return nan, nan, int(over) / sum(g.numel() for g in grads)
+        return nan, nan, over / sum(g.numel() for g in grads)
     if cell.mode == MODE_AGC:
         rule.clip(params, total_norm=norm)
         return nan, nan, rule.last.clipped_frac
@@ -409,6 +406,13 @@ def apply_clipping(
         return 1.0, nan, nan
     # the norm cells' coefficient, computed the same way (float64), so the columns compare
     return clip_coefficient(norm_f, threshold), threshold, nan
+
+
+def _values_over(grads: list[torch.Tensor], value: float) -> int:
+    """How many gradient elements exceed ``value`` in magnitude, in one host read; a sparse
+    gradient by its coalesced values (duplicates summed, as ``clip_grad_value_`` clamps them)."""
+    dense = [g.coalesce().values() if g.is_sparse else g for g in grads]
+    return int(torch.stack([(g.abs() > value).sum().to(grads[0].device) for g in dense]).sum())
 
 
 def unchanged_clipping(
@@ -432,8 +436,7 @@ def unchanged_clipping(
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return nan, nan, 0.0
-        over = torch.stack([(g.abs() > cell.param).sum().to(grads[0].device) for g in grads]).sum()
-        return None if int(over) else (nan, nan, 0.0)
+        return None if _values_over(grads, cell.param) else (nan, nan, 0.0)
     if cell.mode == MODE_AGC:
         return None if rule.clipped_units(params) else (nan, nan, 0.0)
     threshold = rule.observe(norm_f)  # AutoClip, ZClip: the state advances as in clip()

@@ -30,12 +30,12 @@ from gradcheck_cli.precision import MAX_CONSECUTIVE_SKIPS
 from gradcheck_cli.results import DIVERGED, MODE_AGC, NON_FINITE, SOURCE_AMP, STABLE, Cell, RunResult
 from gradcheck_cli.run_setup import make_rule, run_lr, unchanged_clipping
 from gradcheck_cli.runner import SKIP, Measured, Run, Stop, first_non_finite_param, updated_row, values_on_host
-from gradcheck_cli.train_step import Clip, ClippingActs, StopAtClip, step_end, stopped_at_clip
+from gradcheck_cli.train_step import Clip, ClippingActs, StopAtClip, measured_norm_type, step_end, stopped_at_clip
 
 # Snapshots of the control held at once for forks, in bytes. A fork point past it reuses the
 # latest earlier snapshot (the cell trains the steps in between), else the cell trains in full.
 FORK_MEMORY_BUDGET = 2 * 1024**3
-CONTROL_NORM_TYPE = 2.0  # what a train_step script's control run measures in (train_step.measured_norm_type)
+CONTROL_NORM_TYPE = measured_norm_type(Cell(None))  # what a train_step script's control measures in
 
 
 @dataclass

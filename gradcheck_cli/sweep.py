@@ -232,7 +232,7 @@ def run_sweep(
         if on_step is not None:
             on_step(step)
 
-    sharing = _Sharing(config, experiment, cells, skip) if share else None
+    sharing = _Sharing(config, cells, skip) if share else None
     tasks = _tasks(config, experiment, device, cells, skip, last, in_order.eval_before, sharing)
     for task, result in executor.run(experiment, config, tasks, started, stepped):
         if sharing is not None:
@@ -369,7 +369,7 @@ class _Sharing:
     lr) whose control runs here, the cells to follow, and once the control has ended, each
     cell's outcome. Free cells' results wait in ``free`` for the sweep's loop to take them."""
 
-    def __init__(self, config: SweepConfig, experiment: Experiment, cells: list[Cell], skip: Mapping) -> None:
+    def __init__(self, config: SweepConfig, cells: list[Cell], skip: Mapping) -> None:
         self.config = config
         self.followers: dict[tuple, tuple[Cell, ...]] = {}
         for control in (c for c in cells if not c.clipped and c.run not in skip):
