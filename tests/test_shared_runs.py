@@ -384,3 +384,18 @@ def test_train_step_scripts_that_stay_stable_diverge_or_go_non_finite_share_exac
     free, forked = _kinds(results)
     assert free and not forked
     assert results[0].status == status
+
+
+def test_a_command_that_skips_its_non_finite_step_shares_a_cell_up_to_that_verdict(tmp_path):
+    """A loop with DataLoader workers that skips the update when the norm is not finite: the
+    skipped step is the control's verdict, and a cell that never clipped before it shares it."""
+    script = SCRIPTS / "as_is" / "nan_loop.py"
+    args = [sys.executable, "-m", "gradcheck_cli", "sweep", "--steps", "10", "--max-norm", "10", "--norm-type", "2"]
+    runs = [args + ["--out", str(tmp_path / "a"), "--", "python", str(script)]]
+    runs.append(args + ["--out", str(tmp_path / "b"), "--no-share", "--", "python", str(script)])
+    shared, every = (subprocess.run(a, capture_output=True, text=True) for a in runs)
+    assert shared.returncode == every.returncode == 0, shared.stderr + every.stderr
+    counts = _same_files_but_time(tmp_path / "a", tmp_path / "b")
+    summary = {row["run"]: row for row in _rows(tmp_path / "a" / "summary.csv")}
+    assert summary["clip_10_2"]["status"] == "non_finite" and summary["clip_10_2"]["nan_step"] == "4"
+    assert counts == {"unclipped": 0, "clip_10_2": 4}

@@ -74,16 +74,16 @@ def free_result(cell: Cell, control: RunResult, config: SweepConfig) -> RunResul
     divergence = Divergence(config.divergence_factor)
     rows, status, diverged_step = [], STABLE, None
     for step in control.steps:
-        if step.skipped:
-            return None  # an AMP scaler's skip: the control's scaler state is not the cell's to judge
         coef, threshold, unit_frac = math.nan, math.nan, math.nan
-        if math.isfinite(step.grad_norm):
+        if math.isfinite(step.grad_norm):  # else nothing is clipped, and no rule sees the step
             row = _row(cell, rule, step)
             if row is None:
                 return None
             coef, threshold, unit_frac = row
+            if step.skipped:  # no update was made: the run keeps no coefficient
+                coef = math.nan
         rows.append(replace(step, clip_coef=coef, clip_threshold=threshold, clipped_unit_frac=unit_frac, norms=()))
-        if not (math.isfinite(step.loss) and math.isfinite(step.grad_norm)):
+        if control.status == NON_FINITE and step.step == control.nan_step:
             break  # the control's non-finite verdict is the cell's: the same numbers
         applied = step.grad_norm * coef if math.isfinite(coef) else math.nan
         if divergence.loss_diverged(step.loss) or divergence.norm_diverged(applied):
